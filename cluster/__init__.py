@@ -1,0 +1,1 @@
+"""Connecting to Ray, worker resources and placement, and cluster templates."""

@@ -1,0 +1,1 @@
+"""The Tributary coordinator: config, round loop, merging, replay, evaluation, checkpoints."""

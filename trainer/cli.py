@@ -1,0 +1,77 @@
+"""The `tributary` command (also `python -m trainer`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tributary", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="start a training run from a YAML config")
+    run.add_argument("config")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a config value (repeatable)")
+    resume = commands.add_parser("resume", help="continue a run from its newest version")
+    resume.add_argument("run_dir")
+    resume.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    report = commands.add_parser("report", help="print the per-round table of a run")
+    report.add_argument("run_dir")
+    demo = commands.add_parser("prepare-demo", help="build the demo's site and eval folders")
+    demo.add_argument("dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"tributary {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from trainer.config import load_config, resolve_paths
+    from trainer.coordinator import run_training
+
+    config = resolve_paths(load_config(args.config, overrides=args.set))
+    latest = run_training(config)
+    print(f"done: newest version {latest}")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from trainer.config import load_config, resolve_paths
+    from trainer.coordinator import run_training
+
+    config_path = Path(args.run_dir) / "config.yaml"
+    overrides = [f"run.dir={args.run_dir}", *args.set]
+    config = resolve_paths(load_config(config_path, overrides=overrides))
+    latest = run_training(config, resume=True)
+    print(f"done: newest version {latest}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from trainer.metrics import read_metrics
+    from trainer.table import render
+
+    records = read_metrics(Path(args.run_dir))
+    if not records:
+        print(f"{args.run_dir}: no metrics.jsonl records yet", file=sys.stderr)
+        return 1
+    print(render(records))
+    return 0
+
+
+def _prepare_demo(args: argparse.Namespace) -> int:
+    from trainer.demo import prepare_demo
+
+    summary = prepare_demo(Path(args.dir))
+    for line in summary:
+        print(line)
+    return 0
+
+
+COMMANDS = {"run": _run, "resume": _resume, "report": _report, "prepare-demo": _prepare_demo}

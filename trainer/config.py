@@ -1,0 +1,321 @@
+"""Run configuration: YAML validated into frozen, typed dataclasses.
+
+Every problem is collected and reported at once, each naming its dotted key
+(`sites[1].path: ...`). Unknown keys are rejected with a suggestion. Nothing here
+starts Ray or loads a model, so a bad config fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+BUILTIN_MODELS = ("smollm2", "random")
+BUILTIN_TOKENIZERS = ("smollm2", "gpt2")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; `problems` lists every `key: message`."""
+
+    def __init__(self, problems: list[str], *, source: str = "config") -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "smollm2" (the shipped SmolLM2-135M), "random" (built from `architecture`),
+    # or a local Hugging Face model folder.
+    source: str = "smollm2"
+    tokenizer: str = "smollm2"
+    architecture: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    path: str
+    text_column: str = "text"
+
+
+@dataclass(frozen=True)
+class EvalSetConfig:
+    name: str
+    path: str
+    text_column: str = "text"
+    max_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    local_steps: int = 8
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # A path to a DeepSpeed JSON config, or the config inline.
+    deepspeed: Union[str, dict] = "configs/deepspeed/cpu.json"
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    ratio: float = 0.25
+    capacity_tokens: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    min_workers: int = 1
+    round_timeout_s: float = 1800.0
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    # None: join RAY_ADDRESS if set, else start an embedded local cluster.
+    address: Union[str, None] = None
+    num_cpus: Union[int, None] = None
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    include_dashboard: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig
+    rounds: int
+    sites: list[SiteConfig]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: list[EvalSetConfig] = field(default_factory=list)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike, *, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `--set key.path=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist"], source=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from exc
+    return config_from_dict(raw, overrides=overrides, source=str(path))
+
+
+def config_from_dict(raw: Any, *, overrides: list[str] = (), source: str = "config") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(["top level must be a mapping of keys"], source=source)
+    problems: list[str] = []
+    for item in overrides:
+        apply_override(raw, item, problems)
+    config = _build(Config, raw, "", problems)
+    if not problems:
+        _check_values(config, problems)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return config
+
+
+def apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    """`a.b.c=value`; the value is parsed as YAML so numbers and lists keep their type."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        problems.append(f"--set {item!r}: expected key.path=value")
+        return
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            problems.append(f"--set {key}: {part} is not a mapping")
+            return
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from `data`, appending `dotted.key: message` to problems."""
+    where = prefix or "top level"
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping, found {type(data).__name__}")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(fields)}"
+            problems.append(f"{_join(prefix, key)}: unknown key{hint}")
+    values = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"{key}: required key is missing")
+            continue
+        values[name] = _convert(hints[name], data[name], key, problems)
+    try:
+        return cls(**values)
+    except TypeError:
+        return None  # a required key was missing; already reported
+
+
+def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            trial: list[str] = []
+            converted = _convert(option, value, key, trial)
+            if not trial:
+                return converted
+        names = " or ".join(_type_name(o) for o in options)
+        problems.append(f"{key}: expected {names}, found {value!r}")
+        return None
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, found {type(value).__name__}")
+            return []
+        (item_type,) = typing.get_args(hint)
+        return [_convert(item_type, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    return _convert_scalar(hint, value, key, problems)
+
+
+def _convert_scalar(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is type(None) and value is None:
+        return None
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if not ok:
+        problems.append(f"{key}: expected {_type_name(hint)}, found {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return {type(None): "null", dict: "a mapping"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _join(prefix: str, name: Any) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def _check_values(config: Config, problems: list[str]) -> None:
+    """Checks on values that types cannot express (ranges, paths, uniqueness)."""
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {message}")
+
+    need(config.rounds >= 1, "rounds", f"must be at least 1, found {config.rounds}")
+    need(len(config.sites) >= 1, "sites", "must list at least one site")
+    for group, entries in (("sites", config.sites), ("eval", config.eval)):
+        names = [entry.name for entry in entries]
+        for i, entry in enumerate(entries):
+            need(Path(entry.path).exists(), f"{group}[{i}].path", f"{entry.path} does not exist")
+            need(bool(entry.text_column), f"{group}[{i}].text_column", "must not be empty")
+            need(names.count(entry.name) == 1, f"{group}[{i}].name", f"{entry.name!r} is repeated")
+            need(_safe_name(entry.name), f"{group}[{i}].name", "use letters, digits, '-', '_' only")
+    for i, entry in enumerate(config.eval):
+        need(entry.max_tokens > 0, f"eval[{i}].max_tokens", "must be greater than 0")
+    w = config.worker
+    need(w.local_steps >= 1, "worker.local_steps", "must be at least 1")
+    need(w.batch_size >= 1, "worker.batch_size", "must be at least 1")
+    need(w.seq_len >= 8, "worker.seq_len", "must be at least 8")
+    need(w.lr > 0, "worker.lr", "must be greater than 0")
+    need(w.num_cpus > 0, "worker.num_cpus", "must be greater than 0")
+    need(w.num_gpus >= 0, "worker.num_gpus", "must not be negative")
+    if isinstance(w.deepspeed, str):
+        need(Path(w.deepspeed).is_file(), "worker.deepspeed", f"{w.deepspeed} does not exist")
+    r = config.replay
+    need(0.0 <= r.ratio < 1.0, "replay.ratio", f"must be in [0, 1), found {r.ratio}")
+    need(r.capacity_tokens >= 0, "replay.capacity_tokens", "must not be negative")
+    m = config.merge
+    need(1 <= m.min_workers <= len(config.sites), "merge.min_workers",
+         f"must be between 1 and the number of sites ({len(config.sites)}), found {m.min_workers}")
+    need(m.round_timeout_s > 0, "merge.round_timeout_s", "must be greater than 0")
+    _check_model(config.model, problems)
+
+
+def _check_model(model: ModelConfig, problems: list[str]) -> None:
+    if model.source not in BUILTIN_MODELS and not Path(model.source, "config.json").is_file():
+        problems.append(
+            f"model.source: {model.source!r} is neither one of {BUILTIN_MODELS} nor a folder "
+            "holding a Hugging Face config.json")
+    if model.source == "random" and not model.architecture:
+        problems.append("model.architecture: required when model.source is 'random'")
+    if model.tokenizer not in BUILTIN_TOKENIZERS and not Path(model.tokenizer).is_dir():
+        problems.append(
+            f"model.tokenizer: {model.tokenizer!r} is neither one of {BUILTIN_TOKENIZERS} "
+            "nor a tokenizer folder")
+
+
+def _safe_name(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "-_" for c in name)
+
+
+def resolve_paths(config: Config) -> Config:
+    """Make every path absolute, so actors on other processes read the same files."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    sites = [dataclasses.replace(s, path=absolute(s.path)) for s in config.sites]
+    evals = [dataclasses.replace(e, path=absolute(e.path)) for e in config.eval]
+    worker = config.worker
+    if isinstance(worker.deepspeed, str):
+        worker = dataclasses.replace(worker, deepspeed=absolute(worker.deepspeed))
+    model = config.model
+    if model.source not in BUILTIN_MODELS:
+        model = dataclasses.replace(model, source=absolute(model.source))
+    if model.tokenizer not in BUILTIN_TOKENIZERS:
+        model = dataclasses.replace(model, tokenizer=absolute(model.tokenizer))
+    run = dataclasses.replace(config.run, dir=absolute(config.run.dir))
+    return dataclasses.replace(
+        config, run=run, sites=sites, eval=evals, worker=worker, model=model)
+
+
+def deepspeed_dict(worker: WorkerConfig) -> dict:
+    """The DeepSpeed config as a dict, read from its JSON file if given as a path."""
+    if isinstance(worker.deepspeed, dict):
+        return dict(worker.deepspeed)
+    try:
+        return json.loads(Path(worker.deepspeed).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"worker.deepspeed: {worker.deepspeed} is not valid JSON: {exc}"]) from exc
+
+
+def dump_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,334 @@
+"""The coordinator's round loop: plan → broadcast → collect → validate → merge → evaluate →
+checkpoint, as in ARCHITECTURE.md. Everything a resume needs (weights, cursors, replay, RNG
+seeds) is in the newest version's manifest and the files it names."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from cluster.connect import connect
+from cluster.remote import RemoteMethod
+from cluster.resources import worker_options
+from trainer import checkpoint
+from trainer.config import Config, deepspeed_dict, dump_config
+from trainer.evaluate import EvalSet, load_eval_set, perplexity
+from trainer.merge import apply_delta, weighted_average
+from trainer.metrics import MetricsLog
+from trainer.model_source import load_start_model, load_tokenizer
+from trainer.replay import ReplayStore
+from trainer.table import RoundTable
+from workers.increments import increment_files
+from workers.types import Cursor, NoData, SiteSpec, TrainSpec, WorkerUpdate
+from workers.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class RunState:
+    """What carries from one round to the next (and across a resume)."""
+
+    round: int = 0
+    version: int = 0
+    cursors: dict[str, Cursor] = field(default_factory=dict)
+    exhausted: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    updates: list[WorkerUpdate]
+    failures: dict[str, str]
+    idle: list[str]
+
+
+class Coordinator:
+    def __init__(self, config: Config, *, resume: bool = False) -> None:
+        self.config = config
+        self.run_dir = Path(config.run.dir)
+        self.tokenizer = load_tokenizer(config.model.tokenizer)
+        self.state = RunState(cursors={s.name: Cursor() for s in config.sites})
+        self.actors: dict[str, ray.actor.ActorHandle] = {}
+        self.resume = resume
+        self.replay = ray.remote(ReplayStore).options(num_cpus=0).remote(
+            capacity_per_site=config.replay.capacity_tokens // (
+                config.worker.seq_len * len(config.sites)),
+            seed=config.run.seed)
+        if resume:
+            self.model = self._load_resume_point()
+        else:
+            self.model = load_start_model(config.model, tokenizer=self.tokenizer,
+                                          seed=config.run.seed)
+        self.global_weights = {n: p.data for n, p in self.model.named_parameters()}
+        self.eval_sets = [load_eval_set(e, tokenizer=self.tokenizer, seq_len=config.worker.seq_len)
+                          for e in config.eval]
+        self.metrics = MetricsLog(self.run_dir)
+        self.table = RoundTable(sites=[s.name for s in config.sites],
+                                eval_sets=[e.name for e in config.eval])
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> Path:
+        print(self.table.header())
+        if not self.resume:
+            record = self._checkpoint(0, self._evaluate(), RoundResult([], {}, []))
+            print(self.table.row(record))
+        self._start_workers()
+        while self.state.round < self.config.rounds:
+            if len(self.state.exhausted) == len(self.config.sites):
+                print(f"All increments are consumed after round {self.state.round}; stopping.")
+                break
+            self.run_round(self.state.round + 1)
+        return checkpoint.latest_version(self.run_dir)
+
+    def run_round(self, round_index: int) -> None:
+        started = time.perf_counter()
+        bar = tqdm(total=len(self.config.sites) + len(self.eval_sets) + 1,
+                   desc=f"round {round_index}", leave=False)
+        weights_ref = ray.put({n: t.numpy() for n, t in self.global_weights.items()})
+        result = self._collect(round_index, weights_ref, bar)
+        needed = min(self.config.merge.min_workers,
+                     len(self.config.sites) - len(self.state.exhausted) - len(result.idle))
+        if not result.updates or len(result.updates) < needed:
+            bar.close()
+            self._round_failed(round_index, result)
+            return
+        merge_started = time.perf_counter()
+        self._merge(result.updates)
+        merge_seconds = time.perf_counter() - merge_started
+        bar.set_description(f"round {round_index}: evaluating")
+        evals = self._evaluate(progress=bar)
+        bar.set_description(f"round {round_index}: checkpointing")
+        self.state.round = round_index
+        self._advance_cursors(result)
+        record = self._checkpoint(self.state.version + 1, evals, result,
+                                  merge_seconds=merge_seconds,
+                                  round_seconds=time.perf_counter() - started)
+        bar.update(1)
+        bar.close()
+        print(self.table.row(record))
+
+    # ------------------------------------------------------------------ steps of a round
+
+    def _collect(self, round_index: int, weights_ref, bar: tqdm) -> RoundResult:
+        """Ask every site with data left to train; wait until all answer or the deadline."""
+        pending = {}
+        for site in self.config.sites:
+            if site.name in self.state.exhausted:
+                bar.update(1)
+                continue
+            actor = self._actor(site.name)
+            ref = actor.train_round.remote(round_index=round_index, global_weights=weights_ref,
+                                           cursor=self.state.cursors[site.name])
+            pending[ref] = site.name
+        updates, failures, idle = [], {}, []
+        deadline = time.monotonic() + self.config.merge.round_timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1,
+                                timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            site = pending.pop(ready[0])
+            bar.update(1)
+            try:
+                answer = ray.get(ready[0])
+            except Exception as exc:  # a dead actor or an error inside train_round
+                failures[site] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                self._drop_actor(site)
+                continue
+            if isinstance(answer, NoData):
+                idle.append(site)
+            elif answer.round == round_index:
+                updates.append(answer)
+        for ref, site in pending.items():  # stragglers: their rows stay unconsumed
+            failures[site] = f"no update within merge.round_timeout_s={self.config.merge.round_timeout_s}"
+            self._drop_actor(site)
+        for site in idle:
+            self.state.exhausted.add(site)
+        return RoundResult(sorted(updates, key=lambda u: u.worker_id), failures, idle)
+
+    def _merge(self, updates: list[WorkerUpdate]) -> None:
+        """FedAvg: the token-weighted average of the deltas, applied with outer lr 1."""
+        with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            deltas = [({k: torch.from_numpy(v) for k, v in u.delta.items()}, u.weight)
+                      for u in updates]
+            average = weighted_average(deltas)
+        apply_delta(self.global_weights, average)
+        for update in updates:
+            ray.get(self.replay.add.remote(update.worker_id, update.sequences))
+
+    def _evaluate(self, progress: tqdm | None = None) -> dict[str, float]:
+        results = {}
+        for data in self.eval_sets:
+            results[data.name] = perplexity(self.model, data)
+            if progress is not None:
+                progress.update(1)
+        return results
+
+    def _advance_cursors(self, result: RoundResult) -> None:
+        for update in result.updates:
+            self.state.cursors[update.worker_id] = update.cursor
+
+    def _round_failed(self, round_index: int, result: RoundResult) -> None:
+        reasons = "; ".join(f"{s}: {r}" for s, r in result.failures.items()) or "no updates"
+        if not result.failures and len(self.state.exhausted) == len(self.config.sites):
+            return  # nothing left to train: the loop ends
+        raise RunError(
+            f"round {round_index} got {len(result.updates)} update(s), fewer than "
+            f"merge.min_workers={self.config.merge.min_workers} ({reasons}). The last complete "
+            f"version is kept; fix the cause and run `tributary resume {self.run_dir}`.")
+
+    def _checkpoint(self, number: int, evals: dict[str, float], result: RoundResult, *,
+                    merge_seconds: float = 0.0, round_seconds: float = 0.0) -> dict:
+        replay_dir = self.run_dir / "replay" / checkpoint.version_name(number)
+        ray.get(self.replay.save.remote(str(replay_dir)))
+        manifest = self._manifest(number, evals, result, replay_dir)
+        checkpoint.save_version(self.run_dir, number=number, model=self.model,
+                                tokenizer=self.tokenizer, manifest=manifest)
+        self.state.version = number
+        self._prune_replay_snapshots(keep=checkpoint.version_name(number))
+        record = self._record(manifest, result, merge_seconds, round_seconds)
+        self.metrics.write(record)
+        return record
+
+    def _manifest(self, number: int, evals: dict, result: RoundResult, replay_dir: Path) -> dict:
+        sites = {s.name: s for s in self.config.sites}
+        total = sum(u.weight for u in result.updates) or 1.0
+        return {
+            "parent": checkpoint.version_name(number - 1) if number > 0 else None,
+            "round": self.state.round,
+            "increments": {u.worker_id: [dict(r.to_dict(), file=_file_path(sites[u.worker_id],
+                                                                            r.file))
+                                         for r in u.consumed] for u in result.updates},
+            "tokens": {u.worker_id: {"new": u.metrics["new_tokens"],
+                                     "replay": u.metrics["replay_tokens"]}
+                       for u in result.updates},
+            "merge_weights": {u.worker_id: u.weight / total for u in result.updates},
+            "eval": {name: {"perplexity": value} for name, value in evals.items()},
+            "failures": result.failures,
+            "cursors": {name: c.to_dict() for name, c in self.state.cursors.items()},
+            "exhausted": sorted(self.state.exhausted),
+            "replay": str(replay_dir.relative_to(self.run_dir)),
+            "seed": self.config.run.seed,
+        }
+
+    def _record(self, manifest: dict, result: RoundResult, merge_seconds: float,
+                round_seconds: float) -> dict:
+        by_site = {u.worker_id: u.metrics for u in result.updates}
+        return {
+            "round": self.state.round, "version": checkpoint.version_name(self.state.version),
+            "time": time.time(), "workers_ok": len(result.updates),
+            "workers_failed": len(result.failures), "workers_idle": result.idle,
+            "failures": result.failures,
+            "new_tokens": {s: m["new_tokens"] for s, m in by_site.items()},
+            "replay_tokens": {s: m["replay_tokens"] for s, m in by_site.items()},
+            "train_loss": {s: m["loss"] for s, m in by_site.items()},
+            "steps": {s: m["steps"] for s, m in by_site.items()},
+            "tokens_per_s": {s: m["tokens_per_s"] for s, m in by_site.items()},
+            "train_seconds": {s: m["train_seconds"] for s, m in by_site.items()},
+            "eval_perplexity": {k: v["perplexity"] for k, v in manifest["eval"].items()},
+            "merge_weights": manifest["merge_weights"],
+            "merge_seconds": merge_seconds, "round_seconds": round_seconds,
+        }
+
+    # ------------------------------------------------------------------ workers
+
+    def _start_workers(self) -> None:
+        for site in self.config.sites:
+            self._actor(site.name)
+        ray.get([a.ready.remote() for a in self.actors.values()])
+
+    def _actor(self, site_name: str):
+        if site_name in self.actors:
+            return self.actors[site_name]
+        site = next(s for s in self.config.sites if s.name == site_name)
+        w = self.config.worker
+        train = TrainSpec(local_steps=w.local_steps, batch_size=w.batch_size, seq_len=w.seq_len,
+                          lr=w.lr, weight_decay=w.weight_decay, replay_ratio=self.config.replay.ratio,
+                          deepspeed=deepspeed_dict(w), seed=self.config.run.seed)
+        options = worker_options(site=site.name, num_cpus=w.num_cpus, num_gpus=w.num_gpus)
+        actor = ray.remote(Worker).options(**options).remote(
+            site=SiteSpec(site.name, site.path, site.text_column),
+            model_config=self.model.config.to_dict(), tokenizer=self.tokenizer, train=train,
+            replay=RemoteMethod(self.replay, "sample"),
+            state_dir=str(self.run_dir / "sites" / site.name / "state"))
+        if self.state.round > 0:
+            ray.get(actor.restore.remote(round_index=self.state.round))
+        self.actors[site_name] = actor
+        return actor
+
+    def _drop_actor(self, site_name: str) -> None:
+        actor = self.actors.pop(site_name, None)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+
+    def shutdown(self) -> None:
+        for site in list(self.actors):
+            self._drop_actor(site)
+        ray.kill(self.replay, no_restart=True)
+
+    # ------------------------------------------------------------------ replay and resume
+
+    def _prune_replay_snapshots(self, *, keep: str) -> None:
+        for folder in (self.run_dir / "replay").glob("v[0-9]*"):
+            if folder.name < keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _load_resume_point(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        latest = checkpoint.latest_version(self.run_dir)
+        if latest is None:
+            raise RunError(f"{self.run_dir} has no versions/latest; start it with `tributary run`")
+        manifest = checkpoint.read_manifest(latest)
+        self.state = RunState(
+            round=manifest["round"], version=manifest["version"],
+            cursors={s.name: Cursor.from_dict(manifest["cursors"].get(s.name, {}))
+                     for s in self.config.sites},
+            exhausted=set(manifest.get("exhausted", [])))
+        model = AutoModelForCausalLM.from_pretrained(latest, dtype=torch.float32)
+        ray.get(self.replay.restore.remote(str(self.run_dir / manifest["replay"])))
+        log.info("resuming %s at %s (round %d)", self.run_dir, latest.name, self.state.round)
+        return model
+
+
+def _file_path(site, name: str) -> str:
+    base = Path(site.path)
+    return str(base if base.is_file() else base / name)
+
+
+def run_training(config: Config, *, resume: bool = False) -> Path:
+    """Run (or resume) a whole training run; returns the newest version's folder."""
+    run_dir = Path(config.run.dir)
+    if not resume and (run_dir / "versions").exists():
+        raise RunError(f"{run_dir} already holds a run; use `tributary resume {run_dir}` "
+                       "or choose another run.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+    started = connect(address=config.cluster.address, num_cpus=config.cluster.num_cpus,
+                      dashboard_host=config.cluster.dashboard_host,
+                      dashboard_port=config.cluster.dashboard_port,
+                      include_dashboard=config.cluster.include_dashboard)
+    coordinator = None
+    try:
+        coordinator = Coordinator(config, resume=resume)
+        return coordinator.run()
+    finally:
+        if coordinator is not None:
+            coordinator.shutdown()
+        if started:
+            ray.shutdown()

@@ -1,0 +1,60 @@
+"""Held-out perplexity per eval set, computed after every merge."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer.config import EvalSetConfig
+from workers.increments import increment_files, read_texts
+from workers.packing import batch_tensors, pack, tokenize, to_arrays
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    ids: np.ndarray  # [N, L]
+    lengths: np.ndarray  # [N]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def load_eval_set(config: EvalSetConfig, *, tokenizer, seq_len: int) -> EvalSet:
+    """Every file of the set, packed, cut to the first `max_tokens` tokens."""
+    texts = []
+    for path in increment_files(config.path):
+        texts.extend(t for t in read_texts(path, text_column=config.text_column) if t.strip())
+    if not texts:
+        raise ValueError(f"eval set {config.name!r}: {config.path} holds no text")
+    table = pack(tokenize(tokenizer, texts), seq_len=seq_len,
+                 eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    ids, lengths = to_arrays(table)
+    keep = max(1, -(-config.max_tokens // seq_len))
+    ids, lengths = ids[:keep], lengths[:keep].copy()
+    overflow = int(lengths.sum()) - config.max_tokens
+    if overflow > 0 and lengths[-1] > overflow:
+        lengths[-1] -= overflow
+    return EvalSet(name=config.name, ids=ids, lengths=lengths)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, data: EvalSet, *, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over all real tokens of the set."""
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(data.ids), batch_size):
+        batch = batch_tensors(data.ids[start:start + batch_size],
+                              data.lengths[start:start + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+            ignore_index=-100, reduction="sum")
+        total_nll += float(nll)
+        total_tokens += int((targets != -100).sum())
+    return math.exp(total_nll / max(total_tokens, 1))

@@ -1,0 +1,70 @@
+"""Per-round metrics: one JSON object per round in metrics.jsonl, and `tributary_*` Ray metrics
+(exported by Ray's metrics agent to Prometheus and the Ray dashboard)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ray
+
+
+class RayMetrics:
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        self.round = Gauge("tributary_round", description="Last completed round")
+        self.version = Gauge("tributary_version", description="Newest accepted version")
+        self.tokens = Counter("tributary_tokens_total", description="Tokens trained",
+                              tag_keys=("site", "kind"))
+        self.loss = Gauge("tributary_train_loss", description="Mean train loss of the round",
+                          tag_keys=("site",))
+        self.tokens_per_s = Gauge("tributary_tokens_per_second",
+                                  description="Worker training throughput", tag_keys=("site",))
+        self.perplexity = Gauge("tributary_eval_perplexity",
+                                description="Held-out perplexity", tag_keys=("set",))
+        self.merge_seconds = Gauge("tributary_merge_seconds", description="Merge time")
+        self.failures = Counter("tributary_worker_failures_total",
+                                description="Failed or late workers", tag_keys=("site",))
+
+    def record(self, record: dict) -> None:
+        self.round.set(record["round"])
+        self.version.set(int(record["version"].lstrip("v")))
+        for kind in ("new", "replay"):
+            for site, count in record.get(f"{kind}_tokens", {}).items():
+                if count > 0:  # Ray counters only take positive increments
+                    self.tokens.inc(float(count), tags={"site": site, "kind": kind})
+        for site, loss in record.get("train_loss", {}).items():
+            self.loss.set(loss, tags={"site": site})
+        for site, rate in record.get("tokens_per_s", {}).items():
+            self.tokens_per_s.set(rate, tags={"site": site})
+        for name, value in record.get("eval_perplexity", {}).items():
+            self.perplexity.set(value, tags={"set": name})
+        if "merge_seconds" in record:
+            self.merge_seconds.set(record["merge_seconds"])
+        for site in record.get("failures", {}):
+            self.failures.inc(1.0, tags={"site": site})
+
+
+class MetricsLog:
+    """metrics.jsonl plus the Ray metrics, written once per round."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.ray = RayMetrics() if ray.is_initialized() else None
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if self.ray is not None:
+            self.ray.record(record)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

