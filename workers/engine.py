@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,7 +55,8 @@ def build_engine(model: torch.nn.Module, *, ds_config: dict, lr: float, weight_d
 def load_weights_(engine, weights: dict) -> None:
     """Overwrite the engine's parameters in place with the global weights (numpy or torch)."""
     module = engine.module
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # object-store arrays are read-only
         for name, param in module.named_parameters():
             param.copy_(torch.as_tensor(weights[name]).to(param.dtype))
     # Mixed-precision/ZeRO optimizers keep fp32 master copies: refresh them from the module.

@@ -156,9 +156,13 @@ class Worker:
             shutil.rmtree(old, ignore_errors=True)
 
     def restore(self, *, round_index: int) -> bool:
-        """Load the optimizer state saved after `round_index`; False if there is none."""
-        folder = self.state_dir / f"round-{round_index:04d}" if self.state_dir else None
-        if folder is None or not folder.is_dir():
+        """Load the newest optimizer state saved at or before `round_index` (a site that sat
+        out later rounds last trained earlier); False if there is none."""
+        if self.state_dir is None or not self.state_dir.is_dir():
             return False
-        ds.load_optimizer_state(self.engine.optimizer, folder)
+        saved = [p for p in sorted(self.state_dir.glob("round-*"))
+                 if int(p.name.split("-")[1]) <= round_index]
+        if not saved:
+            return False
+        ds.load_optimizer_state(self.engine.optimizer, saved[-1])
         return True

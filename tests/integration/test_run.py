@@ -1,0 +1,131 @@
+"""End to end on a real local Ray cluster with real DeepSpeed workers on CPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import ray
+import requests
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.integration.conftest import tiny_config
+from trainer.checkpoint import all_manifests, sha256_file
+from trainer.coordinator import run_training
+from trainer.metrics import read_metrics
+from workers.increments import increment_files, read_texts
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def two_rounds(ray_cluster, demo_root, notes_site, tmp_path_factory):
+    """A 2-round run, watched from outside while it runs (named actors, Ray metrics)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    config = tiny_config(demo_root, notes_site, run_dir)
+    seen = {"actors": set(), "metrics": set()}
+    thread = threading.Thread(target=lambda: seen.update(result=run_training(config)))
+    thread.start()
+    url = f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics"
+    while thread.is_alive():
+        seen["actors"] |= {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                           if a["namespace"] == "tributary"}
+        try:
+            text = requests.get(url, timeout=2).text
+            seen["metrics"] |= {line.split("{")[0] for line in text.splitlines()
+                                if line.startswith("ray_tributary_")}
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    thread.join()
+    assert "result" in seen, "run_training raised; see the log above"
+    return run_dir, seen
+
+
+def test_versions_manifests_and_metrics_are_written(two_rounds):
+    run_dir, seen = two_rounds
+    names = sorted(p.name for p in (run_dir / "versions").iterdir())
+    assert names == ["latest", "v0000", "v0001", "v0002"]
+    assert (run_dir / "versions" / "latest").resolve().name == "v0002"
+    manifests = all_manifests(run_dir)
+    assert [m["parent"] for m in manifests] == [None, "v0000", "v0001"]
+    for m in manifests:
+        folder = run_dir / "versions" / m["name"]
+        assert m["weights_sha256"] == {"model.safetensors": sha256_file(folder / "model.safetensors")}
+        assert set(m["eval"]) == {"shakespeare", "code"}
+    last = manifests[-1]
+    assert set(last["tokens"]) == {"speeches", "notes"}
+    assert abs(sum(last["merge_weights"].values()) - 1.0) < 1e-9
+    assert last["tokens"]["notes"]["replay"] > 0  # round 2 mixes in replay
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(r["eval_perplexity"]["shakespeare"] > 1 for r in records)
+    replay = ds.dataset(str(run_dir / last["replay"]), format="parquet").to_table()
+    assert replay.num_rows > 0 and replay.column_names == ["input_ids", "length"]
+
+
+def test_every_consumed_row_is_accounted_for_exactly_once(two_rounds, notes_site):
+    run_dir, _ = two_rounds
+    manifests = all_manifests(run_dir)
+    for site, path in (("notes", notes_site), ("speeches", None)):
+        ranges = [r for m in manifests for r in m["increments"].get(site, [])]
+        assert ranges, f"{site} trained nothing"
+        by_file: dict[str, list] = {}
+        for r in ranges:
+            by_file.setdefault(r["file"], []).append((r["start_row"], r["end_row"]))
+        cursor = manifests[-1]["cursors"][site]
+        for file, spans in by_file.items():
+            spans.sort()
+            assert spans[0][0] == 0, f"{file}: rows before {spans[0][0]} never trained"
+            for (_, end), (start, _) in zip(spans, spans[1:]):
+                assert end == start, f"{file}: rows {end}..{start} skipped or trained twice"
+            rows = len(read_texts(file, text_column="body" if site == "notes" else "text"))
+            if Path(file).name != cursor["file"]:
+                assert spans[-1][1] == rows, f"{file}: finished file not fully trained"
+            else:
+                assert spans[-1][1] == cursor["row"]
+        if path is not None:  # the notes site crosses file boundaries within the run
+            assert len(by_file) >= 2
+            assert [Path(f).name for f in by_file] == [p.name for p in increment_files(path)][
+                :len(by_file)]
+
+
+def test_workers_are_named_actors_and_ray_metrics_are_served(two_rounds):
+    _, seen = two_rounds
+    assert {"tributary-worker-speeches", "tributary-worker-notes"} <= seen["actors"]
+    expected = {"ray_tributary_round", "ray_tributary_eval_perplexity",
+                "ray_tributary_tokens_total", "ray_tributary_train_loss"}
+    missing = {e for e in expected if not any(m.startswith(e) for m in seen["metrics"])}
+    assert not missing, f"not served: {missing}; served: {seen['metrics']}"
+
+
+def test_latest_loads_with_plain_transformers_and_generates(two_rounds):
+    run_dir, _ = two_rounds
+    latest = run_dir / "versions" / "latest"
+    model = AutoModelForCausalLM.from_pretrained(latest)
+    tokenizer = AutoTokenizer.from_pretrained(latest)
+    inputs = tokenizer("Fellow citizens", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
+
+
+def test_resumed_run_equals_uninterrupted_run(two_rounds, demo_root, notes_site, tmp_path):
+    run_dir, _ = two_rounds
+    split = tmp_path / "run"
+    run_training(tiny_config(demo_root, notes_site, split, rounds=1))
+    assert (split / "versions" / "latest").resolve().name == "v0001"
+    run_training(tiny_config(demo_root, notes_site, split, rounds=2), resume=True)
+
+    expected = load_file(str(run_dir / "versions" / "v0002" / "model.safetensors"))
+    resumed = load_file(str(split / "versions" / "v0002" / "model.safetensors"))
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    a, b = all_manifests(run_dir)[-1], all_manifests(split)[-1]
+    assert a["increments"] == b["increments"]
+    assert a["cursors"] == b["cursors"] and a["tokens"] == b["tokens"]

@@ -1,0 +1,97 @@
+"""Config validation: every error names its dotted key; every shipped config loads."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import ConfigError, config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def minimal(tmp_path: Path) -> dict:
+    (tmp_path / "site").mkdir(exist_ok=True)
+    return {"run": {"dir": str(tmp_path / "run")}, "rounds": 2,
+            "model": {"source": "random", "tokenizer": "gpt2", "architecture": {"hidden_size": 8}},
+            "sites": [{"name": "a", "path": str(tmp_path / "site")}],
+            "worker": {"deepspeed": {"zero_optimization": {"stage": 0}}}}
+
+
+def problems_of(raw: dict, overrides=()) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(raw, overrides=list(overrides))
+    return caught.value.problems
+
+
+def test_minimal_config_gets_defaults(tmp_path):
+    config = config_from_dict(minimal(tmp_path))
+    assert config.replay.ratio == 0.25 and config.sites[0].text_column == "text"
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    raw = minimal(tmp_path)
+    raw["worker"]["local_step"] = 3
+    assert problems_of(raw) == ["worker.local_step: unknown key; did you mean 'local_steps'?"]
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    raw = minimal(tmp_path)
+    raw["sites"][0]["text_column"] = 5
+    raw["rounds"] = "many"
+    problems = problems_of(raw)
+    assert "rounds: expected int, found 'many'" in problems
+    assert "sites[0].text_column: expected str, found 5" in problems
+
+
+def test_missing_path_and_impossible_values_are_all_reported(tmp_path):
+    raw = minimal(tmp_path)
+    raw["sites"].append({"name": "b", "path": str(tmp_path / "nowhere")})
+    raw["replay"] = {"ratio": 1.5}
+    raw["merge"] = {"min_workers": 0}
+    problems = problems_of(raw)
+    assert any(p.startswith("sites[1].path:") and "does not exist" in p for p in problems)
+    assert any(p.startswith("replay.ratio:") for p in problems)
+    assert any(p.startswith("merge.min_workers:") for p in problems)
+
+
+def test_missing_required_key(tmp_path):
+    raw = minimal(tmp_path)
+    del raw["rounds"]
+    assert problems_of(raw) == ["rounds: required key is missing"]
+
+
+def test_set_overrides_keep_yaml_types(tmp_path):
+    config = config_from_dict(minimal(tmp_path), overrides=["worker.lr=0.5", "rounds=7"])
+    assert config.worker.lr == 0.5 and config.rounds == 7
+    assert problems_of(minimal(tmp_path), ["worker.lr"]) == [
+        "--set 'worker.lr': expected key.path=value"]
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rounds: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_config_loads(path, demo_root, monkeypatch):
+    monkeypatch.chdir(demo_root)  # configs name data/demo/... relative to the repo root
+    config = load_config(path)
+    assert config.sites and config.rounds >= 1
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_deepspeed_config_parses(path):
+    config = json.loads(path.read_text())
+    assert "zero_optimization" in config
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("rounds: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    assert yaml.safe_load("a: 1") == {"a": 1}

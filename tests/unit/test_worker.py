@@ -1,0 +1,73 @@
+"""The Worker as a plain class (no Ray): a real DeepSpeed engine on CPU, real demo data."""
+
+import numpy as np
+import pytest
+
+from trainer.model_source import load_start_model, load_tokenizer
+from trainer.config import ModelConfig
+from trainer.replay import ReplayStore
+from workers.types import Cursor, NoData, SiteSpec, TrainSpec
+from workers.worker import Worker
+
+ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = load_tokenizer("gpt2")
+    model = load_start_model(ModelConfig(source="random", tokenizer="gpt2", architecture=ARCH),
+                             tokenizer=tokenizer, seed=0)
+    weights = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    return tokenizer, model.config.to_dict(), weights
+
+
+def make_worker(setup, demo_root, tmp_path, replay=None):
+    tokenizer, model_config, _ = setup
+    train = TrainSpec(local_steps=2, batch_size=2, seq_len=32, lr=1e-3, weight_decay=0.0,
+                      replay_ratio=0.5, deepspeed={"zero_optimization": {"stage": 0}}, seed=0)
+    site = SiteSpec("code", str(demo_root / "data" / "demo" / "code"), "source")
+    return Worker(site=site, model_config=model_config, tokenizer=tokenizer, train=train,
+                  replay=replay, state_dir=str(tmp_path / "state"))
+
+
+def test_round_returns_delta_weight_and_exact_rows(setup, demo_root, tmp_path):
+    worker = make_worker(setup, demo_root, tmp_path)
+    update = worker.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    assert set(update.delta) == set(setup[2])
+    assert all(np.isfinite(d).all() for d in update.delta.values())
+    assert max(np.abs(d).max() for d in update.delta.values()) > 0
+    assert update.weight == update.metrics["new_tokens"] == int(
+        np.asarray(update.sequences.column("length")).sum())
+    first = update.consumed[0]
+    assert (first.file, first.start_row) == ("01-text.jsonl", 0)
+    assert update.cursor == Cursor(update.consumed[-1].file, update.consumed[-1].end_row)
+    assert update.metrics["replay_tokens"] == 0  # no replay source given
+    assert (tmp_path / "state" / "round-0001" / "optimizer.safetensors").is_file()
+
+
+def test_same_inputs_give_identical_deltas_and_restore_continues_exactly(
+        setup, demo_root, tmp_path):
+    store = ReplayStore(capacity_per_site=64, seed=0)
+    a = make_worker(setup, demo_root, tmp_path / "a", replay=store.sample)
+    b = make_worker(setup, demo_root, tmp_path / "b", replay=store.sample)
+    first_a = a.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    first_b = b.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    assert all(np.array_equal(first_a.delta[k], first_b.delta[k]) for k in first_a.delta)
+    store.add("code", first_a.sequences)
+
+    second_a = a.train_round(round_index=2, global_weights=setup[2], cursor=first_a.cursor)
+    assert second_a.metrics["replay_tokens"] > 0
+    fresh = make_worker(setup, demo_root, tmp_path / "a")  # a restarted actor, same state_dir
+    fresh.replay = store.sample
+    assert fresh.restore(round_index=1)
+    second_fresh = fresh.train_round(round_index=2, global_weights=setup[2],
+                                     cursor=first_a.cursor)
+    assert all(np.array_equal(second_a.delta[k], second_fresh.delta[k]) for k in second_a.delta)
+
+
+def test_site_without_rows_left_sits_out(setup, demo_root, tmp_path):
+    worker = make_worker(setup, demo_root, tmp_path)
+    answer = worker.train_round(round_index=1, global_weights=setup[2],
+                                cursor=Cursor("99-none.jsonl", 0))
+    assert isinstance(answer, NoData)
