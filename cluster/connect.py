@@ -34,7 +34,3 @@ def connect(*, address: str | None = None, num_cpus: int | None = None,
         log.info("Ray dashboard: http://%s", context.dashboard_url)
     return True
 
-
-def dashboard_url() -> str | None:
-    url = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
-    return url

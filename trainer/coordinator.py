@@ -16,9 +16,9 @@ import ray
 import torch
 from tqdm import tqdm
 
-from cluster.connect import connect
+from cluster.connect import NAMESPACE, connect
 from cluster.remote import RemoteMethod
-from cluster.resources import worker_options
+from cluster.resources import worker_name, worker_options
 from trainer import checkpoint
 from trainer.config import Config, deepspeed_dict, dump_config
 from trainer.evaluate import EvalSet, load_eval_set, perplexity
@@ -100,14 +100,14 @@ class Coordinator:
                    desc=f"round {round_index}", leave=False)
         weights_ref = ray.put({n: t.numpy() for n, t in self.global_weights.items()})
         result = self._collect(round_index, weights_ref, bar)
-        needed = min(self.config.merge.min_workers,
-                     len(self.config.sites) - len(self.state.exhausted) - len(result.idle))
-        if not result.updates or len(result.updates) < needed:
+        trained = [u for u in result.updates if u.weight > 0]
+        active = len(self.config.sites) - len(self.state.exhausted)  # idle sites now count here
+        if not trained or len(result.updates) < min(self.config.merge.min_workers, active):
             bar.close()
             self._round_failed(round_index, result)
             return
         merge_started = time.perf_counter()
-        self._merge(result.updates)
+        self._merge(trained)
         merge_seconds = time.perf_counter() - merge_started
         bar.set_description(f"round {round_index}: evaluating")
         evals = self._evaluate(progress=bar)
@@ -280,6 +280,15 @@ class Coordinator:
         for site in list(self.actors):
             self._drop_actor(site)
         ray.kill(self.replay, no_restart=True)
+        # A killed actor's name is released asynchronously; wait so a next run can reuse it.
+        deadline = time.monotonic() + 30
+        for site in self.config.sites:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(worker_name(site.name), namespace=NAMESPACE)
+                except ValueError:
+                    break
+                time.sleep(0.2)
 
     # ------------------------------------------------------------------ replay and resume
 

@@ -36,7 +36,8 @@ class RayMetrics:
                 if count > 0:  # Ray counters only take positive increments
                     self.tokens.inc(float(count), tags={"site": site, "kind": kind})
         for site, loss in record.get("train_loss", {}).items():
-            self.loss.set(loss, tags={"site": site})
+            if loss is not None:
+                self.loss.set(loss, tags={"site": site})
         for site, rate in record.get("tokens_per_s", {}).items():
             self.tokens_per_s.set(rate, tags={"site": site})
         for name, value in record.get("eval_perplexity", {}).items():

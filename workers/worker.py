@@ -62,6 +62,9 @@ class Worker:
         ranges, sequences = self._read_new(cursor, need=self.train.local_steps * new_per_batch)
         if not ranges:
             return NoData(worker_id=self.site.name, round=round_index)
+        if sequences.num_rows == 0:  # only blank rows: consumed, nothing to train
+            return self._update(round_index, {}, ranges, cursor, sequences, replay=None,
+                                losses=[], seconds=0.0)
         steps = max(1, math.ceil(sequences.num_rows / new_per_batch))
         replay = self._sample_replay(steps * replay_per_batch, round_index)
         ds.load_weights_(self.engine, global_weights)
@@ -69,16 +72,22 @@ class Worker:
         losses = self._steps(sequences, replay, steps=steps, new_per_batch=new_per_batch)
         train_seconds = time.perf_counter() - started
         self._save_state(round_index)
+        return self._update(round_index, self._delta(global_weights), ranges, cursor, sequences,
+                            replay=replay, losses=losses, seconds=train_seconds)
+
+    def _update(self, round_index: int, delta: dict, ranges: list[RowRange], cursor: Cursor,
+                sequences: pa.Table, *, replay: pa.Table | None, losses: list[float],
+                seconds: float) -> WorkerUpdate:
         consumed = merge_ranges(ranges)
         new_tokens = real_tokens(sequences)
+        replay_tokens = real_tokens(replay) if replay is not None else 0
         return WorkerUpdate(
-            worker_id=self.site.name, round=round_index,
-            delta=self._delta(global_weights), weight=float(new_tokens),
+            worker_id=self.site.name, round=round_index, delta=delta, weight=float(new_tokens),
             consumed=consumed, cursor=cursor_after(consumed, cursor), sequences=sequences,
-            metrics={"loss": float(np.mean(losses)), "loss_last": losses[-1], "steps": steps,
-                     "new_tokens": new_tokens, "replay_tokens": real_tokens(replay),
-                     "train_seconds": train_seconds,
-                     "tokens_per_s": (new_tokens + real_tokens(replay)) / train_seconds})
+            metrics={"loss": float(np.mean(losses)) if losses else None,
+                     "steps": len(losses), "new_tokens": new_tokens,
+                     "replay_tokens": replay_tokens, "train_seconds": seconds,
+                     "tokens_per_s": (new_tokens + replay_tokens) / seconds if seconds else 0.0})
 
     def _replay_per_batch(self) -> int:
         if self.replay is None or self.train.replay_ratio <= 0:

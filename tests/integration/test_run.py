@@ -23,6 +23,21 @@ from workers.increments import increment_files, read_texts
 pytestmark = pytest.mark.integration
 
 
+EXPECTED_METRICS = {"ray_tributary_round", "ray_tributary_eval_perplexity",
+                    "ray_tributary_tokens_total", "ray_tributary_train_loss",
+                    "ray_tributary_merge_seconds"}
+
+
+def served_metrics(url: str) -> set[str]:
+    """Names of the tributary_ metrics that Ray's Prometheus endpoint serves right now."""
+    try:
+        text = requests.get(url, timeout=2).text
+    except requests.RequestException:
+        return set()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+            if line.startswith("ray_tributary_")}
+
+
 @pytest.fixture(scope="module")
 def two_rounds(ray_cluster, demo_root, notes_site, tmp_path_factory):
     """A 2-round run, watched from outside while it runs (named actors, Ray metrics)."""
@@ -35,13 +50,13 @@ def two_rounds(ray_cluster, demo_root, notes_site, tmp_path_factory):
     while thread.is_alive():
         seen["actors"] |= {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                            if a["namespace"] == "tributary"}
-        try:
-            text = requests.get(url, timeout=2).text
-            seen["metrics"] |= {line.split("{")[0] for line in text.splitlines()
-                                if line.startswith("ray_tributary_")}
-        except requests.RequestException:
-            pass
+        seen["metrics"] |= served_metrics(url)
         time.sleep(0.5)
+    seen["metrics_during_run"] = set(seen["metrics"])
+    deadline = time.monotonic() + 60  # the export interval can lag the short test run
+    while not EXPECTED_METRICS <= seen["metrics"] and time.monotonic() < deadline:
+        seen["metrics"] |= served_metrics(url)
+        time.sleep(1)
     thread.join()
     assert "result" in seen, "run_training raised; see the log above"
     return run_dir, seen
@@ -65,7 +80,9 @@ def test_versions_manifests_and_metrics_are_written(two_rounds):
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [0, 1, 2]
     assert all(r["eval_perplexity"]["shakespeare"] > 1 for r in records)
-    replay = ds.dataset(str(run_dir / last["replay"]), format="parquet").to_table()
+    files = sorted((run_dir / last["replay"]).glob("*.parquet"))
+    assert [f.name for f in files] == ["notes.parquet", "speeches.parquet"]
+    replay = ds.dataset([str(f) for f in files], format="parquet").to_table()
     assert replay.num_rows > 0 and replay.column_names == ["input_ids", "length"]
 
 
@@ -98,9 +115,8 @@ def test_every_consumed_row_is_accounted_for_exactly_once(two_rounds, notes_site
 def test_workers_are_named_actors_and_ray_metrics_are_served(two_rounds):
     _, seen = two_rounds
     assert {"tributary-worker-speeches", "tributary-worker-notes"} <= seen["actors"]
-    expected = {"ray_tributary_round", "ray_tributary_eval_perplexity",
-                "ray_tributary_tokens_total", "ray_tributary_train_loss"}
-    missing = {e for e in expected if not any(m.startswith(e) for m in seen["metrics"])}
+    assert seen["metrics_during_run"], "no tributary_ metric was served while the run ran"
+    missing = EXPECTED_METRICS - seen["metrics"]
     assert not missing, f"not served: {missing}; served: {seen['metrics']}"
 
 
