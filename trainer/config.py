@@ -21,6 +21,9 @@ import yaml
 
 BUILTIN_MODELS = ("smollm2", "random")
 BUILTIN_TOKENIZERS = ("smollm2", "gpt2")
+# fp32, no ZeRO partitioning: right for one CPU or GPU per worker; see configs/deepspeed/.
+DEFAULT_DEEPSPEED = {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0,
+                     "steps_per_print": 1_000_000}
 
 
 class ConfigError(ValueError):
@@ -71,8 +74,8 @@ class WorkerConfig:
     weight_decay: float = 0.0
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    # A path to a DeepSpeed JSON config, or the config inline.
-    deepspeed: Union[str, dict] = "configs/deepspeed/cpu.json"
+    # A path to a DeepSpeed JSON config, the config inline, or None for DEFAULT_DEEPSPEED.
+    deepspeed: Union[str, dict, None] = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,8 @@ def config_from_dict(raw: Any, *, overrides: list[str] = (), source: str = "conf
     for item in overrides:
         apply_override(raw, item, problems)
     config = _build(Config, raw, "", problems)
-    if not problems:
+    # Values are checked only when every field has its declared type (unknown keys aside).
+    if config is not None and all(": unknown key" in p for p in problems):
         _check_values(config, problems)
     if problems:
         raise ConfigError(problems, source=source)
@@ -309,6 +313,8 @@ def resolve_paths(config: Config) -> Config:
 
 def deepspeed_dict(worker: WorkerConfig) -> dict:
     """The DeepSpeed config as a dict, read from its JSON file if given as a path."""
+    if worker.deepspeed is None:
+        return dict(DEFAULT_DEEPSPEED)
     if isinstance(worker.deepspeed, dict):
         return dict(worker.deepspeed)
     try:

@@ -1,0 +1,52 @@
+"""The `tributary` CLI: config errors stop it before any Ray or model start-up."""
+
+import json
+
+import pytest
+
+from trainer.cli import main
+
+
+def test_bad_config_exits_2_naming_every_key(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run: {dir: x}\nrounds: 0\nsites: [{name: a, path: nowhere}]\nrepaly: {}\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "repaly: unknown key; did you mean 'replay'?" in err
+    assert "sites[0].path: nowhere does not exist" in err
+    assert "rounds: must be at least 1, found 0" in err
+
+
+def test_set_override_error_names_the_key(tmp_path, capsys):
+    (tmp_path / "site").mkdir()
+    path = tmp_path / "ok.yaml"
+    path.write_text(f"run: {{dir: {tmp_path / 'run'}}}\nrounds: 1\n"
+                    f"sites: [{{name: a, path: {tmp_path / 'site'}}}]\n")
+    assert main(["run", str(path), "--set", "replay.ratio=2"]) == 2
+    assert "replay.ratio: must be in [0, 1), found 2.0" in capsys.readouterr().err
+
+
+def test_report_prints_the_round_table(tmp_path, capsys):
+    records = [{"round": 0, "version": "v0000", "eval_perplexity": {"probe": 12.5}},
+               {"round": 1, "version": "v0001", "workers_ok": 2, "workers_failed": 0,
+                "new_tokens": {"a": 100, "b": 50}, "replay_tokens": {"a": 10},
+                "train_loss": {"a": 2.0, "b": 3.0}, "eval_perplexity": {"probe": 11.0},
+                "merge_seconds": 0.5, "round_seconds": 9.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    assert main(["report", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["round", "version", "ok/fail", "new", "tok", "replay", "tok",
+                                "loss", "a", "loss", "b", "ppl", "probe", "merge", "s",
+                                "round", "s"]
+    assert lines[3].split() == ["1", "v0001", "2/0", "150", "10", "2.000", "3.000", "11.000",
+                                "0.50", "9.0"]
+
+
+def test_report_without_metrics_says_so(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 1
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_unknown_command_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        main(["fly"])
