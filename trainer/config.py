@@ -266,6 +266,11 @@ def _check_values(config: Config, problems: list[str]) -> None:
     r = config.replay
     need(0.0 <= r.ratio < 1.0, "replay.ratio", f"must be in [0, 1), found {r.ratio}")
     need(r.capacity_tokens >= 0, "replay.capacity_tokens", "must not be negative")
+    per_batch = round(r.ratio * w.batch_size)
+    need(r.ratio == 0 or 1 <= per_batch < w.batch_size, "replay.ratio",
+         f"{r.ratio} x worker.batch_size {w.batch_size} gives {per_batch} replay sequence(s) per "
+         "batch; choose a ratio and batch size that leave at least one replay and one new "
+         "sequence per batch")
     m = config.merge
     need(1 <= m.min_workers <= len(config.sites), "merge.min_workers",
          f"must be between 1 and the number of sites ({len(config.sites)}), found {m.min_workers}")

@@ -92,8 +92,8 @@ class Worker:
     def _replay_per_batch(self) -> int:
         if self.replay is None or self.train.replay_ratio <= 0:
             return 0
-        wanted = round(self.train.replay_ratio * self.train.batch_size)
-        return min(max(wanted, 1), self.train.batch_size - 1)  # at least one new sequence
+        # The config check keeps this in [1, batch_size - 1]: every batch has new data.
+        return round(self.train.replay_ratio * self.train.batch_size)
 
     def _read_new(self, cursor: Cursor, *, need: int) -> tuple[list[RowRange], pa.Table]:
         """Whole rows from the cursor until `need` sequences are filled (rows are never split)."""

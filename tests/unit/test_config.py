@@ -56,6 +56,14 @@ def test_missing_path_and_impossible_values_are_all_reported(tmp_path):
     assert any(p.startswith("merge.min_workers:") for p in problems)
 
 
+def test_replay_ratio_must_fit_the_batch(tmp_path):
+    raw = minimal(tmp_path)
+    raw["replay"] = {"ratio": 0.1}
+    raw["worker"]["batch_size"] = 4
+    (problem,) = problems_of(raw)
+    assert problem.startswith("replay.ratio: 0.1 x worker.batch_size 4 gives 0 replay")
+
+
 def test_missing_required_key(tmp_path):
     raw = minimal(tmp_path)
     del raw["rounds"]
