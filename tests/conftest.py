@@ -24,3 +24,7 @@ def demo_root(tmp_path_factory) -> Path:
     prepare_demo(root / "data" / "demo")
     (root / "configs").symlink_to(REPO / "configs")
     return root
+
+
+# Ray-backed fixtures (only started by tests that ask for them).
+from tests.ray_fixtures import notes_site, ray_cluster  # noqa: E402,F401

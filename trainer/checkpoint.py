@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.faults import kill_point
+
 VERSIONS = "versions"
 LATEST = "latest"
 
@@ -36,6 +38,7 @@ def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenize
     full = {**manifest, "version": number, "name": version_name(number), "weights_sha256": weights}
     write_json(tmp / "manifest.json", full)
     _fsync_tree(tmp)
+    kill_point("checkpoint", manifest.get("round", 0))
     if final.exists():  # left by a crash after rename but before `latest` moved: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)

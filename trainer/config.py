@@ -76,6 +76,8 @@ class WorkerConfig:
     num_gpus: float = 0.0
     # A path to a DeepSpeed JSON config, the config inline, or None for DEFAULT_DEEPSPEED.
     deepspeed: Union[str, dict, None] = None
+    # Consecutive failed rounds after which a site is reported and left out.
+    max_missed_rounds: int = 3
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ class ReplayConfig:
 class MergeConfig:
     min_workers: int = 1
     round_timeout_s: float = 1800.0
+    # Reject an update whose delta norm is over this many times the others' median norm.
+    max_norm_ratio: float = 10.0
+    # Attempts at one round (too few valid updates) before the run stops.
+    max_round_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -275,6 +281,9 @@ def _check_values(config: Config, problems: list[str]) -> None:
     need(1 <= m.min_workers <= len(config.sites), "merge.min_workers",
          f"must be between 1 and the number of sites ({len(config.sites)}), found {m.min_workers}")
     need(m.round_timeout_s > 0, "merge.round_timeout_s", "must be greater than 0")
+    need(m.max_norm_ratio > 1, "merge.max_norm_ratio", "must be greater than 1")
+    need(m.max_round_attempts >= 1, "merge.max_round_attempts", "must be at least 1")
+    need(w.max_missed_rounds >= 0, "worker.max_missed_rounds", "must not be negative")
     _check_model(config.model, problems)
 
 

@@ -21,12 +21,14 @@ from cluster.remote import RemoteMethod
 from cluster.resources import worker_name, worker_options
 from trainer import checkpoint
 from trainer.config import Config, deepspeed_dict, dump_config
+from trainer.faults import kill_point
 from trainer.evaluate import EvalSet, load_eval_set, perplexity
 from trainer.merge import apply_delta, weighted_average
 from trainer.metrics import MetricsLog
 from trainer.model_source import load_start_model, load_tokenizer
 from trainer.replay import ReplayStore
 from trainer.table import RoundTable
+from trainer.validate import validate_updates
 from workers.increments import increment_files
 from workers.types import Cursor, NoData, SiteSpec, TrainSpec, WorkerUpdate
 from workers.worker import Worker
@@ -45,19 +47,24 @@ class RunState:
     round: int = 0
     version: int = 0
     cursors: dict[str, Cursor] = field(default_factory=dict)
-    exhausted: set[str] = field(default_factory=set)
+    exhausted: set[str] = field(default_factory=set)  # no rows left
+    down: set[str] = field(default_factory=set)  # failed too many rounds in a row
+    missed: dict[str, int] = field(default_factory=dict)  # rounds failed in a row, per site
 
 
 @dataclass(frozen=True)
 class RoundResult:
-    updates: list[WorkerUpdate]
-    failures: dict[str, str]
-    idle: list[str]
+    updates: list[WorkerUpdate]  # accepted for merging
+    failures: dict[str, str]  # site -> why no update came (dead actor, error, deadline)
+    idle: list[str]  # sites with no rows left
+    rejected: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
 
 
 class Coordinator:
-    def __init__(self, config: Config, *, resume: bool = False) -> None:
+    def __init__(self, config: Config, *, resume: bool = False,
+                 worker_cls: type = Worker) -> None:
         self.config = config
+        self.worker_cls = worker_cls  # the chaos tests pass a Worker subclass that misbehaves
         self.run_dir = Path(config.run.dir)
         self.tokenizer = load_tokenizer(config.model.tokenizer)
         self.state = RunState(cursors={s.name: Cursor() for s in config.sites})
@@ -87,54 +94,74 @@ class Coordinator:
             record = self._checkpoint(0, self._evaluate(), RoundResult([], {}, []))
             print(self.table.row(record))
         self._start_workers()
+        attempts = 0
         while self.state.round < self.config.rounds:
-            if len(self.state.exhausted) == len(self.config.sites):
-                print(f"All increments are consumed after round {self.state.round}; stopping.")
+            if not self._active_sites():
+                print(f"No site has rows left (or is up) after round {self.state.round}; stopping.")
                 break
-            self.run_round(self.state.round + 1)
+            if self.run_round(self.state.round + 1):
+                attempts = 0
+                continue
+            attempts += 1
+            if attempts >= self.config.merge.max_round_attempts:
+                raise RunError(
+                    f"round {self.state.round + 1} failed {attempts} times (see the log for each "
+                    f"reason); the last complete version is kept. Fix the cause and run "
+                    f"`tributary resume {self.run_dir}`.")
         return checkpoint.latest_version(self.run_dir)
 
-    def run_round(self, round_index: int) -> None:
+    def run_round(self, round_index: int) -> bool:
+        """One round; False if it gathered too few valid updates (nothing is committed then)."""
         started = time.perf_counter()
         bar = tqdm(total=len(self.config.sites) + len(self.eval_sets) + 1,
                    desc=f"round {round_index}", leave=False)
         weights_ref = ray.put({n: t.numpy() for n, t in self.global_weights.items()})
-        result = self._collect(round_index, weights_ref, bar)
-        trained = [u for u in result.updates if u.weight > 0]
-        active = len(self.config.sites) - len(self.state.exhausted)  # idle sites now count here
-        if not trained or len(result.updates) < min(self.config.merge.min_workers, active):
+        result = self._validate(self._collect(round_index, weights_ref, bar))
+        self._count_misses(result)
+        if len(result.updates) < min(self.config.merge.min_workers, len(self._active_sites())) \
+                or not result.updates:
             bar.close()
             self._round_failed(round_index, result)
-            return
+            return False
         merge_started = time.perf_counter()
-        self._merge(trained)
+        self._merge([u for u in result.updates if u.weight > 0])
         merge_seconds = time.perf_counter() - merge_started
         bar.set_description(f"round {round_index}: evaluating")
         evals = self._evaluate(progress=bar)
         bar.set_description(f"round {round_index}: checkpointing")
         self.state.round = round_index
         self._advance_cursors(result)
+        self._commit_workers(round_index, result)
+        kill_point("merged", round_index)
         record = self._checkpoint(self.state.version + 1, evals, result,
                                   merge_seconds=merge_seconds,
                                   round_seconds=time.perf_counter() - started)
         bar.update(1)
         bar.close()
         print(self.table.row(record))
+        return True
 
     # ------------------------------------------------------------------ steps of a round
 
     def _collect(self, round_index: int, weights_ref, bar: tqdm) -> RoundResult:
         """Ask every site with data left to train; wait until all answer or the deadline."""
-        pending = {}
+        pending, failures = {}, {}
         for site in self.config.sites:
-            if site.name in self.state.exhausted:
+            if site.name not in self._active_sites():
                 bar.update(1)
                 continue
-            actor = self._actor(site.name)
+            try:
+                actor = self._actor(site.name)
+            except Exception as exc:  # it died while starting or restoring its state
+                failures[site.name] = _reason(exc)
+                self._drop_actor(site.name)
+                bar.update(1)
+                continue
             ref = actor.train_round.remote(round_index=round_index, global_weights=weights_ref,
                                            cursor=self.state.cursors[site.name])
             pending[ref] = site.name
-        updates, failures, idle = [], {}, []
+        kill_point("training", round_index)
+        updates, idle = [], []
         deadline = time.monotonic() + self.config.merge.round_timeout_s
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1,
@@ -146,7 +173,7 @@ class Coordinator:
             try:
                 answer = ray.get(ready[0])
             except Exception as exc:  # a dead actor or an error inside train_round
-                failures[site] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                failures[site] = _reason(exc)
                 self._drop_actor(site)
                 continue
             if isinstance(answer, NoData):
@@ -162,6 +189,8 @@ class Coordinator:
 
     def _merge(self, updates: list[WorkerUpdate]) -> None:
         """FedAvg: the token-weighted average of the deltas, applied with outer lr 1."""
+        if not updates:  # only blank rows were consumed: the weights stay as they are
+            return
         with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
             warnings.simplefilter("ignore", UserWarning)
             deltas = [({k: torch.from_numpy(v) for k, v in u.delta.items()}, u.weight)
@@ -183,26 +212,64 @@ class Coordinator:
         for update in result.updates:
             self.state.cursors[update.worker_id] = update.cursor
 
+    def _validate(self, result: RoundResult) -> RoundResult:
+        shapes = {name: tuple(t.shape) for name, t in self.global_weights.items()}
+        accepted, rejected = validate_updates(
+            result.updates, shapes=shapes, max_norm_ratio=self.config.merge.max_norm_ratio)
+        for site, reason in rejected.items():
+            log.warning("round update of site %s rejected: %s; its rows stay unconsumed",
+                        site, reason)
+        return dataclasses.replace(result, updates=accepted, rejected=rejected)
+
+    def _count_misses(self, result: RoundResult) -> None:
+        """Track sites that fail round after round; past the limit they are reported and
+        left out (until `tributary resume`) instead of being restarted every round."""
+        for update in result.updates:
+            self.state.missed[update.worker_id] = 0
+        for site in [*result.failures, *result.rejected]:
+            self.state.missed[site] = self.state.missed.get(site, 0) + 1
+            if self.state.missed[site] > self.config.worker.max_missed_rounds:
+                self.state.down.add(site)
+                self._drop_actor(site)
+                log.error("site %s failed %d rounds in a row (worker.max_missed_rounds=%d); "
+                          "it is left out of this run until `tributary resume`", site,
+                          self.state.missed[site], self.config.worker.max_missed_rounds)
+
+    def _commit_workers(self, round_index: int, result: RoundResult) -> None:
+        """Accepted workers persist their optimizer state before the version is written, so a
+        crash in between resumes from the previous version with that version's state."""
+        for update in result.updates:
+            try:
+                ray.get(self.actors[update.worker_id].commit.remote(round_index=round_index))
+            except Exception as exc:  # merged already; only its optimizer state is lost
+                log.warning("site %s could not save its optimizer state: %s", update.worker_id, exc)
+                self._drop_actor(update.worker_id)
+
     def _round_failed(self, round_index: int, result: RoundResult) -> None:
-        reasons = "; ".join(f"{s}: {r}" for s, r in result.failures.items()) or "no updates"
-        if not result.failures and len(self.state.exhausted) == len(self.config.sites):
-            return  # nothing left to train: the loop ends
-        raise RunError(
-            f"round {round_index} got {len(result.updates)} update(s), fewer than "
-            f"merge.min_workers={self.config.merge.min_workers} ({reasons}). The last complete "
-            f"version is kept; fix the cause and run `tributary resume {self.run_dir}`.")
+        reasons = {**result.failures, **result.rejected}
+        text = "; ".join(f"{site}: {why}" for site, why in reasons.items()) or "no updates"
+        log.warning("round %d got %d valid update(s), needs merge.min_workers=%d (%s); "
+                    "retrying it", round_index, len(result.updates),
+                    self.config.merge.min_workers, text)
+        self.metrics.count_failures(reasons)
+
+    def _active_sites(self) -> list[str]:
+        gone = self.state.exhausted | self.state.down
+        return [s.name for s in self.config.sites if s.name not in gone]
 
     def _checkpoint(self, number: int, evals: dict[str, float], result: RoundResult, *,
                     merge_seconds: float = 0.0, round_seconds: float = 0.0) -> dict:
         replay_dir = self.run_dir / "replay" / checkpoint.version_name(number)
         ray.get(self.replay.save.remote(str(replay_dir)))
         manifest = self._manifest(number, evals, result, replay_dir)
+        record = self._record(number, manifest, result, merge_seconds, round_seconds)
+        # The metrics line goes first: a crash before the version is published leaves a line
+        # that resume drops (rounds past the resumed version), never a version without one.
+        self.metrics.write(record)
         checkpoint.save_version(self.run_dir, number=number, model=self.model,
                                 tokenizer=self.tokenizer, manifest=manifest)
         self.state.version = number
         self._prune_replay_snapshots(keep=checkpoint.version_name(number))
-        record = self._record(manifest, result, merge_seconds, round_seconds)
-        self.metrics.write(record)
         return record
 
     def _manifest(self, number: int, evals: dict, result: RoundResult, replay_dir: Path) -> dict:
@@ -220,20 +287,23 @@ class Coordinator:
             "merge_weights": {u.worker_id: u.weight / total for u in result.updates},
             "eval": {name: {"perplexity": value} for name, value in evals.items()},
             "failures": result.failures,
+            "rejected": result.rejected,
             "cursors": {name: c.to_dict() for name, c in self.state.cursors.items()},
             "exhausted": sorted(self.state.exhausted),
+            "down": sorted(self.state.down),
             "replay": str(replay_dir.relative_to(self.run_dir)),
             "seed": self.config.run.seed,
         }
 
-    def _record(self, manifest: dict, result: RoundResult, merge_seconds: float,
+    def _record(self, number: int, manifest: dict, result: RoundResult, merge_seconds: float,
                 round_seconds: float) -> dict:
         by_site = {u.worker_id: u.metrics for u in result.updates}
         return {
-            "round": self.state.round, "version": checkpoint.version_name(self.state.version),
+            "round": self.state.round, "version": checkpoint.version_name(number),
             "time": time.time(), "workers_ok": len(result.updates),
-            "workers_failed": len(result.failures), "workers_idle": result.idle,
-            "failures": result.failures,
+            "workers_failed": len(result.failures) + len(result.rejected),
+            "workers_idle": result.idle, "failures": result.failures,
+            "rejected": result.rejected,
             "new_tokens": {s: m["new_tokens"] for s, m in by_site.items()},
             "replay_tokens": {s: m["replay_tokens"] for s, m in by_site.items()},
             "train_loss": {s: m["loss"] for s, m in by_site.items()},
@@ -248,9 +318,13 @@ class Coordinator:
     # ------------------------------------------------------------------ workers
 
     def _start_workers(self) -> None:
-        for site in self.config.sites:
-            self._actor(site.name)
-        ray.get([a.ready.remote() for a in self.actors.values()])
+        """Start every site's worker up front; one that fails is retried in the round."""
+        for site in self._active_sites():
+            try:
+                ray.get(self._actor(site).ready.remote())
+            except Exception as exc:
+                log.warning("worker of site %s did not start: %s", site, _reason(exc))
+                self._drop_actor(site)
 
     def _actor(self, site_name: str):
         if site_name in self.actors:
@@ -261,15 +335,29 @@ class Coordinator:
                           lr=w.lr, weight_decay=w.weight_decay, replay_ratio=self.config.replay.ratio,
                           deepspeed=deepspeed_dict(w), seed=self.config.run.seed)
         options = worker_options(site=site.name, num_cpus=w.num_cpus, num_gpus=w.num_gpus)
-        actor = ray.remote(Worker).options(**options).remote(
+        self._wait_for_name(options["name"])
+        actor = ray.remote(self.worker_cls).options(**options).remote(
             site=SiteSpec(site.name, site.path, site.text_column),
             model_config=self.model.config.to_dict(), tokenizer=self.tokenizer, train=train,
             replay=RemoteMethod(self.replay, "sample"),
             state_dir=str(self.run_dir / "sites" / site.name / "state"))
+        self.actors[site_name] = actor
         if self.state.round > 0:
             ray.get(actor.restore.remote(round_index=self.state.round))
-        self.actors[site_name] = actor
         return actor
+
+    @staticmethod
+    def _wait_for_name(name: str, timeout_s: float = 60.0) -> None:
+        """A worker of a run that just died keeps its name until Ray has cleaned it up."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                return
+            time.sleep(0.5)
+        raise RunError(f"a live actor named {name!r} exists in namespace {NAMESPACE!r}: is "
+                       "another run using these sites? Stop it, or `ray.kill` that actor.")
 
     def _drop_actor(self, site_name: str) -> None:
         actor = self.actors.pop(site_name, None)
@@ -280,15 +368,11 @@ class Coordinator:
         for site in list(self.actors):
             self._drop_actor(site)
         ray.kill(self.replay, no_restart=True)
-        # A killed actor's name is released asynchronously; wait so a next run can reuse it.
-        deadline = time.monotonic() + 30
-        for site in self.config.sites:
-            while time.monotonic() < deadline:
-                try:
-                    ray.get_actor(worker_name(site.name), namespace=NAMESPACE)
-                except ValueError:
-                    break
-                time.sleep(0.2)
+        for site in self.config.sites:  # names are released asynchronously; a next run reuses them
+            try:
+                self._wait_for_name(worker_name(site.name), timeout_s=30)
+            except RunError as exc:
+                log.warning("%s", exc)
 
     # ------------------------------------------------------------------ replay and resume
 
@@ -311,8 +395,14 @@ class Coordinator:
             exhausted=set(manifest.get("exhausted", [])))
         model = AutoModelForCausalLM.from_pretrained(latest, dtype=torch.float32)
         ray.get(self.replay.restore.remote(str(self.run_dir / manifest["replay"])))
+        MetricsLog.drop_after(self.run_dir, round_index=self.state.round)
         log.info("resuming %s at %s (round %d)", self.run_dir, latest.name, self.state.round)
         return model
+
+
+def _reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines() or [""]
+    return f"{type(exc).__name__}: {lines[0][:300]}"
 
 
 def _file_path(site, name: str) -> str:
@@ -320,7 +410,7 @@ def _file_path(site, name: str) -> str:
     return str(base if base.is_file() else base / name)
 
 
-def run_training(config: Config, *, resume: bool = False) -> Path:
+def run_training(config: Config, *, resume: bool = False, worker_cls: type = Worker) -> Path:
     """Run (or resume) a whole training run; returns the newest version's folder."""
     run_dir = Path(config.run.dir)
     if not resume and (run_dir / "versions").exists():
@@ -334,7 +424,7 @@ def run_training(config: Config, *, resume: bool = False) -> Path:
                       include_dashboard=config.cluster.include_dashboard)
     coordinator = None
     try:
-        coordinator = Coordinator(config, resume=resume)
+        coordinator = Coordinator(config, resume=resume, worker_cls=worker_cls)
         return coordinator.run()
     finally:
         if coordinator is not None:

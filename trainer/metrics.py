@@ -26,7 +26,8 @@ class RayMetrics:
                                 description="Held-out perplexity", tag_keys=("set",))
         self.merge_seconds = Gauge("tributary_merge_seconds", description="Merge time")
         self.failures = Counter("tributary_worker_failures_total",
-                                description="Failed or late workers", tag_keys=("site",))
+                                description="Failed, late or rejected worker updates",
+                                tag_keys=("site",))
 
     def record(self, record: dict) -> None:
         self.round.set(record["round"])
@@ -44,7 +45,10 @@ class RayMetrics:
             self.perplexity.set(value, tags={"set": name})
         if "merge_seconds" in record:
             self.merge_seconds.set(record["merge_seconds"])
-        for site in record.get("failures", {}):
+        self.count_failures({**record.get("failures", {}), **record.get("rejected", {})})
+
+    def count_failures(self, reasons: dict[str, str]) -> None:
+        for site in reasons:
             self.failures.inc(1.0, tags={"site": site})
 
 
@@ -55,6 +59,11 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.ray = RayMetrics() if ray.is_initialized() else None
 
+    def count_failures(self, reasons: dict[str, str]) -> None:
+        """Failures of a round that produced no version (so no metrics.jsonl line)."""
+        if self.ray is not None:
+            self.ray.count_failures(reasons)
+
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -62,6 +71,16 @@ class MetricsLog:
             os.fsync(handle.fileno())
         if self.ray is not None:
             self.ray.record(record)
+
+
+    @staticmethod
+    def drop_after(run_dir: Path, *, round_index: int) -> None:
+        """Drop lines of rounds past `round_index` (written before a crash kept their version)."""
+        kept = [r for r in read_metrics(run_dir) if r["round"] <= round_index]
+        path = run_dir / "metrics.jsonl"
+        tmp = path.with_name(".tmp-metrics.jsonl")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

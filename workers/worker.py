@@ -46,6 +46,10 @@ class Worker:
         self.engine = ds.build_engine(model, ds_config=train.deepspeed, lr=train.lr,
                                       weight_decay=train.weight_decay, micro_batch=train.batch_size)
         self.device = self.engine.device
+        # The optimizer state on disk matches the last round the coordinator accepted; after
+        # training a round that is then not accepted, the in-memory state is rolled back.
+        self.committed_round = 0
+        self.dirty = False
 
     def ready(self) -> dict:
         import os
@@ -67,11 +71,13 @@ class Worker:
                                 losses=[], seconds=0.0)
         steps = max(1, math.ceil(sequences.num_rows / new_per_batch))
         replay = self._sample_replay(steps * replay_per_batch, round_index)
+        if self.dirty:
+            self.restore(round_index=self.committed_round)
         ds.load_weights_(self.engine, global_weights)
         started = time.perf_counter()
+        self.dirty = True
         losses = self._steps(sequences, replay, steps=steps, new_per_batch=new_per_batch)
         train_seconds = time.perf_counter() - started
-        self._save_state(round_index)
         return self._update(round_index, self._delta(global_weights), ranges, cursor, sequences,
                             replay=replay, losses=losses, seconds=train_seconds)
 
@@ -151,27 +157,33 @@ class Worker:
 
     # ------------------------------------------------------------------ optimizer state
 
-    def _save_state(self, round_index: int) -> None:
-        """Keep the inner optimizer state of the last rounds, so resume continues exactly."""
-        if self.state_dir is None:
-            return
-        final = self.state_dir / f"round-{round_index:04d}"
-        tmp = self.state_dir / f".tmp-round-{round_index:04d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        ds.save_optimizer_state(self.engine.optimizer, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(self.state_dir.glob("round-*"))[:-KEEP_STATES]:
-            shutil.rmtree(old, ignore_errors=True)
+    def commit(self, *, round_index: int) -> None:
+        """The coordinator accepted this worker's update of `round_index`: persist the
+        optimizer state, keeping the last few so a resume from an older version finds its own."""
+        if self.state_dir is not None:
+            final = self.state_dir / f"round-{round_index:04d}"
+            tmp = self.state_dir / f".tmp-round-{round_index:04d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            ds.save_optimizer_state(self.engine.optimizer, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in sorted(self.state_dir.glob("round-*"))[:-KEEP_STATES]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.committed_round, self.dirty = round_index, False
 
-    def restore(self, *, round_index: int) -> bool:
-        """Load the newest optimizer state saved at or before `round_index` (a site that sat
-        out later rounds last trained earlier); False if there is none."""
-        if self.state_dir is None or not self.state_dir.is_dir():
-            return False
-        saved = [p for p in sorted(self.state_dir.glob("round-*"))
-                 if int(p.name.split("-")[1]) <= round_index]
-        if not saved:
-            return False
-        ds.load_optimizer_state(self.engine.optimizer, saved[-1])
-        return True
+    def restore(self, *, round_index: int) -> int:
+        """Load the newest optimizer state committed at or before `round_index` (a site that
+        sat out later rounds last trained earlier), or start fresh if there is none.
+        Returns the round whose state was loaded (0: fresh)."""
+        saved = []
+        if self.state_dir is not None and self.state_dir.is_dir():
+            saved = [p for p in sorted(self.state_dir.glob("round-*"))
+                     if int(p.name.split("-")[1]) <= round_index]
+        if saved:
+            ds.load_optimizer_state(self.engine.optimizer, saved[-1])
+            self.committed_round = int(saved[-1].name.split("-")[1])
+        else:
+            self.engine.optimizer.state.clear()  # a fresh AdamW: no moments yet
+            self.committed_round = 0
+        self.dirty = False
+        return self.committed_round

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.integration.conftest import tiny_config
+from tests.helpers import assert_rows_exactly_once, tiny_config
 from trainer.checkpoint import all_manifests, sha256_file
 from trainer.coordinator import run_training
 from trainer.metrics import read_metrics
-from workers.increments import increment_files, read_texts
+from workers.increments import increment_files
 
 pytestmark = pytest.mark.integration
 
@@ -88,28 +88,11 @@ def test_versions_manifests_and_metrics_are_written(two_rounds):
 
 def test_every_consumed_row_is_accounted_for_exactly_once(two_rounds, notes_site):
     run_dir, _ = two_rounds
-    manifests = all_manifests(run_dir)
-    for site, path in (("notes", notes_site), ("speeches", None)):
-        ranges = [r for m in manifests for r in m["increments"].get(site, [])]
-        assert ranges, f"{site} trained nothing"
-        by_file: dict[str, list] = {}
-        for r in ranges:
-            by_file.setdefault(r["file"], []).append((r["start_row"], r["end_row"]))
-        cursor = manifests[-1]["cursors"][site]
-        for file, spans in by_file.items():
-            spans.sort()
-            assert spans[0][0] == 0, f"{file}: rows before {spans[0][0]} never trained"
-            for (_, end), (start, _) in zip(spans, spans[1:]):
-                assert end == start, f"{file}: rows {end}..{start} skipped or trained twice"
-            rows = len(read_texts(file, text_column="body" if site == "notes" else "text"))
-            if Path(file).name != cursor["file"]:
-                assert spans[-1][1] == rows, f"{file}: finished file not fully trained"
-            else:
-                assert spans[-1][1] == cursor["row"]
-        if path is not None:  # the notes site crosses file boundaries within the run
-            assert len(by_file) >= 2
-            assert [Path(f).name for f in by_file] == [p.name for p in increment_files(path)][
-                :len(by_file)]
+    assert_rows_exactly_once(run_dir, "speeches", text_column="text")
+    notes = assert_rows_exactly_once(run_dir, "notes", text_column="body")
+    files = sorted({Path(r["file"]).name for r in notes})
+    assert len(files) >= 2  # the notes site crosses file boundaries within the run
+    assert files == [p.name for p in increment_files(notes_site)][:len(files)]
 
 
 def test_workers_are_named_actors_and_ray_metrics_are_served(two_rounds):

@@ -43,6 +43,8 @@ def test_round_returns_delta_weight_and_exact_rows(setup, demo_root, tmp_path):
     assert (first.file, first.start_row) == ("01-text.jsonl", 0)
     assert update.cursor == Cursor(update.consumed[-1].file, update.consumed[-1].end_row)
     assert update.metrics["replay_tokens"] == 0  # no replay source given
+    assert not (tmp_path / "state" / "round-0001").exists()  # nothing persists before commit
+    worker.commit(round_index=1)
     assert (tmp_path / "state" / "round-0001" / "optimizer.safetensors").is_file()
 
 
@@ -55,15 +57,19 @@ def test_same_inputs_give_identical_deltas_and_restore_continues_exactly(
     first_b = b.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
     assert all(np.array_equal(first_a.delta[k], first_b.delta[k]) for k in first_a.delta)
     store.add("code", first_a.sequences)
+    a.commit(round_index=1)
 
     second_a = a.train_round(round_index=2, global_weights=setup[2], cursor=first_a.cursor)
     assert second_a.metrics["replay_tokens"] > 0
     fresh = make_worker(setup, demo_root, tmp_path / "a")  # a restarted actor, same state_dir
     fresh.replay = store.sample
-    assert fresh.restore(round_index=1)
+    assert fresh.restore(round_index=1) == 1
     second_fresh = fresh.train_round(round_index=2, global_weights=setup[2],
                                      cursor=first_a.cursor)
     assert all(np.array_equal(second_a.delta[k], second_fresh.delta[k]) for k in second_a.delta)
+    # Round 2 was not accepted (no commit): a retry starts again from round 1's state.
+    retry = a.train_round(round_index=2, global_weights=setup[2], cursor=first_a.cursor)
+    assert all(np.array_equal(second_a.delta[k], retry.delta[k]) for k in second_a.delta)
 
 
 def test_site_without_rows_left_sits_out(setup, demo_root, tmp_path):

@@ -1,0 +1,107 @@
+"""Chaos: workers killed mid-run, the coordinator SIGKILLed at several points, poisoned updates.
+Real Ray, real DeepSpeed on CPU, the tiny model on real text."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+from safetensors.torch import load_file
+
+from cluster.connect import NAMESPACE
+from tests.chaos import misbehaving
+from tests.helpers import assert_rows_exactly_once, tiny_config
+from trainer.checkpoint import all_manifests
+from trainer.config import dump_config
+from trainer.coordinator import run_training
+from trainer.metrics import read_metrics
+
+pytestmark = pytest.mark.integration
+ray.cloudpickle.register_pickle_by_value(misbehaving)
+
+
+def weights(run_dir: Path, version: str) -> dict:
+    return load_file(str(run_dir / "versions" / version / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_cluster, demo_root, notes_site, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("baseline") / "run"
+    run_training(tiny_config(demo_root, notes_site, run_dir))
+    return run_dir
+
+
+def test_killed_workers_restart_and_every_row_is_trained_once(
+        ray_cluster, demo_root, notes_site, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(demo_root, notes_site, run_dir, rounds=4, **{"worker.local_steps": 6})
+    thread = threading.Thread(target=run_training, args=(config,))
+    thread.start()
+    killed = []
+    for after_round in (1, 2):  # kill the notes worker early in rounds 2 and 3
+        while thread.is_alive() and len(read_metrics(run_dir)) <= after_round:
+            time.sleep(0.1)
+        time.sleep(0.3)
+        try:
+            ray.kill(ray.get_actor("tributary-worker-notes", namespace=NAMESPACE))
+            killed.append(after_round + 1)
+        except ValueError:
+            pass  # between its death and its restart: nothing to kill this time
+    thread.join()
+    assert killed, "the worker was never found to kill"
+    manifests = all_manifests(run_dir)
+    assert manifests[-1]["round"] == 4
+    failed_rounds = [m["round"] for m in manifests if "notes" in m["failures"]]
+    assert failed_rounds, "no round recorded the killed worker"
+    assert_rows_exactly_once(run_dir, "notes", text_column="body")
+    assert_rows_exactly_once(run_dir, "speeches", text_column="text")
+    last_failed = max(failed_rounds)
+    assert any("notes" in m["increments"] for m in manifests if m["round"] > last_failed), \
+        "the restarted worker never trained again"
+
+
+@pytest.mark.parametrize("point", ["training", "merged", "checkpoint"])
+def test_coordinator_sigkill_then_resume_equals_uninterrupted(
+        point, baseline, ray_cluster, demo_root, notes_site, tmp_path):
+    run_dir = tmp_path / "run"
+    config_path = tmp_path / "config.yaml"
+    dump_config(tiny_config(demo_root, notes_site, run_dir), config_path)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+               TRIBUTARY_KILL_AT=f"{point}:2")
+    proc = subprocess.run([sys.executable, "-m", "trainer", "run", str(config_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (run_dir / "versions" / "latest").resolve().name == "v0001"
+    assert not (run_dir / "versions" / "v0002").exists()
+
+    run_training(tiny_config(demo_root, notes_site, run_dir), resume=True)
+    expected, resumed = weights(baseline, "v0002"), weights(run_dir, "v0002")
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    assert [r["round"] for r in read_metrics(run_dir)] == [0, 1, 2]
+    assert all_manifests(run_dir)[-1]["cursors"] == all_manifests(baseline)[-1]["cursors"]
+
+
+@pytest.mark.parametrize("kind", ["nan", "huge"])
+def test_poisoned_update_is_rejected_and_its_rows_trained_later(
+        kind, ray_cluster, demo_root, notes_site, tmp_path):
+    run_dir = tmp_path / "run"
+    worker = misbehaving.poisoned_worker(site="notes", round_index=2, kind=kind)
+    run_training(tiny_config(demo_root, notes_site, run_dir, rounds=3), worker_cls=worker)
+    manifests = all_manifests(run_dir)
+    assert [m["round"] for m in manifests] == [0, 1, 2, 3]
+    reason = manifests[2]["rejected"]["notes"]
+    assert ("NaN" in reason) if kind == "nan" else ("max_norm_ratio" in reason)
+    assert "notes" not in manifests[2]["increments"]
+    assert "notes" in manifests[3]["increments"]  # the rejected rows, trained in round 3
+    assert_rows_exactly_once(run_dir, "notes", text_column="body")
+    for m in manifests:
+        for name in ("model.safetensors",):
+            assert all(torch.isfinite(t).all() for t in weights(run_dir, m["name"]).values())
