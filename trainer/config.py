@@ -78,6 +78,8 @@ class WorkerConfig:
     deepspeed: Union[str, dict, None] = None
     # Consecutive failed rounds after which a site is reported and left out.
     max_missed_rounds: int = 3
+    # A row longer than this sends its file to quarantine (guards against runaway lines).
+    max_row_chars: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -284,14 +286,21 @@ def _check_values(config: Config, problems: list[str]) -> None:
     need(m.max_norm_ratio > 1, "merge.max_norm_ratio", "must be greater than 1")
     need(m.max_round_attempts >= 1, "merge.max_round_attempts", "must be at least 1")
     need(w.max_missed_rounds >= 0, "worker.max_missed_rounds", "must not be negative")
+    need(w.max_row_chars >= 1, "worker.max_row_chars", "must be at least 1")
     _check_model(config.model, problems)
 
 
 def _check_model(model: ModelConfig, problems: list[str]) -> None:
-    if model.source not in BUILTIN_MODELS and not Path(model.source, "config.json").is_file():
+    folder = Path(model.source)
+    if model.source not in BUILTIN_MODELS and not (folder / "config.json").is_file():
         problems.append(
             f"model.source: {model.source!r} is neither one of {BUILTIN_MODELS} nor a folder "
             "holding a Hugging Face config.json")
+    elif model.source not in BUILTIN_MODELS and not any(folder.glob("*.safetensors")):
+        problems.append(
+            f"model.source: {model.source} has no .safetensors weights; Tributary never loads "
+            "pickle checkpoints (.bin/.pt). Convert it: load it once in a trusted process and "
+            "save_pretrained(..., safe_serialization=True)")
     if model.source == "random" and not model.architecture:
         problems.append("model.architecture: required when model.source is 'random'")
     if model.tokenizer not in BUILTIN_TOKENIZERS and not Path(model.tokenizer).is_dir():

@@ -58,6 +58,7 @@ class RoundResult:
     failures: dict[str, str]  # site -> why no update came (dead actor, error, deadline)
     idle: list[str]  # sites with no rows left
     rejected: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
+    quarantined: list[dict] = field(default_factory=list)  # bad increment files set aside
 
 
 class Coordinator:
@@ -161,7 +162,7 @@ class Coordinator:
                                            cursor=self.state.cursors[site.name])
             pending[ref] = site.name
         kill_point("training", round_index)
-        updates, idle = [], []
+        updates, idle, quarantined = [], [], []
         deadline = time.monotonic() + self.config.merge.round_timeout_s
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1,
@@ -176,6 +177,7 @@ class Coordinator:
                 failures[site] = _reason(exc)
                 self._drop_actor(site)
                 continue
+            quarantined.extend(answer.quarantined)
             if isinstance(answer, NoData):
                 idle.append(site)
             elif answer.round == round_index:
@@ -185,7 +187,8 @@ class Coordinator:
             self._drop_actor(site)
         for site in idle:
             self.state.exhausted.add(site)
-        return RoundResult(sorted(updates, key=lambda u: u.worker_id), failures, idle)
+        return RoundResult(sorted(updates, key=lambda u: u.worker_id), failures, idle,
+                           quarantined=quarantined)
 
     def _merge(self, updates: list[WorkerUpdate]) -> None:
         """FedAvg: the token-weighted average of the deltas, applied with outer lr 1."""
@@ -288,6 +291,7 @@ class Coordinator:
             "eval": {name: {"perplexity": value} for name, value in evals.items()},
             "failures": result.failures,
             "rejected": result.rejected,
+            "quarantined": result.quarantined,
             "cursors": {name: c.to_dict() for name, c in self.state.cursors.items()},
             "exhausted": sorted(self.state.exhausted),
             "down": sorted(self.state.down),
@@ -303,7 +307,7 @@ class Coordinator:
             "time": time.time(), "workers_ok": len(result.updates),
             "workers_failed": len(result.failures) + len(result.rejected),
             "workers_idle": result.idle, "failures": result.failures,
-            "rejected": result.rejected,
+            "rejected": result.rejected, "quarantined": result.quarantined,
             "new_tokens": {s: m["new_tokens"] for s, m in by_site.items()},
             "replay_tokens": {s: m["replay_tokens"] for s, m in by_site.items()},
             "train_loss": {s: m["loss"] for s, m in by_site.items()},
@@ -333,14 +337,16 @@ class Coordinator:
         w = self.config.worker
         train = TrainSpec(local_steps=w.local_steps, batch_size=w.batch_size, seq_len=w.seq_len,
                           lr=w.lr, weight_decay=w.weight_decay, replay_ratio=self.config.replay.ratio,
-                          deepspeed=deepspeed_dict(w), seed=self.config.run.seed)
+                          deepspeed=deepspeed_dict(w), seed=self.config.run.seed,
+                          max_row_chars=w.max_row_chars)
         options = worker_options(site=site.name, num_cpus=w.num_cpus, num_gpus=w.num_gpus)
         self._wait_for_name(options["name"])
         actor = ray.remote(self.worker_cls).options(**options).remote(
             site=SiteSpec(site.name, site.path, site.text_column),
             model_config=self.model.config.to_dict(), tokenizer=self.tokenizer, train=train,
             replay=RemoteMethod(self.replay, "sample"),
-            state_dir=str(self.run_dir / "sites" / site.name / "state"))
+            state_dir=str(self.run_dir / "sites" / site.name / "state"),
+            quarantine_dir=str(self.run_dir / "quarantine" / site.name))
         self.actors[site_name] = actor
         if self.state.round > 0:
             ray.get(actor.restore.remote(round_index=self.state.round))
@@ -393,7 +399,8 @@ class Coordinator:
             cursors={s.name: Cursor.from_dict(manifest["cursors"].get(s.name, {}))
                      for s in self.config.sites},
             exhausted=set(manifest.get("exhausted", [])))
-        model = AutoModelForCausalLM.from_pretrained(latest, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(latest, dtype=torch.float32,
+                                                     use_safetensors=True)
         ray.get(self.replay.restore.remote(str(self.run_dir / manifest["replay"])))
         MetricsLog.drop_after(self.run_dir, round_index=self.state.round)
         log.info("resuming %s at %s (round %d)", self.run_dir, latest.name, self.state.round)

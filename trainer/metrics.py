@@ -25,6 +25,8 @@ class RayMetrics:
         self.perplexity = Gauge("tributary_eval_perplexity",
                                 description="Held-out perplexity", tag_keys=("set",))
         self.merge_seconds = Gauge("tributary_merge_seconds", description="Merge time")
+        self.quarantined = Counter("tributary_quarantined_files_total",
+                                   description="Increment files set aside as unreadable")
         self.failures = Counter("tributary_worker_failures_total",
                                 description="Failed, late or rejected worker updates",
                                 tag_keys=("site",))
@@ -46,6 +48,8 @@ class RayMetrics:
         if "merge_seconds" in record:
             self.merge_seconds.set(record["merge_seconds"])
         self.count_failures({**record.get("failures", {}), **record.get("rejected", {})})
+        if record.get("quarantined"):
+            self.quarantined.inc(float(len(record["quarantined"])))
 
     def count_failures(self, reasons: dict[str, str]) -> None:
         for site in reasons:

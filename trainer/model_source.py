@@ -86,4 +86,5 @@ def load_start_model(model: ModelConfig, *, tokenizer, seed: int) -> torch.nn.Mo
                                       eos_token_id=tokenizer.eos_token_id,
                                       pad_token_id=tokenizer.pad_token_id, **arch)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32,
+                                                use_safetensors=True)

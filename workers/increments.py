@@ -7,11 +7,12 @@ meaningful for lineage.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.json as pa_json
 
 from workers.types import Cursor, RowRange
 
@@ -31,15 +32,37 @@ def increment_files(path: str | Path) -> list[Path]:
     return files
 
 
-def read_texts(path: str | Path, *, text_column: str = "text") -> list[str]:
-    """All rows' text of one increment file, in row order."""
+# What reading a damaged file raises: our own checks, Arrow's parsers, bad bytes, a lost file.
+READ_ERRORS = (IncrementError, pa.ArrowException, UnicodeDecodeError, OSError)
+MAX_ROW_CHARS = 1_000_000
+
+
+def read_texts(path: str | Path, *, text_column: str = "text",
+               max_row_chars: int = MAX_ROW_CHARS) -> list[str]:
+    """All rows' text of one increment file, in row order; IncrementError if unusable."""
     path = Path(path)
     kind = FORMATS.get(path.suffix)
     if kind is None:
         raise IncrementError(f"{path}: unknown extension; use one of {sorted(FORMATS)}")
+    if path.stat().st_size == 0:
+        raise IncrementError(f"{path}: empty file (0 bytes); remove it or write its rows")
+    texts = _read(path, kind, text_column)
+    for row, text in enumerate(texts):
+        if len(text) > max_row_chars:
+            raise IncrementError(
+                f"{path}: row {row} has {len(text):,} characters, over worker.max_row_chars="
+                f"{max_row_chars:,}; split the row or raise the limit")
+    return texts
+
+
+def _read(path: Path, kind: str, text_column: str) -> list[str]:
     if kind == "text":
-        return _paragraphs(path.read_text(encoding="utf-8"))
-    table = ds.dataset(str(path), format=kind).to_table()
+        try:
+            return _paragraphs(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise IncrementError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode the "
+                                 "file as UTF-8") from exc
+    table = ds.dataset(str(path), format=_arrow_format(path, kind)).to_table()
     if text_column not in table.column_names:
         raise IncrementError(
             f"{path}: no column {text_column!r} (found {table.column_names}); "
@@ -50,15 +73,29 @@ def read_texts(path: str | Path, *, text_column: str = "text") -> list[str]:
     return [text or "" for text in column.to_pylist()]
 
 
+def _arrow_format(path: Path, kind: str):
+    if kind != "json":
+        return kind
+    # Arrow parses JSON in blocks that must hold a whole line; a longer line comes back as
+    # null instead of failing, so make the block as large as the file.
+    block = min(max(path.stat().st_size + 1, 1 << 20), (1 << 31) - 1)
+    return ds.JsonFileFormat(read_options=pa_json.ReadOptions(block_size=block))
+
+
 def _paragraphs(text: str) -> list[str]:
     blocks = [block.strip("\n") for block in text.split("\n\n")]
     return [block for block in blocks if block.strip()]
 
 
 def iter_rows(
-    files: list[Path], cursor: Cursor, *, text_column: str
+    files: list[Path], cursor: Cursor, *, text_column: str,
+    max_row_chars: int = MAX_ROW_CHARS,
+    on_bad_file: Callable[[Path, str], None] | None = None,
 ) -> Iterator[tuple[RowRange, str]]:
-    """Yield (one-row range, text) from the cursor onwards, across files in name order."""
+    """Yield (one-row range, text) from the cursor onwards, across files in name order.
+
+    A file that cannot be read is passed to `on_bad_file(path, reason)` and skipped
+    (without the callback, the error propagates)."""
     names = [f.name for f in files]
     start_index, start_row = 0, 0
     if cursor.file is not None:
@@ -67,10 +104,23 @@ def iter_rows(
         if start_index < len(names) and names[start_index] == cursor.file:
             start_row = cursor.row
     for index in range(start_index, len(files)):
-        texts = read_texts(files[index], text_column=text_column)
+        try:
+            texts = read_texts(files[index], text_column=text_column, max_row_chars=max_row_chars)
+        except READ_ERRORS as exc:
+            if on_bad_file is None:
+                raise
+            on_bad_file(files[index], _describe(files[index], exc))
+            continue
         first = start_row if index == start_index else 0
         for row in range(first, len(texts)):
             yield RowRange(files[index].name, row, row + 1), texts[row]
+
+
+def _describe(path: Path, exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: vanished between listing and reading"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if str(path) in text else f"{path}: {type(exc).__name__}: {text}"
 
 
 def merge_ranges(ranges: list[RowRange]) -> tuple[RowRange, ...]:

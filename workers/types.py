@@ -57,6 +57,7 @@ class TrainSpec:
     replay_ratio: float
     deepspeed: dict
     seed: int = 0
+    max_row_chars: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class WorkerUpdate:
     cursor: Cursor
     sequences: pa.Table
     metrics: dict = field(default_factory=dict)
+    quarantined: tuple[dict, ...] = ()  # {file, reason} of increment files set aside
 
 
 @dataclass(frozen=True)
@@ -85,3 +87,4 @@ class NoData:
 
     worker_id: str
     round: int
+    quarantined: tuple[dict, ...] = ()

@@ -34,12 +34,15 @@ KEEP_STATES = 2
 
 class Worker:
     def __init__(self, *, site: SiteSpec, model_config: dict, tokenizer, train: TrainSpec,
-                 replay: ReplaySampler | None = None, state_dir: str | None = None) -> None:
+                 replay: ReplaySampler | None = None, state_dir: str | None = None,
+                 quarantine_dir: str | None = None) -> None:
         self.site = site
         self.train = train
         self.tokenizer = tokenizer
         self.replay = replay
         self.state_dir = Path(state_dir) if state_dir else None
+        self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else None
+        self.quarantined: list[dict] = []  # bad files met during the current round
         ds.init_single_rank_group()
         torch.manual_seed(train.seed)
         model = build_model(model_config)
@@ -63,9 +66,11 @@ class Worker:
                     ) -> WorkerUpdate | NoData:
         replay_per_batch = self._replay_per_batch()
         new_per_batch = self.train.batch_size - replay_per_batch
+        self.quarantined = []
         ranges, sequences = self._read_new(cursor, need=self.train.local_steps * new_per_batch)
         if not ranges:
-            return NoData(worker_id=self.site.name, round=round_index)
+            return NoData(worker_id=self.site.name, round=round_index,
+                          quarantined=tuple(self.quarantined))
         if sequences.num_rows == 0:  # only blank rows: consumed, nothing to train
             return self._update(round_index, {}, ranges, cursor, sequences, replay=None,
                                 losses=[], seconds=0.0)
@@ -90,7 +95,7 @@ class Worker:
         return WorkerUpdate(
             worker_id=self.site.name, round=round_index, delta=delta, weight=float(new_tokens),
             consumed=consumed, cursor=cursor_after(consumed, cursor), sequences=sequences,
-            metrics={"loss": float(np.mean(losses)) if losses else None,
+            quarantined=tuple(self.quarantined), metrics={"loss": float(np.mean(losses)) if losses else None,
                      "steps": len(losses), "new_tokens": new_tokens,
                      "replay_tokens": replay_tokens, "train_seconds": seconds,
                      "tokens_per_s": (new_tokens + replay_tokens) / seconds if seconds else 0.0})
@@ -107,7 +112,9 @@ class Worker:
         budget = need * spec.seq_len
         files = increment_files(self.site.path)
         ranges, token_lists, total = [], [], 0
-        for row_range, text in iter_rows(files, cursor, text_column=self.site.text_column):
+        rows = iter_rows(files, cursor, text_column=self.site.text_column,
+                         max_row_chars=spec.max_row_chars, on_bad_file=self._quarantine)
+        for row_range, text in rows:
             if total >= budget:
                 break
             ranges.append(row_range)
@@ -119,6 +126,18 @@ class Worker:
             return ranges, empty_sequences()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return ranges, pack(token_lists, seq_len=spec.seq_len, eos_id=tok.eos_token_id, pad_id=pad)
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        """Set a bad increment file aside with a reason file; the site goes on with the next."""
+        log.error("site %s: %s; moving it to quarantine", self.site.name, reason)
+        entry = {"file": str(path), "reason": reason}
+        if self.quarantine_dir is not None and path.exists():
+            self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+            target = self.quarantine_dir / path.name
+            shutil.move(str(path), target)
+            target.with_name(target.name + ".reason.txt").write_text(reason + "\n")
+            entry["moved_to"] = str(target)
+        self.quarantined.append(entry)
 
     def _sample_replay(self, count: int, round_index: int) -> pa.Table:
         if count == 0 or self.replay is None:

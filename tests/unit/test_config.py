@@ -64,6 +64,19 @@ def test_replay_ratio_must_fit_the_batch(tmp_path):
     assert problem.startswith("replay.ratio: 0.1 x worker.batch_size 4 gives 0 replay")
 
 
+def test_model_folder_must_exist_and_hold_safetensors(tmp_path):
+    raw = minimal(tmp_path)
+    raw["model"] = {"source": str(tmp_path / "nowhere"), "tokenizer": "gpt2"}
+    assert problems_of(raw)[0].startswith("model.source: ")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"pickle")
+    raw["model"]["source"] = str(pickled)
+    (problem,) = problems_of(raw)
+    assert "no .safetensors weights" in problem and "never loads pickle" in problem
+
+
 def test_missing_required_key(tmp_path):
     raw = minimal(tmp_path)
     del raw["rounds"]

@@ -1,13 +1,14 @@
 """Increment readers: Parquet, JSONL and text files, exact cursors across files."""
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workers.increments import (IncrementError, increment_files, iter_rows, merge_ranges,
-                                read_texts)
+from workers.increments import (READ_ERRORS, IncrementError, increment_files, iter_rows,
+                                merge_ranges, read_texts)
 from workers.types import Cursor, RowRange
 
 
@@ -48,3 +49,45 @@ def test_cursor_continues_exactly_across_files(site):
 def test_ranges_coalesce_per_file():
     ranges = [RowRange("a", 2, 3), RowRange("a", 3, 4), RowRange("b", 0, 1)]
     assert merge_ranges(ranges) == (RowRange("a", 2, 4), RowRange("b", 0, 1))
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    """One file per kind of damage a site folder sees in practice."""
+    (tmp_path / "01-corrupt.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    (tmp_path / "02-empty.jsonl").write_bytes(b"")
+    (tmp_path / "03-nocolumn.jsonl").write_text('{"other": "x"}\n')
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "04-numbers.parquet")
+    (tmp_path / "05-latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "06-huge.jsonl").write_text(json.dumps({"text": "x" * 2_000_000}) + "\n")
+    (tmp_path / "07-good.jsonl").write_text('{"text": "fine"}\n')
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, message", [
+    ("01-corrupt.parquet", "01-corrupt.parquet"),
+    ("02-empty.jsonl", "empty file (0 bytes)"),
+    ("03-nocolumn.jsonl", "no column 'text'"),
+    ("04-numbers.parquet", "expected strings"),
+    ("05-latin1.txt", "not UTF-8 text (byte 3)"),
+    ("06-huge.jsonl", "row 0 has 2,000,000 characters, over worker.max_row_chars"),
+])
+def test_each_damaged_file_gets_an_error_naming_it(bad_files, name, message):
+    with pytest.raises(READ_ERRORS, match=re.escape(message)) as caught:
+        read_texts(bad_files / name)
+    assert name in str(caught.value)
+
+
+def test_bad_files_are_reported_and_skipped_not_fatal(bad_files):
+    files = increment_files(bad_files)
+    (bad_files / "08-gone.jsonl").write_text('{"text": "soon gone"}\n')
+    files = increment_files(bad_files)
+    (bad_files / "08-gone.jsonl").unlink()  # vanishes between listing and reading
+    bad = []
+    rows = list(iter_rows(files, Cursor(), text_column="text",
+                          on_bad_file=lambda path, reason: bad.append((path.name, reason))))
+    assert [text for _, text in rows] == ["fine"]
+    assert [name for name, _ in bad] == ["01-corrupt.parquet", "02-empty.jsonl",
+                                         "03-nocolumn.jsonl", "04-numbers.parquet",
+                                         "05-latin1.txt", "06-huge.jsonl", "08-gone.jsonl"]
+    assert "vanished between listing and reading" in bad[-1][1]
