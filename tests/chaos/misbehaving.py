@@ -27,3 +27,18 @@ def poisoned_worker(*, site: str, round_index: int, kind: str) -> type:
 
     poison_round = round_index
     return PoisonWorker
+
+
+def slow_worker(*, site: str, round_index: int, seconds: float) -> type:
+    """A Worker class whose `site` takes `seconds` longer in `round_index` (a straggler)."""
+
+    class SlowWorker(Worker):
+        def train_round(self, *, round_index: int, global_weights, cursor):
+            if self.site.name == site and round_index == slow_round:
+                import time
+                time.sleep(seconds)
+            return super().train_round(round_index=round_index, global_weights=global_weights,
+                                       cursor=cursor)
+
+    slow_round = round_index
+    return SlowWorker

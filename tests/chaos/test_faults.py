@@ -105,3 +105,18 @@ def test_poisoned_update_is_rejected_and_its_rows_trained_later(
     for m in manifests:
         for name in ("model.safetensors",):
             assert all(torch.isfinite(t).all() for t in weights(run_dir, m["name"]).values())
+
+
+def test_straggler_past_the_deadline_is_left_out_and_retrained(
+        ray_cluster, demo_root, notes_site, tmp_path):
+    run_dir = tmp_path / "run"
+    worker = misbehaving.slow_worker(site="notes", round_index=2, seconds=120)
+    config = tiny_config(demo_root, notes_site, run_dir, rounds=3,
+                         **{"merge.round_timeout_s": 20})
+    run_training(config, worker_cls=worker)
+    manifests = all_manifests(run_dir)
+    assert [m["round"] for m in manifests] == [0, 1, 2, 3]
+    assert "merge.round_timeout_s=20" in manifests[2]["failures"]["notes"]
+    assert "notes" not in manifests[2]["increments"]
+    assert "notes" in manifests[3]["increments"]
+    assert_rows_exactly_once(run_dir, "notes", text_column="body")
