@@ -86,6 +86,8 @@ class WorkerConfig:
 class ReplayConfig:
     ratio: float = 0.25
     capacity_tokens: int = 1_000_000
+    # "shared": one store for all sites; "site": each worker keeps its own (data stays there).
+    scope: str = "shared"
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
     r = config.replay
     need(0.0 <= r.ratio < 1.0, "replay.ratio", f"must be in [0, 1), found {r.ratio}")
     need(r.capacity_tokens >= 0, "replay.capacity_tokens", "must not be negative")
+    need(r.scope in ("shared", "site"), "replay.scope",
+         f"must be 'shared' or 'site', found {r.scope!r}")
     per_batch = round(r.ratio * w.batch_size)
     need(r.ratio == 0 or 1 <= per_batch < w.batch_size, "replay.ratio",
          f"{r.ratio} x worker.batch_size {w.batch_size} gives {per_batch} replay sequence(s) per "

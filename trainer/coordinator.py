@@ -26,7 +26,7 @@ from trainer.evaluate import EvalSet, load_eval_set, perplexity
 from trainer.merge import apply_delta, weighted_average
 from trainer.metrics import MetricsLog
 from trainer.model_source import load_start_model, load_tokenizer
-from trainer.replay import ReplayStore
+from workers.replay import ReplayStore
 from trainer.table import RoundTable
 from trainer.validate import validate_updates
 from workers.increments import increment_files
@@ -72,9 +72,7 @@ class Coordinator:
         self.actors: dict[str, ray.actor.ActorHandle] = {}
         self.resume = resume
         self.replay = ray.remote(ReplayStore).options(num_cpus=0).remote(
-            capacity_per_site=config.replay.capacity_tokens // (
-                config.worker.seq_len * len(config.sites)),
-            seed=config.run.seed)
+            capacity_per_site=self._replay_capacity(), seed=config.run.seed)
         if resume:
             self.model = self._load_resume_point()
         else:
@@ -201,7 +199,8 @@ class Coordinator:
             average = weighted_average(deltas)
         apply_delta(self.global_weights, average)
         for update in updates:
-            ray.get(self.replay.add.remote(update.worker_id, update.sequences))
+            if update.sequences.num_rows:  # none with replay.scope: site
+                ray.get(self.replay.add.remote(update.worker_id, update.sequences))
 
     def _evaluate(self, progress: tqdm | None = None) -> dict[str, float]:
         results = {}
@@ -338,13 +337,16 @@ class Coordinator:
         train = TrainSpec(local_steps=w.local_steps, batch_size=w.batch_size, seq_len=w.seq_len,
                           lr=w.lr, weight_decay=w.weight_decay, replay_ratio=self.config.replay.ratio,
                           deepspeed=deepspeed_dict(w), seed=self.config.run.seed,
-                          max_row_chars=w.max_row_chars)
+                          max_row_chars=w.max_row_chars,
+                          local_replay_capacity=self._replay_capacity()
+                          if self.config.replay.scope == "site" else 0)
         options = worker_options(site=site.name, num_cpus=w.num_cpus, num_gpus=w.num_gpus)
         self._wait_for_name(options["name"])
         actor = ray.remote(self.worker_cls).options(**options).remote(
             site=SiteSpec(site.name, site.path, site.text_column),
             model_config=self.model.config.to_dict(), tokenizer=self.tokenizer, train=train,
-            replay=RemoteMethod(self.replay, "sample"),
+            replay=RemoteMethod(self.replay, "sample") if self.config.replay.scope == "shared"
+            else None,
             state_dir=str(self.run_dir / "sites" / site.name / "state"),
             quarantine_dir=str(self.run_dir / "quarantine" / site.name))
         self.actors[site_name] = actor
@@ -381,6 +383,11 @@ class Coordinator:
                 log.warning("%s", exc)
 
     # ------------------------------------------------------------------ replay and resume
+
+    def _replay_capacity(self) -> int:
+        """Sequences each site may hold: replay.capacity_tokens split evenly across sites."""
+        return self.config.replay.capacity_tokens // (
+            self.config.worker.seq_len * len(self.config.sites))
 
     def _prune_replay_snapshots(self, *, keep: str) -> None:
         for folder in (self.run_dir / "replay").glob("v[0-9]*"):

@@ -58,6 +58,8 @@ class TrainSpec:
     deepspeed: dict
     seed: int = 0
     max_row_chars: int = 1_000_000
+    # Site-local replay: the worker keeps its own store of this many sequences (0: shared).
+    local_replay_capacity: int = 0
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import torch
 from workers import engine as ds
 from workers.increments import cursor_after, increment_files, iter_rows, merge_ranges
 from workers.model import build_model
+from workers.replay import ReplayStore
 from workers.packing import batch_tensors, empty_sequences, pack, real_tokens, to_arrays
 from workers.types import Cursor, NoData, RowRange, SiteSpec, TrainSpec, WorkerUpdate
 
@@ -40,6 +41,12 @@ class Worker:
         self.train = train
         self.tokenizer = tokenizer
         self.replay = replay
+        self.local_replay = None
+        if train.local_replay_capacity > 0:  # replay.scope: site — samples stay here
+            self.local_replay = ReplayStore(capacity_per_site=train.local_replay_capacity,
+                                            seed=train.seed)
+            self.replay = self.local_replay.sample
+        self.pending: pa.Table | None = None  # this round's sequences, kept until commit
         self.state_dir = Path(state_dir) if state_dir else None
         self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else None
         self.quarantined: list[dict] = []  # bad files met during the current round
@@ -64,9 +71,11 @@ class Worker:
 
     def train_round(self, *, round_index: int, global_weights: dict, cursor: Cursor
                     ) -> WorkerUpdate | NoData:
+        if self.dirty:  # the last round trained here was not accepted: undo its state
+            self.restore(round_index=self.committed_round)
+        self.pending, self.quarantined = None, []
         replay_per_batch = self._replay_per_batch()
         new_per_batch = self.train.batch_size - replay_per_batch
-        self.quarantined = []
         ranges, sequences = self._read_new(cursor, need=self.train.local_steps * new_per_batch)
         if not ranges:
             return NoData(worker_id=self.site.name, round=round_index,
@@ -76,11 +85,10 @@ class Worker:
                                 losses=[], seconds=0.0)
         steps = max(1, math.ceil(sequences.num_rows / new_per_batch))
         replay = self._sample_replay(steps * replay_per_batch, round_index)
-        if self.dirty:
-            self.restore(round_index=self.committed_round)
         ds.load_weights_(self.engine, global_weights)
         started = time.perf_counter()
         self.dirty = True
+        self.pending = sequences
         losses = self._steps(sequences, replay, steps=steps, new_per_batch=new_per_batch)
         train_seconds = time.perf_counter() - started
         return self._update(round_index, self._delta(global_weights), ranges, cursor, sequences,
@@ -92,9 +100,10 @@ class Worker:
         consumed = merge_ranges(ranges)
         new_tokens = real_tokens(sequences)
         replay_tokens = real_tokens(replay) if replay is not None else 0
+        shared = sequences if self.local_replay is None else empty_sequences()
         return WorkerUpdate(
             worker_id=self.site.name, round=round_index, delta=delta, weight=float(new_tokens),
-            consumed=consumed, cursor=cursor_after(consumed, cursor), sequences=sequences,
+            consumed=consumed, cursor=cursor_after(consumed, cursor), sequences=shared,
             quarantined=tuple(self.quarantined), metrics={"loss": float(np.mean(losses)) if losses else None,
                      "steps": len(losses), "new_tokens": new_tokens,
                      "replay_tokens": replay_tokens, "train_seconds": seconds,
@@ -179,16 +188,20 @@ class Worker:
     def commit(self, *, round_index: int) -> None:
         """The coordinator accepted this worker's update of `round_index`: persist the
         optimizer state, keeping the last few so a resume from an older version finds its own."""
+        if self.local_replay is not None and self.pending is not None:
+            self.local_replay.add(self.site.name, self.pending)
         if self.state_dir is not None:
             final = self.state_dir / f"round-{round_index:04d}"
             tmp = self.state_dir / f".tmp-round-{round_index:04d}"
             shutil.rmtree(tmp, ignore_errors=True)
             ds.save_optimizer_state(self.engine.optimizer, tmp)
+            if self.local_replay is not None:
+                self.local_replay.save(str(tmp / "replay"))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in sorted(self.state_dir.glob("round-*"))[:-KEEP_STATES]:
                 shutil.rmtree(old, ignore_errors=True)
-        self.committed_round, self.dirty = round_index, False
+        self.committed_round, self.dirty, self.pending = round_index, False, None
 
     def restore(self, *, round_index: int) -> int:
         """Load the newest optimizer state committed at or before `round_index` (a site that
@@ -204,5 +217,9 @@ class Worker:
         else:
             self.engine.optimizer.state.clear()  # a fresh AdamW: no moments yet
             self.committed_round = 0
-        self.dirty = False
+        if self.local_replay is not None:
+            self.local_replay.sites = {}
+            if saved and (saved[-1] / "replay").is_dir():
+                self.local_replay.restore(str(saved[-1] / "replay"))
+        self.dirty, self.pending = False, None
         return self.committed_round

@@ -128,3 +128,14 @@ def test_resumed_run_equals_uninterrupted_run(two_rounds, demo_root, notes_site,
     a, b = all_manifests(run_dir)[-1], all_manifests(split)[-1]
     assert a["increments"] == b["increments"]
     assert a["cursors"] == b["cursors"] and a["tokens"] == b["tokens"]
+
+
+def test_site_scoped_replay_never_leaves_the_site(ray_cluster, demo_root, notes_site, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(tiny_config(demo_root, notes_site, run_dir, **{"replay.scope": "site"}))
+    last = all_manifests(run_dir)[-1]
+    assert all(tokens["replay"] > 0 for tokens in last["tokens"].values())  # replay was used
+    assert list((run_dir / last["replay"]).glob("*.parquet")) == []  # nothing reached the store
+    for site in ("speeches", "notes"):
+        local = run_dir / "sites" / site / "state" / "round-0002" / "replay" / f"{site}.parquet"
+        assert local.is_file(), f"{site} kept no local replay"

@@ -3,7 +3,7 @@
 import numpy as np
 import pyarrow as pa
 
-from trainer.replay import Reservoir, ReplayStore
+from workers.replay import Reservoir, ReplayStore
 from workers.packing import sequences_table, to_arrays
 
 

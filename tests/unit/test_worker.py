@@ -5,7 +5,7 @@ import pytest
 
 from trainer.model_source import load_start_model, load_tokenizer
 from trainer.config import ModelConfig
-from trainer.replay import ReplayStore
+from workers.replay import ReplayStore
 from workers.types import Cursor, NoData, SiteSpec, TrainSpec
 from workers.worker import Worker
 

@@ -1,4 +1,7 @@
-"""The shared replay store: per-site reservoir samples of token sequences, as Arrow.
+"""The replay store: per-site reservoir samples of token sequences, as Arrow.
+
+The coordinator runs one as a Ray actor shared by all sites (`replay.scope: shared`); with
+`replay.scope: site` each worker keeps its own, and its samples never leave the site.
 
 Each site has its own reservoir (Algorithm R, seeded), so every sequence a site ever
 offered has the same chance to be held, and the store never exceeds its capacity.
