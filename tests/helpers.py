@@ -33,11 +33,13 @@ def tiny_config(demo_root: Path, notes: Path, run_dir: Path, **overrides) -> Con
                  {"name": "code", "path": str(data / "eval" / "code.jsonl"),
                   "text_column": "source", "max_tokens": 256}],
         "worker": {"local_steps": 3, "batch_size": 4, "seq_len": 64, "lr": 1e-3,
-                   "num_cpus": 1, "deepspeed": str(demo_root / "configs" / "deepspeed" / "cpu.json")},
+                   "num_cpus": 1,
+                   "deepspeed": str(demo_root / "configs" / "deepspeed" / "cpu.json")},
         "replay": {"ratio": 0.25, "capacity_tokens": 32768},
         "merge": {"min_workers": 1, "round_timeout_s": 600},
     }
-    return resolve_paths(config_from_dict(raw, overrides=[f"{k}={v}" for k, v in overrides.items()]))
+    sets = [f"{key}={value}" for key, value in overrides.items()]
+    return resolve_paths(config_from_dict(raw, overrides=sets))
 
 
 def assert_rows_exactly_once(run_dir: Path, site: str, *, text_column: str) -> list[dict]:

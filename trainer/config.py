@@ -347,7 +347,8 @@ def deepspeed_dict(worker: WorkerConfig) -> dict:
     try:
         return json.loads(Path(worker.deepspeed).read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError([f"worker.deepspeed: {worker.deepspeed} is not valid JSON: {exc}"]) from exc
+        problem = f"worker.deepspeed: {worker.deepspeed} is not valid JSON: {exc}"
+        raise ConfigError([problem]) from exc
 
 
 def dump_config(config: Config, path: Path) -> None:

@@ -22,14 +22,13 @@ from cluster.resources import worker_name, worker_options
 from trainer import checkpoint
 from trainer.config import Config, deepspeed_dict, dump_config
 from trainer.faults import kill_point
-from trainer.evaluate import EvalSet, load_eval_set, perplexity
+from trainer.evaluate import load_eval_set, perplexity
 from trainer.merge import apply_delta, weighted_average
 from trainer.metrics import MetricsLog
 from trainer.model_source import load_start_model, load_tokenizer
 from workers.replay import ReplayStore
 from trainer.table import RoundTable
 from trainer.validate import validate_updates
-from workers.increments import increment_files
 from workers.types import Cursor, NoData, SiteSpec, TrainSpec, WorkerUpdate
 from workers.worker import Worker
 
@@ -117,8 +116,8 @@ class Coordinator:
         weights_ref = ray.put({n: t.numpy() for n, t in self.global_weights.items()})
         result = self._validate(self._collect(round_index, weights_ref, bar))
         self._count_misses(result)
-        if len(result.updates) < min(self.config.merge.min_workers, len(self._active_sites())) \
-                or not result.updates:
+        needed = max(1, min(self.config.merge.min_workers, len(self._active_sites())))
+        if len(result.updates) < needed:
             bar.close()
             self._round_failed(round_index, result)
             return False
@@ -144,6 +143,12 @@ class Coordinator:
 
     def _collect(self, round_index: int, weights_ref, bar: tqdm) -> RoundResult:
         """Ask every site with data left to train; wait until all answer or the deadline."""
+        pending, failures = self._dispatch(round_index, weights_ref, bar)
+        kill_point("training", round_index)
+        return self._gather(round_index, pending, failures, bar)
+
+    def _dispatch(self, round_index: int, weights_ref, bar: tqdm) -> tuple[dict, dict]:
+        """Start train_round on every active site: ({ref: site}, {site: failure})."""
         pending, failures = {}, {}
         for site in self.config.sites:
             if site.name not in self._active_sites():
@@ -159,7 +164,9 @@ class Coordinator:
             ref = actor.train_round.remote(round_index=round_index, global_weights=weights_ref,
                                            cursor=self.state.cursors[site.name])
             pending[ref] = site.name
-        kill_point("training", round_index)
+        return pending, failures
+
+    def _gather(self, round_index: int, pending: dict, failures: dict, bar: tqdm) -> RoundResult:
         updates, idle, quarantined = [], [], []
         deadline = time.monotonic() + self.config.merge.round_timeout_s
         while pending:
@@ -181,7 +188,8 @@ class Coordinator:
             elif answer.round == round_index:
                 updates.append(answer)
         for ref, site in pending.items():  # stragglers: their rows stay unconsumed
-            failures[site] = f"no update within merge.round_timeout_s={self.config.merge.round_timeout_s}"
+            timeout = self.config.merge.round_timeout_s
+            failures[site] = f"no update within merge.round_timeout_s={timeout}"
             self._drop_actor(site)
         for site in idle:
             self.state.exhausted.add(site)
@@ -335,7 +343,8 @@ class Coordinator:
         site = next(s for s in self.config.sites if s.name == site_name)
         w = self.config.worker
         train = TrainSpec(local_steps=w.local_steps, batch_size=w.batch_size, seq_len=w.seq_len,
-                          lr=w.lr, weight_decay=w.weight_decay, replay_ratio=self.config.replay.ratio,
+                          lr=w.lr, weight_decay=w.weight_decay,
+                          replay_ratio=self.config.replay.ratio,
                           deepspeed=deepspeed_dict(w), seed=self.config.run.seed,
                           max_row_chars=w.max_row_chars,
                           local_replay_capacity=self._replay_capacity()

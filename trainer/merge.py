@@ -44,7 +44,8 @@ def _check_updates(updates: Sequence[tuple[State, float]], out: State | None) ->
     if any(w != w or w in (float("inf"), float("-inf")) for w in weights):
         raise ValueError(f"weighted_average: non-finite weight in {weights}")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weighted_average: weights must be >= 0 with a positive total, got {weights}")
+        raise ValueError(
+            f"weighted_average: weights must be >= 0 with a positive total, got {weights}")
     reference = updates[0][0]
     for index, (state, _) in enumerate(updates[1:], start=1):
         _check_same_layout(reference, state, what=f"update {index}")
@@ -56,7 +57,8 @@ def _check_same_layout(reference: State, other: State, *, what: str) -> None:
     if set(reference) != set(other):
         missing = sorted(set(reference) - set(other))[:3]
         extra = sorted(set(other) - set(reference))[:3]
-        raise ValueError(f"weighted_average: {what} has other keys (missing {missing}, extra {extra})")
+        raise ValueError(
+            f"weighted_average: {what} has other keys (missing {missing}, extra {extra})")
     for key, tensor in reference.items():
         if tuple(other[key].shape) != tuple(tensor.shape):
             raise ValueError(

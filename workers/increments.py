@@ -28,8 +28,8 @@ def increment_files(path: str | Path) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
-    files = [p for p in sorted(path.iterdir()) if p.suffix in FORMATS and not p.name.startswith(".")]
-    return files
+    return [p for p in sorted(path.iterdir())
+            if p.suffix in FORMATS and not p.name.startswith(".")]
 
 
 # What reading a damaged file raises: our own checks, Arrow's parsers, bad bytes, a lost file.

@@ -109,7 +109,8 @@ class ReplayStore:
         """Replace this store's content with the snapshot saved in `folder`."""
         folder = Path(folder)
         state = json.loads((folder / "state.json").read_text())
-        self.capacity_per_site, self.seed, self.sites = state["capacity_per_site"], state["seed"], {}
+        self.capacity_per_site, self.seed = state["capacity_per_site"], state["seed"]
+        self.sites = {}
         for name, site in state["sites"].items():
             reservoir = self._reservoir(name)
             reservoir.seen = site["seen"]

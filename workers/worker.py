@@ -104,7 +104,8 @@ class Worker:
         return WorkerUpdate(
             worker_id=self.site.name, round=round_index, delta=delta, weight=float(new_tokens),
             consumed=consumed, cursor=cursor_after(consumed, cursor), sequences=shared,
-            quarantined=tuple(self.quarantined), metrics={"loss": float(np.mean(losses)) if losses else None,
+            quarantined=tuple(self.quarantined),
+            metrics={"loss": float(np.mean(losses)) if losses else None,
                      "steps": len(losses), "new_tokens": new_tokens,
                      "replay_tokens": replay_tokens, "train_seconds": seconds,
                      "tokens_per_s": (new_tokens + replay_tokens) / seconds if seconds else 0.0})

@@ -20,7 +20,8 @@ def test_bad_files_are_quarantined_and_the_run_goes_on(ray_cluster, demo_root, n
                                                        tmp_path):
     site = tmp_path / "mixed"
     site.mkdir()
-    good = [json.loads(line)["body"] for line in (notes_site / "part-0.jsonl").read_text().splitlines()]
+    lines = (notes_site / "part-0.jsonl").read_text().splitlines()
+    good = [json.loads(line)["body"] for line in lines]
     (site / "01-good.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in good[:4]))
     (site / "02-corrupt.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 4)
     (site / "03-empty.jsonl").write_bytes(b"")

@@ -102,9 +102,8 @@ def test_poisoned_update_is_rejected_and_its_rows_trained_later(
     assert "notes" not in manifests[2]["increments"]
     assert "notes" in manifests[3]["increments"]  # the rejected rows, trained in round 3
     assert_rows_exactly_once(run_dir, "notes", text_column="body")
-    for m in manifests:
-        for name in ("model.safetensors",):
-            assert all(torch.isfinite(t).all() for t in weights(run_dir, m["name"]).values())
+    for m in manifests:  # no poisoned value ever reached a version
+        assert all(torch.isfinite(t).all() for t in weights(run_dir, m["name"]).values())
 
 
 def test_straggler_past_the_deadline_is_left_out_and_retrained(

@@ -71,7 +71,8 @@ def test_versions_manifests_and_metrics_are_written(two_rounds):
     assert [m["parent"] for m in manifests] == [None, "v0000", "v0001"]
     for m in manifests:
         folder = run_dir / "versions" / m["name"]
-        assert m["weights_sha256"] == {"model.safetensors": sha256_file(folder / "model.safetensors")}
+        digest = sha256_file(folder / "model.safetensors")
+        assert m["weights_sha256"] == {"model.safetensors": digest}
         assert set(m["eval"]) == {"shakespeare", "code"}
     last = manifests[-1]
     assert set(last["tokens"]) == {"speeches", "notes"}
