@@ -45,7 +45,7 @@ def tiny_config(demo_root: Path, notes: Path, run_dir: Path, **overrides) -> Con
 def assert_rows_exactly_once(run_dir: Path, site: str, *, text_column: str) -> list[dict]:
     """Across all manifests, the site's ranges tile each file from row 0 with no gap or
     overlap; files before the cursor are complete. Returns the ranges."""
-    manifests = all_manifests(run_dir)
+    manifests = all_manifests(run_dir, include_rejected=True)  # rejected ones consumed rows too
     ranges = [r for m in manifests for r in m["increments"].get(site, [])]
     assert ranges, f"{site} trained nothing"
     by_file: dict[str, list] = {}

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 
 from trainer.faults import kill_point
+from workers.fsio import fsync_dir, fsync_tree
 
 VERSIONS = "versions"
 LATEST = "latest"
+REJECTED = "rejected"  # versions/rejected/vNNNN: candidates the quality gate refused
 
 
 def version_name(number: int) -> str:
@@ -25,9 +27,10 @@ def version_name(number: int) -> str:
 
 
 def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenizer,
-                 manifest: dict) -> Path:
-    """Write version `number` with its manifest and point `latest` at it."""
-    versions = run_dir / VERSIONS
+                 manifest: dict, rejected: bool = False) -> Path:
+    """Write version `number` with its manifest and point `latest` at it (a rejected
+    version goes to versions/rejected/ and `latest` stays where it is)."""
+    versions = run_dir / VERSIONS / REJECTED if rejected else run_dir / VERSIONS
     final = versions / version_name(number)
     tmp = versions / f".tmp-{version_name(number)}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -37,13 +40,14 @@ def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenize
     weights = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
     full = {**manifest, "version": number, "name": version_name(number), "weights_sha256": weights}
     write_json(tmp / "manifest.json", full)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     kill_point("checkpoint", manifest.get("round", 0))
     if final.exists():  # left by a crash after rename but before `latest` moved: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(versions)
-    point_latest(run_dir, version_name(number))
+    fsync_dir(versions)
+    if not rejected:
+        point_latest(run_dir, version_name(number))
     return final
 
 
@@ -54,7 +58,7 @@ def point_latest(run_dir: Path, name: str) -> None:
         tmp_link.unlink()
     os.symlink(name, tmp_link)
     os.replace(tmp_link, versions / LATEST)
-    _fsync_dir(versions)
+    fsync_dir(versions)
 
 
 def latest_version(run_dir: Path) -> Path | None:
@@ -66,9 +70,12 @@ def read_manifest(version_dir: Path) -> dict:
     return json.loads((version_dir / "manifest.json").read_text())
 
 
-def all_manifests(run_dir: Path) -> list[dict]:
-    folders = sorted(p for p in (run_dir / VERSIONS).glob("v[0-9]*") if p.is_dir())
-    return [read_manifest(p) for p in folders]
+def all_manifests(run_dir: Path, *, include_rejected: bool = False) -> list[dict]:
+    """Manifests of the accepted versions (and the rejected ones), by version number."""
+    folders = [p for p in (run_dir / VERSIONS).glob("v[0-9]*") if p.is_dir()]
+    if include_rejected:
+        folders += [p for p in (run_dir / VERSIONS / REJECTED).glob("v[0-9]*") if p.is_dir()]
+    return [read_manifest(p) for p in sorted(folders, key=lambda p: p.name)]
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -87,19 +94,3 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

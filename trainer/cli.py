@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     resume = commands.add_parser("resume", help="continue a run from its newest version")
     resume.add_argument("run_dir")
     resume.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
-    report = commands.add_parser("report", help="print the per-round table of a run")
+    report = commands.add_parser(
+        "report", help="print the per-round table; write plots and a summary to RUN_DIR/report")
     report.add_argument("run_dir")
     demo = commands.add_parser("prepare-demo", help="build the demo's site and eval folders")
     demo.add_argument("dir")
@@ -55,6 +56,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from trainer.metrics import read_metrics
+    from trainer.report import write_report
     from trainer.table import render
 
     records = read_metrics(Path(args.run_dir))
@@ -62,6 +64,8 @@ def _report(args: argparse.Namespace) -> int:
         print(f"{args.run_dir}: no metrics.jsonl records yet", file=sys.stderr)
         return 1
     print(render(records))
+    for path in write_report(Path(args.run_dir), records):
+        print(f"wrote {path}")
     return 0
 
 

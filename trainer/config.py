@@ -63,6 +63,8 @@ class EvalSetConfig:
     path: str
     text_column: str = "text"
     max_tokens: int = 4096
+    # A protected set may not regress past quality.max_regression, or the version is rejected.
+    protected: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,12 @@ class MergeConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    # Largest relative perplexity rise of a protected eval set over the last accepted version.
+    max_regression: float = 0.05
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     # None: join RAY_ADDRESS if set, else start an embedded local cluster.
     address: Union[str, None] = None
@@ -120,6 +128,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict:
@@ -291,6 +300,7 @@ def _check_values(config: Config, problems: list[str]) -> None:
     need(m.max_round_attempts >= 1, "merge.max_round_attempts", "must be at least 1")
     need(w.max_missed_rounds >= 0, "worker.max_missed_rounds", "must not be negative")
     need(w.max_row_chars >= 1, "worker.max_row_chars", "must be at least 1")
+    need(config.quality.max_regression >= 0, "quality.max_regression", "must not be negative")
     _check_model(config.model, problems)
 
 

@@ -21,14 +21,15 @@ from cluster.remote import RemoteMethod
 from cluster.resources import worker_name, worker_options
 from trainer import checkpoint
 from trainer.config import Config, deepspeed_dict, dump_config
-from trainer.faults import kill_point
 from trainer.evaluate import load_eval_set, perplexity
+from trainer.faults import kill_point
 from trainer.merge import apply_delta, weighted_average
 from trainer.metrics import MetricsLog
 from trainer.model_source import load_start_model, load_tokenizer
-from workers.replay import ReplayStore
+from trainer.quality import forgetting, gate_problems
 from trainer.table import RoundTable
 from trainer.validate import validate_updates
+from workers.replay import ReplayStore
 from workers.types import Cursor, NoData, SiteSpec, TrainSpec, WorkerUpdate
 from workers.worker import Worker
 
@@ -44,7 +45,8 @@ class RunState:
     """What carries from one round to the next (and across a resume)."""
 
     round: int = 0
-    version: int = 0
+    version: int = 0  # the newest version number used (accepted or rejected)
+    accepted: int = 0  # the newest accepted version: the global model
     cursors: dict[str, Cursor] = field(default_factory=dict)
     exhausted: set[str] = field(default_factory=set)  # no rows left
     down: set[str] = field(default_factory=set)  # failed too many rounds in a row
@@ -70,6 +72,7 @@ class Coordinator:
         self.state = RunState(cursors={s.name: Cursor() for s in config.sites})
         self.actors: dict[str, ray.actor.ActorHandle] = {}
         self.resume = resume
+        self.history: list[dict[str, float]] = []  # eval results of the accepted versions
         self.replay = ray.remote(ReplayStore).options(num_cpus=0).remote(
             capacity_per_site=self._replay_capacity(), seed=config.run.seed)
         if resume:
@@ -78,6 +81,7 @@ class Coordinator:
             self.model = load_start_model(config.model, tokenizer=self.tokenizer,
                                           seed=config.run.seed)
         self.global_weights = {n: p.data for n, p in self.model.named_parameters()}
+        self.protected = [e.name for e in config.eval if e.protected]
         self.eval_sets = [load_eval_set(e, tokenizer=self.tokenizer, seq_len=config.worker.seq_len)
                           for e in config.eval]
         self.metrics = MetricsLog(self.run_dir)
@@ -121,19 +125,31 @@ class Coordinator:
             bar.close()
             self._round_failed(round_index, result)
             return False
+        # The gate may keep the last accepted weights: hold a copy while the candidate is judged.
+        previous = ({k: v.clone() for k, v in self.global_weights.items()}
+                    if self.protected else None)
         merge_started = time.perf_counter()
         self._merge([u for u in result.updates if u.weight > 0])
         merge_seconds = time.perf_counter() - merge_started
         bar.set_description(f"round {round_index}: evaluating")
         evals = self._evaluate(progress=bar)
+        gate = gate_problems(evals, self.history[-1], protected=self.protected,
+                             max_regression=self.config.quality.max_regression)
         bar.set_description(f"round {round_index}: checkpointing")
         self.state.round = round_index
-        self._advance_cursors(result)
-        self._commit_workers(round_index, result)
+        self._advance_cursors(result)  # a rejected candidate still consumed its rows
+        if not gate:
+            self._commit_workers(round_index, result)
+            self._remember(result.updates)
         kill_point("merged", round_index)
-        record = self._checkpoint(self.state.version + 1, evals, result,
+        record = self._checkpoint(self.state.version + 1, evals, result, gate=gate,
                                   merge_seconds=merge_seconds,
                                   round_seconds=time.perf_counter() - started)
+        if gate:  # keep the global model at the last accepted version
+            log.warning("round %d: candidate %s rejected by the quality gate: %s", round_index,
+                        record["version"], "; ".join(gate))
+            for name, tensor in self.global_weights.items():
+                tensor.copy_(previous[name])
         bar.update(1)
         bar.close()
         print(self.table.row(record))
@@ -206,6 +222,9 @@ class Coordinator:
                       for u in updates]
             average = weighted_average(deltas)
         apply_delta(self.global_weights, average)
+
+    def _remember(self, updates: list[WorkerUpdate]) -> None:
+        """Offer an accepted round's new sequences to the shared replay store."""
         for update in updates:
             if update.sequences.num_rows:  # none with replay.scope: site
                 ray.get(self.replay.add.remote(update.worker_id, update.sequences))
@@ -268,25 +287,32 @@ class Coordinator:
         return [s.name for s in self.config.sites if s.name not in gone]
 
     def _checkpoint(self, number: int, evals: dict[str, float], result: RoundResult, *,
-                    merge_seconds: float = 0.0, round_seconds: float = 0.0) -> dict:
+                    gate: list[str] = (), merge_seconds: float = 0.0,
+                    round_seconds: float = 0.0) -> dict:
         replay_dir = self.run_dir / "replay" / checkpoint.version_name(number)
         ray.get(self.replay.save.remote(str(replay_dir)))
-        manifest = self._manifest(number, evals, result, replay_dir)
+        manifest = self._manifest(number, evals, result, replay_dir, gate=gate)
         record = self._record(number, manifest, result, merge_seconds, round_seconds)
         # The metrics line goes first: a crash before the version is published leaves a line
         # that resume drops (rounds past the resumed version), never a version without one.
         self.metrics.write(record)
         checkpoint.save_version(self.run_dir, number=number, model=self.model,
-                                tokenizer=self.tokenizer, manifest=manifest)
+                                tokenizer=self.tokenizer, manifest=manifest, rejected=bool(gate))
         self.state.version = number
+        if not gate:
+            self.state.accepted = number
+            self.history.append(evals)
         self._prune_replay_snapshots(keep=checkpoint.version_name(number))
         return record
 
-    def _manifest(self, number: int, evals: dict, result: RoundResult, replay_dir: Path) -> dict:
+    def _manifest(self, number: int, evals: dict, result: RoundResult, replay_dir: Path, *,
+                  gate: list[str]) -> dict:
         sites = {s.name: s for s in self.config.sites}
         total = sum(u.weight for u in result.updates) or 1.0
         return {
-            "parent": checkpoint.version_name(number - 1) if number > 0 else None,
+            "parent": checkpoint.version_name(self.state.accepted) if number > 0 else None,
+            "status": "rejected" if gate else "accepted",
+            "gate": list(gate),
             "round": self.state.round,
             "increments": {u.worker_id: [dict(r.to_dict(), file=_file_path(sites[u.worker_id],
                                                                             r.file))
@@ -296,6 +322,7 @@ class Coordinator:
                        for u in result.updates},
             "merge_weights": {u.worker_id: u.weight / total for u in result.updates},
             "eval": {name: {"perplexity": value} for name, value in evals.items()},
+            "forgetting": forgetting(self.history, evals),
             "failures": result.failures,
             "rejected": result.rejected,
             "quarantined": result.quarantined,
@@ -321,7 +348,9 @@ class Coordinator:
             "steps": {s: m["steps"] for s, m in by_site.items()},
             "tokens_per_s": {s: m["tokens_per_s"] for s, m in by_site.items()},
             "train_seconds": {s: m["train_seconds"] for s, m in by_site.items()},
+            "status": manifest["status"], "gate": manifest["gate"],
             "eval_perplexity": {k: v["perplexity"] for k, v in manifest["eval"].items()},
+            "forgetting": manifest["forgetting"],
             "merge_weights": manifest["merge_weights"],
             "merge_seconds": merge_seconds, "round_seconds": round_seconds,
         }
@@ -404,22 +433,30 @@ class Coordinator:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _load_resume_point(self) -> torch.nn.Module:
+        """Weights from `versions/latest`; cursors, replay and round from the newest complete
+        manifest (a version the quality gate rejected still consumed its rows)."""
         from transformers import AutoModelForCausalLM
 
         latest = checkpoint.latest_version(self.run_dir)
         if latest is None:
             raise RunError(f"{self.run_dir} has no versions/latest; start it with `tributary run`")
-        manifest = checkpoint.read_manifest(latest)
+        accepted = checkpoint.read_manifest(latest)["version"]
+        # An accepted version past `latest` was renamed into place just before a crash: redo it.
+        manifests = [m for m in checkpoint.all_manifests(self.run_dir, include_rejected=True)
+                     if m.get("status") == "rejected" or m["version"] <= accepted]
+        newest = max(manifests, key=lambda m: m["version"])
         self.state = RunState(
-            round=manifest["round"], version=manifest["version"],
-            cursors={s.name: Cursor.from_dict(manifest["cursors"].get(s.name, {}))
+            round=newest["round"], version=newest["version"], accepted=accepted,
+            cursors={s.name: Cursor.from_dict(newest["cursors"].get(s.name, {}))
                      for s in self.config.sites},
-            exhausted=set(manifest.get("exhausted", [])))
+            exhausted=set(newest.get("exhausted", [])))
+        self.history = [{k: v["perplexity"] for k, v in m["eval"].items()} for m in manifests
+                        if m.get("status") != "rejected"]
         model = AutoModelForCausalLM.from_pretrained(latest, dtype=torch.float32,
                                                      use_safetensors=True)
-        ray.get(self.replay.restore.remote(str(self.run_dir / manifest["replay"])))
+        ray.get(self.replay.restore.remote(str(self.run_dir / newest["replay"])))
         MetricsLog.drop_after(self.run_dir, round_index=self.state.round)
-        log.info("resuming %s at %s (round %d)", self.run_dir, latest.name, self.state.round)
+        log.info("resuming %s at round %d from %s", self.run_dir, self.state.round, latest.name)
         return model
 
 

@@ -10,7 +10,7 @@ import torch
 
 from trainer.config import EvalSetConfig
 from workers.increments import increment_files, read_texts
-from workers.packing import batch_tensors, pack, tokenize, to_arrays
+from workers.packing import batch_tensors, pack, to_arrays, tokenize
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ class RoundTable:
                         + [f"loss {s}" for s in sites]
                         + [f"ppl {e}" for e in eval_sets] + ["merge s", "round s"])
         self.widths = [max(8, len(c)) for c in self.columns]
+        self.widths[1] = 9  # room for "v0003-rej"
 
     def header(self) -> str:
         head = "  ".join(c.rjust(w) for c, w in zip(self.columns, self.widths))
@@ -19,7 +20,8 @@ class RoundTable:
     def row(self, record: dict) -> str:
         losses = record.get("train_loss", {})
         ppl = record.get("eval_perplexity", {})
-        cells = [str(record["round"]), record["version"],
+        version = record["version"] + ("-rej" if record.get("status") == "rejected" else "")
+        cells = [str(record["round"]), version,
                  f"{record.get('workers_ok', 0)}/{record.get('workers_failed', 0)}",
                  str(sum(record.get("new_tokens", {}).values())),
                  str(sum(record.get("replay_tokens", {}).values()))]

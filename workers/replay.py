@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workers.fsio import fsync_dir, fsync_tree
 from workers.packing import empty_sequences, sequences_table, to_arrays
 
 
@@ -102,8 +103,10 @@ class ReplayStore:
             state["sites"][name] = {"seen": reservoir.seen,
                                     "rng": reservoir.rng.bit_generator.state}
         (tmp / "state.json").write_text(json.dumps(state))
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_dir(final.parent)
 
     def restore(self, folder: str) -> None:
         """Replace this store's content with the snapshot saved in `folder`."""

@@ -19,10 +19,11 @@ import pyarrow as pa
 import torch
 
 from workers import engine as ds
+from workers.fsio import fsync_dir, fsync_tree
 from workers.increments import cursor_after, increment_files, iter_rows, merge_ranges
 from workers.model import build_model
-from workers.replay import ReplayStore
 from workers.packing import batch_tensors, empty_sequences, pack, real_tokens, to_arrays
+from workers.replay import ReplayStore
 from workers.types import Cursor, NoData, RowRange, SiteSpec, TrainSpec, WorkerUpdate
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,10 @@ class Worker:
             ds.save_optimizer_state(self.engine.optimizer, tmp)
             if self.local_replay is not None:
                 self.local_replay.save(str(tmp / "replay"))
+            fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
+            fsync_dir(self.state_dir)
             for old in sorted(self.state_dir.glob("round-*"))[:-KEEP_STATES]:
                 shutil.rmtree(old, ignore_errors=True)
         self.committed_round, self.dirty, self.pending = round_index, False, None

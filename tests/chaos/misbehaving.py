@@ -1,5 +1,5 @@
-"""A Worker that sends a poisoned update in one round: NaN, or a delta 10^6 times too large.
-The tests ship it to Ray workers by value (it is not installed)."""
+"""Workers that misbehave on purpose: poisoned, slow, failing or noisy updates.
+The tests ship these classes to Ray workers by value (this module is not installed)."""
 
 from __future__ import annotations
 
@@ -42,3 +42,35 @@ def slow_worker(*, site: str, round_index: int, seconds: float) -> type:
 
     slow_round = round_index
     return SlowWorker
+
+
+def failing_worker(*, site: str) -> type:
+    """A Worker class whose `site` raises in every round (a site that stays broken)."""
+
+    class FailingWorker(Worker):
+        def train_round(self, *, round_index: int, global_weights, cursor):
+            if self.site.name == site:
+                raise RuntimeError(f"site {site} is broken")
+            return super().train_round(round_index=round_index, global_weights=global_weights,
+                                       cursor=cursor)
+
+    return FailingWorker
+
+
+def noisy_worker(*, round_index: int, scale: float) -> type:
+    """A Worker class whose every site adds Gaussian noise (std `scale`) to its delta in
+    `round_index`: finite, of similar norm across sites, and harmful to the model."""
+
+    class NoisyWorker(Worker):
+        def train_round(self, *, round_index: int, global_weights, cursor):
+            update = super().train_round(round_index=round_index, global_weights=global_weights,
+                                         cursor=cursor)
+            if round_index != noisy_round or not update.delta:
+                return update
+            rng = np.random.default_rng(round_index)
+            delta = {k: v + rng.normal(0, scale, v.shape).astype(np.float32)
+                     for k, v in update.delta.items()}
+            return dataclasses.replace(update, delta=delta)
+
+    noisy_round = round_index
+    return NoisyWorker

@@ -119,3 +119,19 @@ def test_straggler_past_the_deadline_is_left_out_and_retrained(
     assert "notes" not in manifests[2]["increments"]
     assert "notes" in manifests[3]["increments"]
     assert_rows_exactly_once(run_dir, "notes", text_column="body")
+
+
+def test_site_that_stays_down_is_reported_and_left_out(
+        ray_cluster, demo_root, notes_site, tmp_path):
+    run_dir = tmp_path / "run"
+    worker = misbehaving.failing_worker(site="notes")
+    config = tiny_config(demo_root, notes_site, run_dir, rounds=4,
+                         **{"worker.max_missed_rounds": 1})
+    run_training(config, worker_cls=worker)
+    manifests = all_manifests(run_dir)
+    assert [m["round"] for m in manifests] == [0, 1, 2, 3, 4]
+    assert [("notes" in m["failures"]) for m in manifests[1:]] == [True, True, False, False]
+    assert "is broken" in manifests[1]["failures"]["notes"]
+    assert manifests[2]["down"] == ["notes"] and manifests[-1]["down"] == ["notes"]
+    assert all("notes" not in m["increments"] for m in manifests)
+    assert_rows_exactly_once(run_dir, "speeches", text_column="text")

@@ -40,6 +40,12 @@ def test_report_prints_the_round_table(tmp_path, capsys):
                                 "round", "s"]
     assert lines[3].split() == ["1", "v0001", "2/0", "150", "10", "2.000", "3.000", "11.000",
                                 "0.50", "9.0"]
+    report = tmp_path / "report"
+    assert sorted(p.name for p in report.iterdir()) == [
+        "forgetting.png", "perplexity.png", "summary.md", "tokens.png"]
+    assert all((report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+               for name in ("forgetting.png", "perplexity.png", "tokens.png"))
+    assert "| probe | 12.500 | 11.000 | -12.0% |" in (report / "summary.md").read_text()
 
 
 def test_report_without_metrics_says_so(tmp_path, capsys):

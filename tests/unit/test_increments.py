@@ -7,8 +7,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workers.increments import (READ_ERRORS, IncrementError, increment_files, iter_rows,
-                                merge_ranges, read_texts)
+from workers.increments import (
+    READ_ERRORS,
+    IncrementError,
+    increment_files,
+    iter_rows,
+    merge_ranges,
+    read_texts,
+)
 from workers.types import Cursor, RowRange
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pyarrow as pa
 
-from workers.replay import Reservoir, ReplayStore
 from workers.packing import sequences_table, to_arrays
+from workers.replay import ReplayStore, Reservoir
 
 
 def sequences(start: int, count: int, length: int = 4) -> pa.Table:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from trainer.model_source import load_start_model, load_tokenizer
 from trainer.config import ModelConfig
+from trainer.model_source import load_start_model, load_tokenizer
 from workers.replay import ReplayStore
 from workers.types import Cursor, NoData, SiteSpec, TrainSpec
 from workers.worker import Worker

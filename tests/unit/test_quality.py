@@ -1,0 +1,22 @@
+"""Forgetting per eval set and the quality gate."""
+
+import math
+
+from trainer.quality import forgetting, gate_problems
+
+
+def test_forgetting_is_relative_to_the_best_so_far():
+    history = [{"a": 10.0, "b": 5.0}, {"a": 8.0, "b": 6.0}]
+    result = forgetting(history, {"a": 10.0, "b": 4.0})
+    assert math.isclose(result["a"], 0.25) and result["b"] == 0.0
+
+
+def test_gate_rejects_only_protected_regressions_beyond_tolerance():
+    accepted = {"probe": 10.0, "new": 10.0}
+    assert gate_problems({"probe": 10.4, "new": 20.0}, accepted, protected=["probe"],
+                         max_regression=0.05) == []
+    (problem,) = gate_problems({"probe": 11.0, "new": 9.0}, accepted, protected=["probe"],
+                               max_regression=0.05)
+    assert problem.startswith("probe: perplexity 10 -> 11 (+10.0%")
+    assert gate_problems({"probe": float("nan")}, accepted, protected=["probe"],
+                         max_regression=0.05)

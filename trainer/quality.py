@@ -1,0 +1,31 @@
+"""Continual-learning quality: forgetting per eval set, and the gate a new version must pass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+
+def forgetting(history: Sequence[Mapping[str, float]], current: Mapping[str, float]
+               ) -> dict[str, float]:
+    """Per set, how much worse the current perplexity is than the best accepted one so far
+    (current / best − 1, floored at 0): Avalanche's forgetting, in perplexity."""
+    result = {}
+    for name, value in current.items():
+        best = min([h[name] for h in history if name in h] + [value])
+        result[name] = max(0.0, value / best - 1.0)
+    return result
+
+
+def gate_problems(current: Mapping[str, float], accepted: Mapping[str, float], *,
+                  protected: Sequence[str], max_regression: float) -> list[str]:
+    """Why a candidate version must be rejected: each protected set whose perplexity rose by
+    more than `max_regression` (relative) over the last accepted version. Empty: accept."""
+    problems = []
+    for name in protected:
+        if name not in accepted or name not in current:
+            continue
+        rise = current[name] / accepted[name] - 1.0
+        if not rise <= max_regression:  # also catches NaN
+            problems.append(f"{name}: perplexity {accepted[name]:.4g} -> {current[name]:.4g} "
+                            f"(+{rise:.1%}, over quality.max_regression={max_regression:.1%})")
+    return problems
