@@ -461,6 +461,9 @@ class Coordinator:
 
 
 def _reason(exc: BaseException) -> str:
+    """One line for manifests and logs: the worker's own exception, not Ray's wrapper."""
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        exc = exc.cause
     lines = str(exc).strip().splitlines() or [""]
     return f"{type(exc).__name__}: {lines[0][:300]}"
 
