@@ -24,6 +24,11 @@ from workers.fsio import fsync_dir, fsync_tree
 from workers.packing import empty_sequences, sequences_table, to_arrays
 
 
+def site_key(site: str) -> int:
+    """A stable integer for a site name, to seed its random streams."""
+    return int.from_bytes(site.encode()[:8].ljust(8, b"\0"), "little")
+
+
 class Reservoir:
     """A uniform sample of at most `capacity` sequences from everything offered."""
 
@@ -65,8 +70,8 @@ class ReplayStore:
 
     def _reservoir(self, site: str) -> Reservoir:
         if site not in self.sites:
-            key = int.from_bytes(site.encode()[:8].ljust(8, b"\0"), "little")
-            self.sites[site] = Reservoir(capacity=self.capacity_per_site, seed=[self.seed, key])
+            self.sites[site] = Reservoir(capacity=self.capacity_per_site,
+                                         seed=[self.seed, site_key(site)])
         return self.sites[site]
 
     def add(self, site: str, sequences: pa.Table) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +25,7 @@ from workers.fsio import fsync_dir, fsync_tree
 from workers.increments import cursor_after, increment_files, iter_rows, merge_ranges
 from workers.model import build_model
 from workers.packing import batch_tensors, empty_sequences, pack, real_tokens, to_arrays
-from workers.replay import ReplayStore
+from workers.replay import ReplayStore, site_key
 from workers.types import Cursor, NoData, RowRange, SiteSpec, TrainSpec, WorkerUpdate
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ class Worker:
         self.dirty = False
 
     def ready(self) -> dict:
-        import os
-        import socket
         return {"site": self.site.name, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.device)}
 
@@ -153,8 +153,7 @@ class Worker:
     def _sample_replay(self, count: int, round_index: int) -> pa.Table:
         if count == 0 or self.replay is None:
             return empty_sequences()
-        site_key = int.from_bytes(self.site.name.encode()[:8].ljust(8, b"\0"), "little")
-        return self.replay(count, [self.train.seed, round_index, site_key])
+        return self.replay(count, [self.train.seed, round_index, site_key(self.site.name)])
 
     def _steps(self, new: pa.Table, replay: pa.Table, *, steps: int, new_per_batch: int
                ) -> list[float]:
