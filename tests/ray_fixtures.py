@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import ray
+import requests
 
 from cluster.connect import NAMESPACE
-from tests.helpers import free_port
+from tests.helpers import free_port, tiny_config
+from trainer.coordinator import run_training
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +43,41 @@ def notes_site(demo_root) -> Path:
     return folder
 
 
+EXPECTED_METRICS = {"ray_tributary_round", "ray_tributary_eval_perplexity",
+                    "ray_tributary_tokens_total", "ray_tributary_train_loss",
+                    "ray_tributary_merge_seconds"}
+
+
+def served_metrics(url: str, *, run: str) -> set[str]:
+    """Names of the tributary_ metrics of `run` that Ray's Prometheus endpoint serves now."""
+    try:
+        text = requests.get(url, timeout=2).text
+    except requests.RequestException:
+        return set()
+    return {line.split("{")[0] for line in text.splitlines()
+            if line.startswith("ray_tributary_") and f'run="{run}"' in line}
+
+
+@pytest.fixture(scope="session")
+def two_rounds(ray_cluster, demo_root, notes_site, tmp_path_factory):
+    """A 2-round run of the tiny config, watched from outside while it runs (named actors,
+    Ray metrics); also the uninterrupted baseline that resumed runs must reproduce."""
+    run_dir = tmp_path_factory.mktemp("baseline") / "uninterrupted-run"
+    config = tiny_config(demo_root, notes_site, run_dir)
+    seen = {"actors": set(), "metrics": set()}
+    thread = threading.Thread(target=lambda: seen.update(result=run_training(config)))
+    thread.start()
+    url = f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics"
+    while thread.is_alive():
+        seen["actors"] |= {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                           if a["namespace"] == "tributary"}
+        seen["metrics"] |= served_metrics(url, run=run_dir.name)
+        time.sleep(0.5)
+    seen["metrics_during_run"] = set(seen["metrics"])
+    deadline = time.monotonic() + 60  # the export interval can lag the short test run
+    while not EXPECTED_METRICS <= seen["metrics"] and time.monotonic() < deadline:
+        seen["metrics"] |= served_metrics(url, run=run_dir.name)
+        time.sleep(1)
+    thread.join()
+    assert "result" in seen, "run_training raised; see the log above"
+    return run_dir, seen

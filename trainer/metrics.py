@@ -11,29 +11,34 @@ import ray
 
 
 class RayMetrics:
-    def __init__(self) -> None:
+    """The `tributary_*` metrics; every one carries a `run` tag (the run folder's name) so
+    several runs on one cluster stay apart in Prometheus and Grafana."""
+
+    def __init__(self, *, run: str) -> None:
         from ray.util.metrics import Counter, Gauge
 
-        self.round = Gauge("tributary_round", description="Last completed round")
-        self.version = Gauge("tributary_version", description="Newest accepted version")
-        self.tokens = Counter("tributary_tokens_total", description="Tokens trained",
-                              tag_keys=("site", "kind"))
-        self.loss = Gauge("tributary_train_loss", description="Mean train loss of the round",
-                          tag_keys=("site",))
-        self.tokens_per_s = Gauge("tributary_tokens_per_second",
-                                  description="Worker training throughput", tag_keys=("site",))
-        self.perplexity = Gauge("tributary_eval_perplexity",
-                                description="Held-out perplexity", tag_keys=("set",))
-        self.merge_seconds = Gauge("tributary_merge_seconds", description="Merge time")
-        self.quarantined = Counter("tributary_quarantined_files_total",
-                                   description="Increment files set aside as unreadable")
-        self.failures = Counter("tributary_worker_failures_total",
-                                description="Failed, late or rejected worker updates",
-                                tag_keys=("site",))
+        def metric(kind, name: str, description: str, *tags: str):
+            made = kind(name, description=description, tag_keys=(*tags, "run"))
+            made.set_default_tags({"run": run})
+            return made
+
+        self.round = metric(Gauge, "tributary_round", "Last completed round")
+        self.version = metric(Gauge, "tributary_version", "Newest accepted version")
+        self.tokens = metric(Counter, "tributary_tokens_total", "Tokens trained", "site", "kind")
+        self.loss = metric(Gauge, "tributary_train_loss", "Mean train loss of the round", "site")
+        self.tokens_per_s = metric(Gauge, "tributary_tokens_per_second",
+                                   "Worker training throughput", "site")
+        self.perplexity = metric(Gauge, "tributary_eval_perplexity", "Held-out perplexity", "set")
+        self.merge_seconds = metric(Gauge, "tributary_merge_seconds", "Merge time")
+        self.quarantined = metric(Counter, "tributary_quarantined_files_total",
+                                  "Increment files set aside as unreadable")
+        self.failures = metric(Counter, "tributary_worker_failures_total",
+                               "Failed, late or rejected worker updates", "site")
 
     def record(self, record: dict) -> None:
         self.round.set(record["round"])
-        self.version.set(int(record["version"].lstrip("v")))
+        if record.get("status", "accepted") == "accepted":
+            self.version.set(int(record["version"].lstrip("v")))
         for kind in ("new", "replay"):
             for site, count in record.get(f"{kind}_tokens", {}).items():
                 if count > 0:  # Ray counters only take positive increments
@@ -61,7 +66,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / "metrics.jsonl"
-        self.ray = RayMetrics() if ray.is_initialized() else None
+        self.ray = RayMetrics(run=run_dir.name) if ray.is_initialized() else None
 
     def count_failures(self, reasons: dict[str, str]) -> None:
         """Failures of a round that produced no version (so no metrics.jsonl line)."""

@@ -30,10 +30,21 @@ def init_single_rank_group() -> None:
 
     if torch.distributed.is_initialized():
         return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+    port = free_port()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    _release_shm_buffer(port)
+
+
+def _release_shm_buffer(port: int) -> None:
+    """DeepSpeed's CPU comm op maps a ~69 MB POSIX shared-memory buffer per rank and never
+    unlinks it, so every killed or restarted worker would leak it in /dev/shm. A world of
+    one has no peer that needs to open it: unlink the name now (our mapping stays valid)."""
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"
+    for path in Path("/dev/shm").glob(pattern):
+        path.unlink(missing_ok=True)
 
 
 def build_engine(model: torch.nn.Module, *, ds_config: dict, lr: float, weight_decay: float,

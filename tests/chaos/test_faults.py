@@ -32,11 +32,10 @@ def weights(run_dir: Path, version: str) -> dict:
     return load_file(str(run_dir / "versions" / version / "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def baseline(ray_cluster, demo_root, notes_site, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("baseline") / "run"
-    run_training(tiny_config(demo_root, notes_site, run_dir))
-    return run_dir
+@pytest.fixture
+def baseline(two_rounds) -> Path:
+    """The uninterrupted 2-round run (shared with the integration suite)."""
+    return two_rounds[0]
 
 
 def test_killed_workers_restart_and_every_row_is_trained_once(
@@ -111,11 +110,11 @@ def test_straggler_past_the_deadline_is_left_out_and_retrained(
     run_dir = tmp_path / "run"
     worker = misbehaving.slow_worker(site="notes", round_index=2, seconds=120)
     config = tiny_config(demo_root, notes_site, run_dir, rounds=3,
-                         **{"merge.round_timeout_s": 20})
+                         **{"merge.round_timeout_s": 15})
     run_training(config, worker_cls=worker)
     manifests = all_manifests(run_dir)
     assert [m["round"] for m in manifests] == [0, 1, 2, 3]
-    assert "merge.round_timeout_s=20" in manifests[2]["failures"]["notes"]
+    assert "merge.round_timeout_s=15" in manifests[2]["failures"]["notes"]
     assert "notes" not in manifests[2]["increments"]
     assert "notes" in manifests[3]["increments"]
     assert_rows_exactly_once(run_dir, "notes", text_column="body")

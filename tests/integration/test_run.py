@@ -2,64 +2,22 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-import ray
-import requests
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import assert_rows_exactly_once, tiny_config
+from tests.ray_fixtures import EXPECTED_METRICS
 from trainer.checkpoint import all_manifests, sha256_file
 from trainer.coordinator import run_training
 from trainer.metrics import read_metrics
 from workers.increments import increment_files
 
 pytestmark = pytest.mark.integration
-
-
-EXPECTED_METRICS = {"ray_tributary_round", "ray_tributary_eval_perplexity",
-                    "ray_tributary_tokens_total", "ray_tributary_train_loss",
-                    "ray_tributary_merge_seconds"}
-
-
-def served_metrics(url: str) -> set[str]:
-    """Names of the tributary_ metrics that Ray's Prometheus endpoint serves right now."""
-    try:
-        text = requests.get(url, timeout=2).text
-    except requests.RequestException:
-        return set()
-    return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
-            if line.startswith("ray_tributary_")}
-
-
-@pytest.fixture(scope="module")
-def two_rounds(ray_cluster, demo_root, notes_site, tmp_path_factory):
-    """A 2-round run, watched from outside while it runs (named actors, Ray metrics)."""
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    config = tiny_config(demo_root, notes_site, run_dir)
-    seen = {"actors": set(), "metrics": set()}
-    thread = threading.Thread(target=lambda: seen.update(result=run_training(config)))
-    thread.start()
-    url = f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics"
-    while thread.is_alive():
-        seen["actors"] |= {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                           if a["namespace"] == "tributary"}
-        seen["metrics"] |= served_metrics(url)
-        time.sleep(0.5)
-    seen["metrics_during_run"] = set(seen["metrics"])
-    deadline = time.monotonic() + 60  # the export interval can lag the short test run
-    while not EXPECTED_METRICS <= seen["metrics"] and time.monotonic() < deadline:
-        seen["metrics"] |= served_metrics(url)
-        time.sleep(1)
-    thread.join()
-    assert "result" in seen, "run_training raised; see the log above"
-    return run_dir, seen
 
 
 def test_versions_manifests_and_metrics_are_written(two_rounds):

@@ -1,5 +1,8 @@
 """The Worker as a plain class (no Ray): a real DeepSpeed engine on CPU, real demo data."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -77,3 +80,11 @@ def test_site_without_rows_left_sits_out(setup, demo_root, tmp_path):
     answer = worker.train_round(round_index=1, global_weights=setup[2],
                                 cursor=Cursor("99-none.jsonl", 0))
     assert isinstance(answer, NoData)
+
+
+def test_worker_leaves_no_shared_memory_buffer_behind(setup, demo_root, tmp_path):
+    """DeepSpeed's CPU comm op creates a 69 MB /dev/shm buffer per rank and never removes it;
+    killed or restarted workers would leak one each."""
+    make_worker(setup, demo_root, tmp_path)
+    port = os.environ["MASTER_PORT"]
+    assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*")) == []
