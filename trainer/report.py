@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from trainer.table import render  # noqa: E402
 
@@ -44,6 +45,7 @@ def _plot_per_set(records: list[dict], key: str, path: Path, *, title: str, ylab
     if log:
         axes.set_yscale("log")
     axes.set(title=title, xlabel="round", ylabel=ylabel)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     if names:
         axes.legend(fontsize=8)
