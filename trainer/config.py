@@ -19,6 +19,10 @@ from typing import Any, Union
 
 import yaml
 
+from workers.replay import BALANCE_MODES
+from workers.schedule import SCHEDULE_KINDS, LrSchedule
+from workers.types import EarlyStopping
+
 BUILTIN_MODELS = ("smollm2", "random")
 BUILTIN_TOKENIZERS = ("smollm2", "gpt2")
 # fp32, no ZeRO partitioning: right for one CPU or GPU per worker; see configs/deepspeed/.
@@ -65,6 +69,9 @@ class EvalSetConfig:
     max_tokens: int = 4096
     # A protected set may not regress past quality.max_regression, or the version is rejected.
     protected: bool = False
+    # Held-out data of the newest increments: its improvement is reported as the newest gain;
+    # every other set counts towards backward transfer.
+    newest: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,11 +84,21 @@ class WorkerConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     # A path to a DeepSpeed JSON config, the config inline, or None for DEFAULT_DEEPSPEED.
-    deepspeed: Union[str, dict, None] = None
+    deepspeed: str | dict | None = None
     # Consecutive failed rounds after which a site is reported and left out.
     max_missed_rounds: int = 3
     # A row longer than this sends its file to quarantine (guards against runaway lines).
     max_row_chars: int = 1_000_000
+    lr_schedule: LrSchedule = field(default_factory=LrSchedule)
+    # FedProx's mu: mu/2 * ||theta - theta_global||^2 keeps each site near the round's global.
+    prox_mu: float = 0.0
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+
+
+@dataclass(frozen=True)
+class RatioStep:
+    from_round: int
+    ratio: float
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,12 @@ class ReplayConfig:
     capacity_tokens: int = 1_000_000
     # "shared": one store for all sites; "site": each worker keeps its own (data stays there).
     scope: str = "shared"
+    # "pooled": every held sequence equally likely; "sites": every site the same share.
+    balance: str = "pooled"
+    # 0: uniform over age; w > 0: weight (1 + age in rounds)^w, favouring older increments.
+    age_weight: float = 0.0
+    # The ratio from a round on, e.g. [{from_round: 10, ratio: 0.5}] after a known shift.
+    schedule: list[RatioStep] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -111,8 +134,8 @@ class QualityConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     # None: join RAY_ADDRESS if set, else start an embedded local cluster.
-    address: Union[str, None] = None
-    num_cpus: Union[int, None] = None
+    address: str | None = None
+    num_cpus: int | None = None
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
     include_dashboard: bool = True
@@ -282,16 +305,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
     need(w.num_gpus >= 0, "worker.num_gpus", "must not be negative")
     if isinstance(w.deepspeed, str):
         need(Path(w.deepspeed).is_file(), "worker.deepspeed", f"{w.deepspeed} does not exist")
-    r = config.replay
-    need(0.0 <= r.ratio < 1.0, "replay.ratio", f"must be in [0, 1), found {r.ratio}")
-    need(r.capacity_tokens >= 0, "replay.capacity_tokens", "must not be negative")
-    need(r.scope in ("shared", "site"), "replay.scope",
-         f"must be 'shared' or 'site', found {r.scope!r}")
-    per_batch = round(r.ratio * w.batch_size)
-    need(r.ratio == 0 or 1 <= per_batch < w.batch_size, "replay.ratio",
-         f"{r.ratio} x worker.batch_size {w.batch_size} gives {per_batch} replay sequence(s) per "
-         "batch; choose a ratio and batch size that leave at least one replay and one new "
-         "sequence per batch")
+    _check_replay(config, problems)
+    _check_training(config.worker, problems)
     m = config.merge
     need(1 <= m.min_workers <= len(config.sites), "merge.min_workers",
          f"must be between 1 and the number of sites ({len(config.sites)}), found {m.min_workers}")
@@ -302,6 +317,50 @@ def _check_values(config: Config, problems: list[str]) -> None:
     need(w.max_row_chars >= 1, "worker.max_row_chars", "must be at least 1")
     need(config.quality.max_regression >= 0, "quality.max_regression", "must not be negative")
     _check_model(config.model, problems)
+
+
+def _check_replay(config: Config, problems: list[str]) -> None:
+    r, batch = config.replay, config.worker.batch_size
+    if r.capacity_tokens < 0:
+        problems.append("replay.capacity_tokens: must not be negative")
+    if r.scope not in ("shared", "site"):
+        problems.append(f"replay.scope: must be 'shared' or 'site', found {r.scope!r}")
+    if r.balance not in BALANCE_MODES:
+        problems.append(f"replay.balance: must be one of {BALANCE_MODES}, found {r.balance!r}")
+    if r.age_weight < 0:
+        problems.append(f"replay.age_weight: must not be negative, found {r.age_weight}")
+    ratios = [("replay.ratio", r.ratio)]
+    for i, step in enumerate(r.schedule):
+        if step.from_round < 1:
+            problems.append(f"replay.schedule[{i}].from_round: must be at least 1")
+        ratios.append((f"replay.schedule[{i}].ratio", step.ratio))
+    for key, ratio in ratios:
+        if not 0.0 <= ratio < 1.0:
+            problems.append(f"{key}: must be in [0, 1), found {ratio}")
+            continue
+        per_batch = round(ratio * batch)
+        if ratio and not 1 <= per_batch < batch:
+            problems.append(
+                f"{key}: {ratio} x worker.batch_size {batch} gives {per_batch} replay "
+                "sequence(s) per batch; choose a ratio and batch size that leave at least one "
+                "replay and one new sequence per batch")
+
+
+def _check_training(w: WorkerConfig, problems: list[str]) -> None:
+    s, e = w.lr_schedule, w.early_stopping
+    checks = [
+        (s.kind in SCHEDULE_KINDS, "worker.lr_schedule.kind",
+         f"must be one of {SCHEDULE_KINDS}, found {s.kind!r}"),
+        (s.warmup_steps >= 0, "worker.lr_schedule.warmup_steps", "must not be negative"),
+        (s.decay_steps >= 1, "worker.lr_schedule.decay_steps", "must be at least 1"),
+        (0.0 <= s.min_lr_ratio <= 1.0, "worker.lr_schedule.min_lr_ratio", "must be in [0, 1]"),
+        (w.prox_mu >= 0, "worker.prox_mu", "must not be negative"),
+        (e.max_epochs >= 1, "worker.early_stopping.max_epochs", "must be at least 1"),
+        (0.0 <= e.holdout_fraction <= 0.5, "worker.early_stopping.holdout_fraction",
+         "must be in [0, 0.5]"),
+        (e.patience >= 0, "worker.early_stopping.patience", "must not be negative"),
+    ]
+    problems.extend(f"{key}: {message}" for ok, key, message in checks if not ok)
 
 
 def _check_model(model: ModelConfig, problems: list[str]) -> None:

@@ -26,10 +26,10 @@ from trainer.faults import kill_point
 from trainer.merge import apply_delta, weighted_average
 from trainer.metrics import MetricsLog
 from trainer.model_source import load_start_model, load_tokenizer
-from trainer.quality import forgetting, gate_problems
+from trainer.quality import forgetting, gate_problems, transfer
 from trainer.table import RoundTable
 from trainer.validate import validate_updates
-from workers.replay import ReplayStore
+from workers.replay import ReplayPolicy, ReplayStore
 from workers.types import Cursor, NoData, SiteSpec, TrainSpec, WorkerUpdate
 from workers.worker import Worker
 
@@ -74,7 +74,8 @@ class Coordinator:
         self.resume = resume
         self.history: list[dict[str, float]] = []  # eval results of the accepted versions
         self.replay = ray.remote(ReplayStore).options(num_cpus=0).remote(
-            capacity_per_site=self._replay_capacity(), seed=config.run.seed)
+            capacity_per_site=self._replay_capacity(), seed=config.run.seed,
+            policy=replay_policy(config))
         if resume:
             self.model = self._load_resume_point()
         else:
@@ -140,7 +141,7 @@ class Coordinator:
         self._advance_cursors(result)  # a rejected candidate still consumed its rows
         if not gate:
             self._commit_workers(round_index, result)
-            self._remember(result.updates)
+            self._remember(result.updates, round_index=round_index)
         kill_point("merged", round_index)
         record = self._checkpoint(self.state.version + 1, evals, result, gate=gate,
                                   merge_seconds=merge_seconds,
@@ -223,11 +224,12 @@ class Coordinator:
             average = weighted_average(deltas)
         apply_delta(self.global_weights, average)
 
-    def _remember(self, updates: list[WorkerUpdate]) -> None:
+    def _remember(self, updates: list[WorkerUpdate], *, round_index: int) -> None:
         """Offer an accepted round's new sequences to the shared replay store."""
         for update in updates:
             if update.sequences.num_rows:  # none with replay.scope: site
-                ray.get(self.replay.add.remote(update.worker_id, update.sequences))
+                ray.get(self.replay.add.remote(update.worker_id, update.sequences,
+                                               round_index=round_index))
 
     def _evaluate(self, progress: tqdm | None = None) -> dict[str, float]:
         results = {}
@@ -323,6 +325,8 @@ class Coordinator:
             "merge_weights": {u.worker_id: u.weight / total for u in result.updates},
             "eval": {name: {"perplexity": value} for name, value in evals.items()},
             "forgetting": forgetting(self.history, evals),
+            "transfer": transfer(self.history[0] if self.history else evals, evals,
+                                 newest=[e.name for e in self.config.eval if e.newest]),
             "failures": result.failures,
             "rejected": result.rejected,
             "quarantined": result.quarantined,
@@ -350,7 +354,10 @@ class Coordinator:
             "train_seconds": {s: m["train_seconds"] for s, m in by_site.items()},
             "status": manifest["status"], "gate": manifest["gate"],
             "eval_perplexity": {k: v["perplexity"] for k, v in manifest["eval"].items()},
-            "forgetting": manifest["forgetting"],
+            "forgetting": manifest["forgetting"], **manifest["transfer"],
+            "epochs": {s: m.get("epochs") for s, m in by_site.items()},
+            "holdout_loss": {s: m.get("holdout_loss") for s, m in by_site.items()},
+            "lr": {s: m.get("lr") for s, m in by_site.items()},
             "merge_weights": manifest["merge_weights"],
             "merge_seconds": merge_seconds, "round_seconds": round_seconds,
         }
@@ -370,14 +377,9 @@ class Coordinator:
         if site_name in self.actors:
             return self.actors[site_name]
         site = next(s for s in self.config.sites if s.name == site_name)
+        train = train_spec(self.config, local_replay_capacity=self._replay_capacity()
+                           if self.config.replay.scope == "site" else 0)
         w = self.config.worker
-        train = TrainSpec(local_steps=w.local_steps, batch_size=w.batch_size, seq_len=w.seq_len,
-                          lr=w.lr, weight_decay=w.weight_decay,
-                          replay_ratio=self.config.replay.ratio,
-                          deepspeed=deepspeed_dict(w), seed=self.config.run.seed,
-                          max_row_chars=w.max_row_chars,
-                          local_replay_capacity=self._replay_capacity()
-                          if self.config.replay.scope == "site" else 0)
         options = worker_options(site=site.name, num_cpus=w.num_cpus, num_gpus=w.num_gpus)
         self._wait_for_name(options["name"])
         actor = ray.remote(self.worker_cls).options(**options).remote(
@@ -458,6 +460,22 @@ class Coordinator:
         MetricsLog.drop_after(self.run_dir, round_index=self.state.round)
         log.info("resuming %s at round %d from %s", self.run_dir, self.state.round, latest.name)
         return model
+
+
+def replay_policy(config: Config) -> ReplayPolicy:
+    return ReplayPolicy(balance=config.replay.balance, age_weight=config.replay.age_weight)
+
+
+def train_spec(config: Config, *, local_replay_capacity: int) -> TrainSpec:
+    """What every worker of the run is told about training (the same for all sites)."""
+    w, r = config.worker, config.replay
+    return TrainSpec(
+        local_steps=w.local_steps, batch_size=w.batch_size, seq_len=w.seq_len, lr=w.lr,
+        weight_decay=w.weight_decay, replay_ratio=r.ratio, deepspeed=deepspeed_dict(w),
+        seed=config.run.seed, max_row_chars=w.max_row_chars,
+        local_replay_capacity=local_replay_capacity, replay_policy=replay_policy(config),
+        replay_schedule=tuple((s.from_round, s.ratio) for s in r.schedule),
+        lr_schedule=w.lr_schedule, prox_mu=w.prox_mu, early_stopping=w.early_stopping)
 
 
 def _reason(exc: BaseException) -> str:

@@ -135,8 +135,7 @@ def _code_rows(stdlib: Path, members: list[str]) -> list[dict]:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def _shakespeare(root: Path) -> list[str]:

@@ -29,6 +29,14 @@ class RayMetrics:
         self.tokens_per_s = metric(Gauge, "tributary_tokens_per_second",
                                    "Worker training throughput", "site")
         self.perplexity = metric(Gauge, "tributary_eval_perplexity", "Held-out perplexity", "set")
+        self.forgetting = metric(Gauge, "tributary_forgetting",
+                                 "Perplexity now over the best accepted so far, minus 1", "set")
+        self.backward_transfer = metric(Gauge, "tributary_backward_transfer",
+                                        "Mean relative perplexity gain since v0 of older sets")
+        self.newest_gain = metric(Gauge, "tributary_newest_gain",
+                                  "Mean relative perplexity gain since v0 of the newest sets")
+        self.lr = metric(Gauge, "tributary_learning_rate", "Inner lr at the round's last step",
+                         "site")
         self.merge_seconds = metric(Gauge, "tributary_merge_seconds", "Merge time")
         self.quarantined = metric(Counter, "tributary_quarantined_files_total",
                                   "Increment files set aside as unreadable")
@@ -50,6 +58,14 @@ class RayMetrics:
             self.tokens_per_s.set(rate, tags={"site": site})
         for name, value in record.get("eval_perplexity", {}).items():
             self.perplexity.set(value, tags={"set": name})
+        for name, value in record.get("forgetting", {}).items():
+            self.forgetting.set(value, tags={"set": name})
+        for key in ("backward_transfer", "newest_gain"):
+            if record.get(key) is not None:
+                getattr(self, key).set(record[key])
+        for site, lrs in record.get("lr", {}).items():
+            if lrs:
+                self.lr.set(lrs[-1], tags={"site": site})
         if "merge_seconds" in record:
             self.merge_seconds.set(record["merge_seconds"])
         self.count_failures({**record.get("failures", {}), **record.get("rejected", {})})

@@ -16,6 +16,18 @@ def forgetting(history: Sequence[Mapping[str, float]], current: Mapping[str, flo
     return result
 
 
+def transfer(start: Mapping[str, float], current: Mapping[str, float], *,
+             newest: Sequence[str]) -> dict[str, float | None]:
+    """How the model moved since the start version, from each set's relative perplexity change
+    (1 − current / start; above 0 is better): `newest_gain` averages the sets holding the
+    newest data, `backward_transfer` every other set (below 0: old knowledge was lost)."""
+    change = {name: 1.0 - value / start[name] for name, value in current.items() if name in start}
+    new = [v for name, v in change.items() if name in newest]
+    old = [v for name, v in change.items() if name not in newest]
+    return {"backward_transfer": sum(old) / len(old) if old else None,
+            "newest_gain": sum(new) / len(new) if new else None}
+
+
 def gate_problems(current: Mapping[str, float], accepted: Mapping[str, float], *,
                   protected: Sequence[str], max_regression: float) -> list[str]:
     """Why a candidate version must be rejected: each protected set whose perplexity rose by

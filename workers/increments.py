@@ -134,7 +134,18 @@ def merge_ranges(ranges: list[RowRange]) -> tuple[RowRange, ...]:
     return tuple(merged)
 
 
-def cursor_after(ranges: tuple[RowRange, ...], previous: Cursor) -> Cursor:
+def cursor_after(ranges: tuple[RowRange, ...], previous: Cursor, *, steps: int = 0) -> Cursor:
+    """Where a site continues once `ranges` are accepted, `steps` optimizer steps later.
+    The schedule's increment phase carries on only while a round ends in the file it began in;
+    a round that crossed into a new file leaves that file's phase at 0 for the next round."""
     if not ranges:
         return previous
-    return Cursor(file=ranges[-1].file, row=ranges[-1].end_row)
+    start = increment_step(previous, first_file=ranges[0].file)
+    same_file = ranges[-1].file == ranges[0].file
+    return Cursor(file=ranges[-1].file, row=ranges[-1].end_row,
+                  steps=start + steps if same_file else 0, run_steps=previous.run_steps + steps)
+
+
+def increment_step(cursor: Cursor, *, first_file: str) -> int:
+    """Steps already taken in the increment a round begins in (0 when it begins a new file)."""
+    return cursor.steps if first_file == cursor.file else 0

@@ -4,16 +4,18 @@ The coordinator runs one as a Ray actor shared by all sites (`replay.scope: shar
 `replay.scope: site` each worker keeps its own, and its samples never leave the site.
 
 Each site has its own reservoir (Algorithm R, seeded), so every sequence a site ever
-offered has the same chance to be held, and the store never exceeds its capacity.
-`sample` draws uniformly over everything held, with an RNG seeded by the caller, so a
-(run, round, site) triple always gets the same sample. Persisted as one Parquet file per
-site plus a JSON file with the counts and RNG states.
+offered has the same chance to be held, and the store never exceeds its capacity. Each held
+sequence remembers the round it was added in. `sample` draws with replacement by the store's
+`ReplayPolicy` (sites pooled or balanced; uniform over age or weighted towards older rounds),
+with an RNG seeded by the caller, so a (run, round, site) triple always gets the same sample.
+Persisted as one Parquet file per site plus a JSON file with the counts and RNG states.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,32 @@ import pyarrow.parquet as pq
 
 from workers.fsio import fsync_dir, fsync_tree
 from workers.packing import empty_sequences, sequences_table, to_arrays
+
+BALANCE_MODES = ("pooled", "sites")
+
+
+@dataclass(frozen=True)
+class ReplayPolicy:
+    """How replay samples are drawn from what the store holds.
+
+    `balance`: "pooled" gives every held sequence the same chance (a site that contributed
+    more is replayed more); "sites" gives every site the same share whatever it holds.
+    `age_weight`: 0 draws uniformly over age; w > 0 weighs a sequence by (1 + its age in
+    rounds)^w, so older increments, the ones most at risk of being forgotten, come back more.
+    """
+
+    balance: str = "pooled"
+    age_weight: float = 0.0
+
+
+def ratio_at(ratio: float, schedule: tuple[tuple[int, float], ...], *, round_index: int
+             ) -> float:
+    """The replay ratio of a round: the last (from_round, ratio) step at or before it, else
+    the base ratio (e.g. more replay after a known distribution shift)."""
+    for from_round, value in sorted(schedule):
+        if from_round <= round_index:
+            ratio = value
+    return ratio
 
 
 def site_key(site: str) -> int:
@@ -38,8 +66,9 @@ class Reservoir:
         self.rng = np.random.default_rng(seed)
         self.ids: np.ndarray | None = None
         self.lengths = np.zeros(0, dtype=np.int32)
+        self.rounds = np.zeros(0, dtype=np.int32)  # the round each held sequence arrived in
 
-    def offer(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+    def offer(self, ids: np.ndarray, lengths: np.ndarray, *, round_index: int) -> None:
         if self.ids is None:
             self.ids = np.zeros((0, ids.shape[1]), dtype=np.int32)
         for row in range(len(ids)):
@@ -47,11 +76,13 @@ class Reservoir:
             if len(self.lengths) < self.capacity:
                 self.ids = np.concatenate([self.ids, ids[row:row + 1].astype(np.int32)])
                 self.lengths = np.append(self.lengths, np.int32(lengths[row]))
+                self.rounds = np.append(self.rounds, np.int32(round_index))
                 continue
             slot = int(self.rng.integers(0, self.seen))
             if slot < self.capacity:
                 self.ids[slot] = ids[row]
                 self.lengths[slot] = lengths[row]
+                self.rounds[slot] = round_index
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -61,11 +92,21 @@ class Reservoir:
             return empty_sequences()
         return sequences_table(self.ids, self.lengths)
 
+    def weights(self, *, policy: ReplayPolicy, round_index: int) -> np.ndarray:
+        """Unnormalised sampling weight of each held sequence under `policy`."""
+        age = np.maximum(round_index - self.rounds, 0).astype(np.float64)
+        weights = (1.0 + age) ** policy.age_weight
+        if policy.balance == "sites":
+            weights /= weights.sum()  # every site's total mass is 1
+        return weights
+
 
 class ReplayStore:
-    def __init__(self, *, capacity_per_site: int, seed: int) -> None:
+    def __init__(self, *, capacity_per_site: int, seed: int,
+                 policy: ReplayPolicy | None = None) -> None:
         self.capacity_per_site = capacity_per_site
         self.seed = seed
+        self.policy = policy or ReplayPolicy()
         self.sites: dict[str, Reservoir] = {}
 
     def _reservoir(self, site: str) -> Reservoir:
@@ -74,21 +115,24 @@ class ReplayStore:
                                          seed=[self.seed, site_key(site)])
         return self.sites[site]
 
-    def add(self, site: str, sequences: pa.Table) -> int:
-        """Offer a site's newly trained sequences; returns how many the site now holds."""
+    def add(self, site: str, sequences: pa.Table, *, round_index: int) -> int:
+        """Offer a site's sequences trained in `round_index`; returns how many it now holds."""
         reservoir = self._reservoir(site)
         if sequences.num_rows:
-            reservoir.offer(*to_arrays(sequences))
+            reservoir.offer(*to_arrays(sequences), round_index=round_index)
         return len(reservoir)
 
-    def sample(self, count: int, seed: list) -> pa.Table:
-        """`count` sequences drawn uniformly (with replacement) over all sites; empty if none."""
-        tables = [self.sites[name].table() for name in sorted(self.sites)]
-        tables = [t for t in tables if t.num_rows]
-        if count <= 0 or not tables:
+    def sample(self, count: int, seed: list, *, round_index: int = 0) -> pa.Table:
+        """`count` sequences drawn with replacement by the policy, as seen from `round_index`;
+        empty if nothing is held yet."""
+        held = [self.sites[name] for name in sorted(self.sites) if len(self.sites[name])]
+        if count <= 0 or not held:
             return empty_sequences()
-        pool = pa.concat_tables(tables)
-        picks = np.random.default_rng(seed).integers(0, pool.num_rows, size=count)
+        pool = pa.concat_tables([r.table() for r in held])
+        weights = np.concatenate(
+            [r.weights(policy=self.policy, round_index=round_index) for r in held])
+        picks = np.random.default_rng(seed).choice(
+            pool.num_rows, size=count, p=weights / weights.sum())
         return pool.take(pa.array(picks))
 
     def sizes(self) -> dict[str, dict]:
@@ -104,7 +148,8 @@ class ReplayStore:
         tmp.mkdir(parents=True)
         state = {"capacity_per_site": self.capacity_per_site, "seed": self.seed, "sites": {}}
         for name, reservoir in self.sites.items():
-            pq.write_table(reservoir.table(), tmp / f"{name}.parquet")
+            table = reservoir.table().append_column("round", pa.array(reservoir.rounds))
+            pq.write_table(table, tmp / f"{name}.parquet")
             state["sites"][name] = {"seen": reservoir.seen,
                                     "rng": reservoir.rng.bit_generator.state}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -127,3 +172,6 @@ class ReplayStore:
             if table.num_rows:
                 ids, lengths = to_arrays(table)
                 reservoir.ids, reservoir.lengths = ids.astype(np.int32), lengths.astype(np.int32)
+                rounds = (table.column("round").to_numpy() if "round" in table.column_names
+                          else np.zeros(table.num_rows))  # a snapshot from before ages were kept
+                reservoir.rounds = rounds.astype(np.int32)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from workers.replay import ReplayPolicy
+from workers.schedule import LrSchedule
+
 
 @dataclass(frozen=True)
 class RowRange:
@@ -22,20 +25,26 @@ class RowRange:
 
 @dataclass(frozen=True)
 class Cursor:
-    """The next unconsumed row of a site: file name (within the site) and row index.
+    """Where a site continues: the last file consumed (within the site) and the next row.
 
-    `file=None` means nothing has been consumed yet.
+    `file=None` means nothing has been consumed yet. `steps` counts the optimizer steps taken
+    since the site's current increment (`file`) began and `run_steps` since the run began: the
+    learning-rate schedule's position, accepted together with the rows.
     """
 
     file: str | None = None
     row: int = 0
+    steps: int = 0
+    run_steps: int = 0
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "row": self.row}
+        return {"file": self.file, "row": self.row, "steps": self.steps,
+                "run_steps": self.run_steps}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Cursor":
-        return cls(file=data.get("file"), row=int(data.get("row", 0)))
+    def from_dict(cls, data: dict) -> Cursor:
+        return cls(file=data.get("file"), row=int(data.get("row", 0)),
+                   steps=int(data.get("steps", 0)), run_steps=int(data.get("run_steps", 0)))
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,17 @@ class SiteSpec:
     name: str
     path: str
     text_column: str = "text"
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Repeat a round's new data for up to `max_epochs` passes, stopping once the loss on a
+    held-out slice of it (`holdout_fraction` of the round's sequences, never trained) has not
+    improved for `patience` passes. `holdout_fraction` 0 turns the check off."""
+
+    max_epochs: int = 1
+    holdout_fraction: float = 0.0
+    patience: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,13 @@ class TrainSpec:
     max_row_chars: int = 1_000_000
     # Site-local replay: the worker keeps its own store of this many sequences (0: shared).
     local_replay_capacity: int = 0
+    replay_policy: ReplayPolicy = field(default_factory=ReplayPolicy)  # site-local store
+    # (from_round, ratio) steps overriding replay_ratio from that round on.
+    replay_schedule: tuple[tuple[int, float], ...] = ()
+    lr_schedule: LrSchedule = field(default_factory=LrSchedule)
+    # FedProx: mu/2 * ||theta - theta_global||^2 added to the loss (0: off).
+    prox_mu: float = 0.0
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
 
 
 @dataclass(frozen=True)

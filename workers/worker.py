@@ -7,6 +7,7 @@ optimizer steps, and return θ_local − θ_global with the exact rows consumed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -14,6 +15,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +24,23 @@ import torch
 
 from workers import engine as ds
 from workers.fsio import fsync_dir, fsync_tree
-from workers.increments import cursor_after, increment_files, iter_rows, merge_ranges
+from workers.increments import (
+    cursor_after,
+    increment_files,
+    increment_step,
+    iter_rows,
+    merge_ranges,
+)
 from workers.model import build_model
 from workers.packing import batch_tensors, empty_sequences, pack, real_tokens, to_arrays
-from workers.replay import ReplayStore, site_key
+from workers.replay import ReplayStore, ratio_at, site_key
+from workers.schedule import lr_at
 from workers.types import Cursor, NoData, RowRange, SiteSpec, TrainSpec, WorkerUpdate
 
 log = logging.getLogger(__name__)
 
-# sample(n, seed) -> sequences table; seed is a list of ints so every (run, round, site)
-# draws its own reproducible sample whatever order the workers ask in.
+# sample(n, seed, round_index=r) -> sequences table; seed is a list of ints so every
+# (run, round, site) draws its own reproducible sample whatever order the workers ask in.
 ReplaySampler = Callable[[int, list], pa.Table]
 KEEP_STATES = 2
 
@@ -47,7 +56,7 @@ class Worker:
         self.local_replay = None
         if train.local_replay_capacity > 0:  # replay.scope: site — samples stay here
             self.local_replay = ReplayStore(capacity_per_site=train.local_replay_capacity,
-                                            seed=train.seed)
+                                            seed=train.seed, policy=train.replay_policy)
             self.replay = self.local_replay.sample
         self.pending: pa.Table | None = None  # this round's sequences, kept until commit
         self.state_dir = Path(state_dir) if state_dir else None
@@ -75,47 +84,58 @@ class Worker:
         if self.dirty:  # the last round trained here was not accepted: undo its state
             self.restore(round_index=self.committed_round)
         self.pending, self.quarantined = None, []
-        replay_per_batch = self._replay_per_batch()
+        replay_per_batch = self._replay_per_batch(round_index)
         new_per_batch = self.train.batch_size - replay_per_batch
         ranges, sequences = self._read_new(cursor, need=self.train.local_steps * new_per_batch)
         if not ranges:
             return NoData(worker_id=self.site.name, round=round_index,
                           quarantined=tuple(self.quarantined))
+        plan = RoundPlan(round_index=round_index, new_per_batch=new_per_batch,
+                         replay_per_batch=replay_per_batch,
+                         increment_step=increment_step(cursor, first_file=ranges[0].file),
+                         run_step=cursor.run_steps)
+        sequences, holdout = split_holdout(sequences, self.train.early_stopping.holdout_fraction)
         if sequences.num_rows == 0:  # only blank rows: consumed, nothing to train
-            return self._update(round_index, {}, ranges, cursor, sequences, replay=None,
-                                losses=[], seconds=0.0)
-        steps = max(1, math.ceil(sequences.num_rows / new_per_batch))
-        replay = self._sample_replay(steps * replay_per_batch, round_index)
+            return self._update(plan, {}, ranges, cursor, sequences, trained=Trained())
         ds.load_weights_(self.engine, global_weights)
         started = time.perf_counter()
         self.dirty = True
         self.pending = sequences
-        losses = self._steps(sequences, replay, steps=steps, new_per_batch=new_per_batch)
-        train_seconds = time.perf_counter() - started
-        return self._update(round_index, self._delta(global_weights), ranges, cursor, sequences,
-                            replay=replay, losses=losses, seconds=train_seconds)
+        anchor = self._anchor(global_weights)
+        trained = self._train(plan, sequences, holdout, anchor=anchor)
+        trained = dataclasses.replace(trained, seconds=time.perf_counter() - started)
+        return self._update(plan, self._delta(global_weights), ranges, cursor, sequences,
+                            trained=trained, holdout=holdout)
 
-    def _update(self, round_index: int, delta: dict, ranges: list[RowRange], cursor: Cursor,
-                sequences: pa.Table, *, replay: pa.Table | None, losses: list[float],
-                seconds: float) -> WorkerUpdate:
+    def _update(self, plan: RoundPlan, delta: dict, ranges: list[RowRange], cursor: Cursor,
+                sequences: pa.Table, *, trained: Trained, holdout: pa.Table | None = None
+                ) -> WorkerUpdate:
         consumed = merge_ranges(ranges)
         new_tokens = real_tokens(sequences)
-        replay_tokens = real_tokens(replay) if replay is not None else 0
         shared = sequences if self.local_replay is None else empty_sequences()
+        losses = trained.losses
         return WorkerUpdate(
-            worker_id=self.site.name, round=round_index, delta=delta, weight=float(new_tokens),
-            consumed=consumed, cursor=cursor_after(consumed, cursor), sequences=shared,
-            quarantined=tuple(self.quarantined),
+            worker_id=self.site.name, round=plan.round_index, delta=delta,
+            # Repeated passes weigh in: the new tokens of every epoch actually run.
+            weight=float(new_tokens * trained.epochs),
+            consumed=consumed, cursor=cursor_after(consumed, cursor, steps=len(losses)),
+            sequences=shared, quarantined=tuple(self.quarantined),
             metrics={"loss": float(np.mean(losses)) if losses else None,
-                     "steps": len(losses), "new_tokens": new_tokens,
-                     "replay_tokens": replay_tokens, "train_seconds": seconds,
-                     "tokens_per_s": (new_tokens + replay_tokens) / seconds if seconds else 0.0})
+                     "steps": len(losses), "epochs": trained.epochs,
+                     "new_tokens": new_tokens, "replay_tokens": trained.replay_tokens,
+                     "holdout_tokens": real_tokens(holdout) if holdout is not None else 0,
+                     "holdout_loss": trained.holdout_losses,
+                     "lr": trained.lrs, "train_seconds": trained.seconds,
+                     "tokens_per_s": (new_tokens * trained.epochs + trained.replay_tokens)
+                     / trained.seconds if trained.seconds else 0.0})
 
-    def _replay_per_batch(self) -> int:
-        if self.replay is None or self.train.replay_ratio <= 0:
+    def _replay_per_batch(self, round_index: int) -> int:
+        ratio = ratio_at(self.train.replay_ratio, self.train.replay_schedule,
+                         round_index=round_index)
+        if self.replay is None or ratio <= 0:
             return 0
         # The config check keeps this in [1, batch_size - 1]: every batch has new data.
-        return round(self.train.replay_ratio * self.train.batch_size)
+        return round(ratio * self.train.batch_size)
 
     def _read_new(self, cursor: Cursor, *, need: int) -> tuple[list[RowRange], pa.Table]:
         """Whole rows from the cursor until `need` sequences are filled (rows are never split)."""
@@ -153,29 +173,94 @@ class Worker:
     def _sample_replay(self, count: int, round_index: int) -> pa.Table:
         if count == 0 or self.replay is None:
             return empty_sequences()
-        return self.replay(count, [self.train.seed, round_index, site_key(self.site.name)])
+        return self.replay(count, [self.train.seed, round_index, site_key(self.site.name)],
+                           round_index=round_index)
 
-    def _steps(self, new: pa.Table, replay: pa.Table, *, steps: int, new_per_batch: int
-               ) -> list[float]:
+    def _anchor(self, global_weights: dict) -> dict[str, torch.Tensor] | None:
+        """The round's global weights on the device, for FedProx's proximal term."""
+        if self.train.prox_mu <= 0:
+            return None
+        return {name: torch.as_tensor(global_weights[name]).to(self.device, p.dtype)
+                for name, p in self.engine.module.named_parameters()}
+
+    def _train(self, plan: RoundPlan, new: pa.Table, holdout: pa.Table | None, *,
+               anchor: dict | None) -> Trained:
+        """Up to `max_epochs` passes over the round's new sequences (each with fresh replay),
+        stopping early when the held-out loss stops improving."""
+        stopping = self.train.early_stopping
+        per_epoch = max(1, math.ceil(new.num_rows / plan.new_per_batch))
+        replay = self._sample_replay(stopping.max_epochs * per_epoch * plan.replay_per_batch,
+                                     plan.round_index)
+        losses, lrs, held_out, best, stale = [], [], [], math.inf, 0
+        for epoch in range(stopping.max_epochs):
+            rows = per_epoch * plan.replay_per_batch
+            epoch_losses, epoch_lrs = self._epoch(
+                plan, new, replay.slice(epoch * rows, rows), steps=per_epoch,
+                first_step=len(losses), anchor=anchor)
+            losses += epoch_losses
+            lrs += epoch_lrs
+            if holdout is None:
+                continue
+            held_out.append(self._holdout_loss(holdout))
+            best, stale = (held_out[-1], 0) if held_out[-1] < best else (best, stale + 1)
+            if stale > stopping.patience:
+                break
+        replay_tokens = real_tokens(replay.slice(0, (epoch + 1) * per_epoch * plan.replay_per_batch))
+        return Trained(losses=losses, lrs=lrs, epochs=epoch + 1, replay_tokens=replay_tokens,
+                       holdout_losses=held_out)
+
+    def _epoch(self, plan: RoundPlan, new: pa.Table, replay: pa.Table, *, steps: int,
+               first_step: int, anchor: dict | None) -> tuple[list[float], list[float]]:
+        """One pass over the new sequences; returns each step's data loss and learning rate."""
         new_ids, new_len = to_arrays(new)
         rep_ids, rep_len = to_arrays(replay)
-        rep_per = len(rep_ids) // steps if len(rep_ids) else 0
+        per_new, per_rep = plan.new_per_batch, len(rep_ids) // steps if len(rep_ids) else 0
         self.engine.train()
-        losses = []
+        losses, lrs = [], []
         for step in range(steps):
-            ids = new_ids[step * new_per_batch:(step + 1) * new_per_batch]
-            lengths = new_len[step * new_per_batch:(step + 1) * new_per_batch]
-            if rep_per:
-                ids = np.concatenate([ids, rep_ids[step * rep_per:(step + 1) * rep_per]])
-                lengths = np.concatenate([lengths, rep_len[step * rep_per:(step + 1) * rep_per]])
+            ids = new_ids[step * per_new:(step + 1) * per_new]
+            lengths = new_len[step * per_new:(step + 1) * per_new]
+            if per_rep:
+                ids = np.concatenate([ids, rep_ids[step * per_rep:(step + 1) * per_rep]])
+                lengths = np.concatenate([lengths, rep_len[step * per_rep:(step + 1) * per_rep]])
+            lrs.append(self._set_lr(plan, first_step + step))
             batch = {k: v.to(self.device) for k, v in batch_tensors(ids, lengths).items()}
             loss = self.engine(**batch).loss
-            self.engine.backward(loss)
+            total = loss + self._proximal(anchor) if anchor is not None else loss
+            self.engine.backward(total)
             self.engine.step()
             losses.append(float(loss.detach()))  # note: a device sync point, once per step
             if not math.isfinite(losses[-1]):
                 log.warning("site %s: non-finite loss at step %d", self.site.name, step)
-        return losses
+        return losses, lrs
+
+    def _set_lr(self, plan: RoundPlan, step: int) -> float:
+        lr = lr_at(self.train.lr_schedule, peak=self.train.lr,
+                   increment_step=plan.increment_step + step, run_step=plan.run_step + step)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _proximal(self, anchor: dict) -> torch.Tensor:
+        """FedProx: mu/2 * ||theta - theta_global||^2 pulls the site towards the round's global."""
+        drift = sum(((p - anchor[name]) ** 2).sum()
+                    for name, p in self.engine.module.named_parameters())
+        return 0.5 * self.train.prox_mu * drift
+
+    def _holdout_loss(self, holdout: pa.Table) -> float:
+        """Mean loss on the held-out slice, in batches of the training batch size."""
+        ids, lengths = to_arrays(holdout)
+        self.engine.eval()
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(ids), self.train.batch_size):
+                batch = batch_tensors(ids[start:start + self.train.batch_size],
+                                      lengths[start:start + self.train.batch_size])
+                count = int((batch["labels"][:, 1:] != -100).sum())
+                loss = self.engine.module(**{k: v.to(self.device) for k, v in batch.items()}).loss
+                total, tokens = total + float(loss) * count, tokens + count
+        self.engine.train()
+        return total / max(1, tokens)
 
     def _delta(self, global_weights: dict) -> dict[str, np.ndarray]:
         delta = {}
@@ -190,7 +275,7 @@ class Worker:
         """The coordinator accepted this worker's update of `round_index`: persist the
         optimizer state, keeping the last few so a resume from an older version finds its own."""
         if self.local_replay is not None and self.pending is not None:
-            self.local_replay.add(self.site.name, self.pending)
+            self.local_replay.add(self.site.name, self.pending, round_index=round_index)
         if self.state_dir is not None:
             final = self.state_dir / f"round-{round_index:04d}"
             tmp = self.state_dir / f".tmp-round-{round_index:04d}"
@@ -226,3 +311,36 @@ class Worker:
                 self.local_replay.restore(str(saved[-1] / "replay"))
         self.dirty, self.pending = False, None
         return self.committed_round
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Fixed for one round: batch composition and where the LR schedule starts."""
+
+    round_index: int
+    new_per_batch: int
+    replay_per_batch: int
+    increment_step: int
+    run_step: int
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What the optimizer steps of one round did."""
+
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    epochs: int = 0
+    replay_tokens: int = 0
+    holdout_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def split_holdout(sequences: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table | None]:
+    """The last `fraction` of a round's sequences, set aside to judge early stopping (at least
+    one, and never all: a round of one sequence keeps it for training)."""
+    if fraction <= 0 or sequences.num_rows < 2:
+        return sequences, None
+    count = min(sequences.num_rows - 1, max(1, round(fraction * sequences.num_rows)))
+    keep = sequences.num_rows - count
+    return sequences.slice(0, keep), sequences.slice(keep)

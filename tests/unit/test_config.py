@@ -116,3 +116,31 @@ def test_yaml_is_loaded_safely(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
     assert yaml.safe_load("a: 1") == {"a": 1}
+
+
+def test_continual_learning_settings_are_checked_by_key(tmp_path):
+    raw = minimal(tmp_path)
+    raw["worker"].update(lr_schedule={"kind": "cyclic", "decay_steps": 0, "min_lr_ratio": 2},
+                         prox_mu=-1, early_stopping={"max_epochs": 0, "holdout_fraction": 0.9})
+    raw["replay"] = {"balance": "random", "age_weight": -0.5,
+                     "schedule": [{"from_round": 0, "ratio": 0.5}, {"from_round": 3, "ratio": 1.5}]}
+    assert sorted(p.split(":")[0] for p in problems_of(raw)) == [
+        "replay.age_weight", "replay.balance", "replay.schedule[0].from_round",
+        "replay.schedule[1].ratio", "worker.early_stopping.holdout_fraction",
+        "worker.early_stopping.max_epochs", "worker.lr_schedule.decay_steps",
+        "worker.lr_schedule.kind", "worker.lr_schedule.min_lr_ratio", "worker.prox_mu"]
+
+
+def test_continual_learning_settings_reach_every_worker(tmp_path):
+    from trainer.coordinator import train_spec
+
+    raw = minimal(tmp_path)
+    raw["worker"].update(lr_schedule={"kind": "rewarm", "warmup_steps": 2}, prox_mu=0.01,
+                         early_stopping={"max_epochs": 3, "holdout_fraction": 0.1})
+    raw["replay"] = {"balance": "sites", "age_weight": 1.0,
+                     "schedule": [{"from_round": 4, "ratio": 0.5}]}
+    spec = train_spec(config_from_dict(raw), local_replay_capacity=0)
+    assert (spec.lr_schedule.kind, spec.lr_schedule.warmup_steps) == ("rewarm", 2)
+    assert spec.prox_mu == 0.01 and spec.early_stopping.max_epochs == 3
+    assert spec.replay_schedule == ((4, 0.5),)
+    assert (spec.replay_policy.balance, spec.replay_policy.age_weight) == ("sites", 1.0)

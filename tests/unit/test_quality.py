@@ -2,7 +2,9 @@
 
 import math
 
-from trainer.quality import forgetting, gate_problems
+import pytest
+
+from trainer.quality import forgetting, gate_problems, transfer
 
 
 def test_forgetting_is_relative_to_the_best_so_far():
@@ -20,3 +22,12 @@ def test_gate_rejects_only_protected_regressions_beyond_tolerance():
     assert problem.startswith("probe: perplexity 10 -> 11 (+10.0%")
     assert gate_problems({"probe": float("nan")}, accepted, protected=["probe"],
                          max_regression=0.05)
+
+
+def test_transfer_separates_the_newest_data_from_older_knowledge():
+    start = {"newest": 20.0, "history": 40.0, "probe": 10.0}
+    now = {"newest": 15.0, "history": 44.0, "probe": 9.0}
+    result = transfer(start, now, newest=["newest"])
+    assert result["newest_gain"] == pytest.approx(0.25)  # 20 -> 15
+    assert result["backward_transfer"] == pytest.approx((-0.1 + 0.1) / 2)  # one lost, one gained
+    assert transfer(start, now, newest=[])["newest_gain"] is None

@@ -9,7 +9,9 @@ import pytest
 from trainer.config import ModelConfig
 from trainer.model_source import load_start_model, load_tokenizer
 from workers.replay import ReplayStore
-from workers.types import Cursor, NoData, SiteSpec, TrainSpec
+from workers.increments import increment_step
+from workers.schedule import LrSchedule, lr_at
+from workers.types import Cursor, EarlyStopping, NoData, SiteSpec, TrainSpec
 from workers.worker import Worker
 
 ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -25,10 +27,12 @@ def setup():
     return tokenizer, model.config.to_dict(), weights
 
 
-def make_worker(setup, demo_root, tmp_path, replay=None):
+def make_worker(setup, demo_root, tmp_path, replay=None, **train_overrides):
     tokenizer, model_config, _ = setup
-    train = TrainSpec(local_steps=2, batch_size=2, seq_len=32, lr=1e-3, weight_decay=0.0,
-                      replay_ratio=0.5, deepspeed={"zero_optimization": {"stage": 0}}, seed=0)
+    train = TrainSpec(**{"local_steps": 2, "batch_size": 2, "seq_len": 32, "lr": 1e-3,
+                         "weight_decay": 0.0, "replay_ratio": 0.5,
+                         "deepspeed": {"zero_optimization": {"stage": 0}}, "seed": 0,
+                         **train_overrides})
     site = SiteSpec("code", str(demo_root / "data" / "demo" / "code"), "source")
     return Worker(site=site, model_config=model_config, tokenizer=tokenizer, train=train,
                   replay=replay, state_dir=str(tmp_path / "state"))
@@ -44,7 +48,9 @@ def test_round_returns_delta_weight_and_exact_rows(setup, demo_root, tmp_path):
         np.asarray(update.sequences.column("length")).sum())
     first = update.consumed[0]
     assert (first.file, first.start_row) == ("01-text.jsonl", 0)
-    assert update.cursor == Cursor(update.consumed[-1].file, update.consumed[-1].end_row)
+    steps = update.metrics["steps"]  # the LR schedule's position advances with the rows
+    assert update.cursor == Cursor(update.consumed[-1].file, update.consumed[-1].end_row,
+                                   steps=steps, run_steps=steps)
     assert update.metrics["replay_tokens"] == 0  # no replay source given
     assert not (tmp_path / "state" / "round-0001").exists()  # nothing persists before commit
     worker.commit(round_index=1)
@@ -59,7 +65,7 @@ def test_same_inputs_give_identical_deltas_and_restore_continues_exactly(
     first_a = a.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
     first_b = b.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
     assert all(np.array_equal(first_a.delta[k], first_b.delta[k]) for k in first_a.delta)
-    store.add("code", first_a.sequences)
+    store.add("code", first_a.sequences, round_index=1)
     a.commit(round_index=1)
 
     second_a = a.train_round(round_index=2, global_weights=setup[2], cursor=first_a.cursor)
@@ -88,3 +94,51 @@ def test_worker_leaves_no_shared_memory_buffer_behind(setup, demo_root, tmp_path
     make_worker(setup, demo_root, tmp_path)
     port = os.environ["MASTER_PORT"]
     assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*")) == []
+
+
+def delta_norm(update) -> float:
+    return float(np.sqrt(sum((d.astype(np.float64) ** 2).sum() for d in update.delta.values())))
+
+
+def test_lr_schedule_sets_every_step_and_carries_across_rounds(setup, demo_root, tmp_path):
+    schedule = LrSchedule(kind="rewarm", warmup_steps=2, decay_steps=3, min_lr_ratio=0.1)
+    worker = make_worker(setup, demo_root, tmp_path, lr_schedule=schedule)
+    first = worker.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    steps = first.metrics["steps"]
+    assert first.metrics["lr"] == pytest.approx(
+        [lr_at(schedule, peak=1e-3, increment_step=i, run_step=i) for i in range(steps)])
+    assert first.metrics["lr"][0] < first.metrics["lr"][1]  # warming up from the floor
+    assert worker.engine.optimizer.param_groups[0]["lr"] == pytest.approx(first.metrics["lr"][-1])
+    worker.commit(round_index=1)
+    second = worker.train_round(round_index=2, global_weights=setup[2], cursor=first.cursor)
+    start = increment_step(first.cursor, first_file=second.consumed[0].file)
+    assert second.metrics["lr"][0] == pytest.approx(
+        lr_at(schedule, peak=1e-3, increment_step=start, run_step=steps))
+
+
+def test_proximal_term_keeps_the_site_near_the_global_weights(setup, demo_root, tmp_path):
+    free = make_worker(setup, demo_root, tmp_path / "free")
+    prox = make_worker(setup, demo_root, tmp_path / "prox", prox_mu=1.0)
+    drifted = free.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    held = prox.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    assert held.consumed == drifted.consumed and held.weight == drifted.weight
+    assert delta_norm(held) < 0.5 * delta_norm(drifted)
+
+
+@pytest.mark.parametrize(("lr", "stops_early"), [(1e-3, False), (5e-2, True)])
+def test_early_stopping_ends_extra_epochs_when_holdout_loss_rises(
+        setup, demo_root, tmp_path, lr, stops_early):
+    stopping = EarlyStopping(max_epochs=5, holdout_fraction=0.25, patience=0)
+    worker = make_worker(setup, demo_root, tmp_path, lr=lr, early_stopping=stopping)
+    update = worker.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    m, held_out = update.metrics, update.metrics["holdout_loss"]
+    assert len(held_out) == m["epochs"] and m["steps"] % m["epochs"] == 0
+    assert (m["epochs"] < 5) == stops_early
+    if stops_early:  # the last pass made the held-out loss worse than the best before it
+        assert held_out[-1] >= min(held_out[:-1])
+    else:
+        assert held_out == sorted(held_out, reverse=True)
+    # Every pass weighs in; held-out rows are consumed but neither trained nor replayed.
+    assert update.weight == m["new_tokens"] * m["epochs"]
+    assert m["holdout_tokens"] > 0
+    assert m["new_tokens"] == int(np.asarray(update.sequences.column("length")).sum())
