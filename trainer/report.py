@@ -81,6 +81,10 @@ def _summary(run_dir: Path, records: list[dict], plots: list[Path]) -> str:
         forgot = last.get("forgetting", {}).get(name, 0.0)
         lines.append(f"| {name} | {start:.3f} | {now:.3f} | {now / start - 1:+.1%} | "
                      f"{forgot:.1%} |")
+    if last.get("backward_transfer") is not None or last.get("newest_gain") is not None:
+        lines += ["", f"Since the start: backward transfer {_signed(last.get('backward_transfer'))}"
+                  f" (older sets), gain on the newest data {_signed(last.get('newest_gain'))}"
+                  " (relative perplexity change, above 0 is better)."]
     rejected = [r for r in records if r.get("status") == "rejected"]
     if rejected:
         lines += ["", "Rejected candidates:"]
@@ -89,3 +93,7 @@ def _summary(run_dir: Path, records: list[dict], plots: list[Path]) -> str:
     lines += ["", "## Per round", "", "```", render(records), "```", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1%}"

@@ -41,3 +41,10 @@ def render(records: list[dict]) -> str:
     sets = sorted({e for r in records for e in r.get("eval_perplexity", {})})
     table = RoundTable(sites=sites, eval_sets=sets)
     return "\n".join([table.header()] + [table.row(r) for r in records])
+
+
+def markdown(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (readable as plain text too)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -42,7 +42,8 @@ def test_versions_manifests_and_metrics_are_written(two_rounds):
     files = sorted((run_dir / last["replay"]).glob("*.parquet"))
     assert [f.name for f in files] == ["notes.parquet", "speeches.parquet"]
     replay = ds.dataset([str(f) for f in files], format="parquet").to_table()
-    assert replay.num_rows > 0 and replay.column_names == ["input_ids", "length"]
+    assert replay.num_rows > 0 and replay.column_names == ["input_ids", "length", "round"]
+    assert set(replay.column("round").to_pylist()) <= {1, 2}  # the round each arrived in
 
 
 def test_every_consumed_row_is_accounted_for_exactly_once(two_rounds, notes_site):
