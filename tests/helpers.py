@@ -31,11 +31,15 @@ def tiny_config(demo_root: Path, notes: Path, run_dir: Path, **overrides) -> Con
         "eval": [{"name": "shakespeare", "path": str(data / "eval" / "shakespeare.txt"),
                   "max_tokens": 256},
                  {"name": "code", "path": str(data / "eval" / "code.jsonl"),
-                  "text_column": "source", "max_tokens": 256}],
+                  "text_column": "source", "max_tokens": 256, "newest": True}],
+        # Re-warming, a proximal term and an aged, site-balanced replay are on in every
+        # integration and chaos run, so the resume tests prove their state is carried too.
         "worker": {"local_steps": 3, "batch_size": 4, "seq_len": 64, "lr": 1e-3,
-                   "num_cpus": 1,
+                   "num_cpus": 1, "prox_mu": 0.01,
+                   "lr_schedule": {"kind": "rewarm", "warmup_steps": 1, "decay_steps": 2},
                    "deepspeed": str(demo_root / "configs" / "deepspeed" / "cpu.json")},
-        "replay": {"ratio": 0.25, "capacity_tokens": 32768},
+        "replay": {"ratio": 0.25, "capacity_tokens": 32768, "balance": "sites",
+                   "age_weight": 1.0},
         "merge": {"min_workers": 1, "round_timeout_s": 600},
     }
     sets = [f"{key}={value}" for key, value in overrides.items()]

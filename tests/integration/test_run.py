@@ -46,6 +46,23 @@ def test_versions_manifests_and_metrics_are_written(two_rounds):
     assert set(replay.column("round").to_pylist()) <= {1, 2}  # the round each arrived in
 
 
+def test_continual_metrics_and_schedule_are_recorded(two_rounds):
+    run_dir, _ = two_rounds
+    manifests = all_manifests(run_dir)
+    first, last = manifests[0], manifests[-1]
+    assert first["transfer"] == {"backward_transfer": 0.0, "newest_gain": 0.0}
+    start, now = first["eval"], last["eval"]
+    # `code` is the newest set in these runs; shakespeare counts towards backward transfer.
+    assert last["transfer"]["newest_gain"] == pytest.approx(
+        1 - now["code"]["perplexity"] / start["code"]["perplexity"])
+    assert last["transfer"]["backward_transfer"] == pytest.approx(
+        1 - now["shakespeare"]["perplexity"] / start["shakespeare"]["perplexity"])
+    record = read_metrics(run_dir)[1]
+    for site, lrs in record["lr"].items():  # rewarm: the first step of an increment warms up
+        assert len(lrs) == record["steps"][site] and max(lrs) <= 1e-3 + 1e-12
+    assert min(lrs[0] for lrs in record["lr"].values()) < 1e-3
+
+
 def test_every_consumed_row_is_accounted_for_exactly_once(two_rounds, notes_site):
     run_dir, _ = two_rounds
     assert_rows_exactly_once(run_dir, "speeches", text_column="text")
