@@ -36,7 +36,7 @@ def tiny_config(demo_root: Path, notes: Path, run_dir: Path, **overrides) -> Con
         # integration and chaos run, so the resume tests prove their state is carried too.
         "worker": {"local_steps": 3, "batch_size": 4, "seq_len": 64, "lr": 1e-3,
                    "num_cpus": 1, "prox_mu": 0.01,
-                   "lr_schedule": {"kind": "rewarm", "warmup_steps": 1, "decay_steps": 2},
+                   "lr_schedule": {"kind": "rewarm", "warmup_steps": 2, "decay_steps": 2},
                    "deepspeed": str(demo_root / "configs" / "deepspeed" / "cpu.json")},
         "replay": {"ratio": 0.25, "capacity_tokens": 32768, "balance": "sites",
                    "age_weight": 1.0},
