@@ -1,6 +1,6 @@
 """Continual-learning quality on the real demo data with SmolLM2-135M: four arms, one budget.
 
-    python benchmarks/continual_quality.py            # about 20-25 min on 2 CPU cores
+    python benchmarks/continual_quality.py            # about 15 min on 2 CPU cores
     python benchmarks/continual_quality.py --quick    # a smaller stream, under 5 min
 
 The stream: R rounds; in round k the speeches site receives paragraphs of one era (decades
@@ -61,7 +61,7 @@ class Size:
     lr: float = 3e-4  # continual pre-training strength: enough to forget without replay
 
 
-FULL = Size(rounds=3, steps=4, batch=4, seq_len=128, eval_tokens=1024)
+FULL = Size(rounds=4, steps=6, batch=4, seq_len=128, eval_tokens=1024)
 QUICK = Size(rounds=2, steps=2, batch=4, seq_len=64, eval_tokens=256)
 ARMS = ("naive", "tributary", "joint", "central")
 
