@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from trainer.faults import kill_point
 from workers.fsio import fsync_dir, fsync_tree
@@ -20,6 +21,7 @@ from workers.fsio import fsync_dir, fsync_tree
 VERSIONS = "versions"
 LATEST = "latest"
 REJECTED = "rejected"  # versions/rejected/vNNNN: candidates the quality gate refused
+OUTER_STATE = "outer_state.safetensors"  # the merge strategy's optimizer state, if any
 
 
 def version_name(number: int) -> str:
@@ -27,9 +29,11 @@ def version_name(number: int) -> str:
 
 
 def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenizer,
-                 manifest: dict, rejected: bool = False) -> Path:
-    """Write version `number` with its manifest and point `latest` at it (a rejected
-    version goes to versions/rejected/ and `latest` stays where it is)."""
+                 manifest: dict, rejected: bool = False,
+                 outer_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write version `number` with its manifest (and the merge strategy's outer-optimizer
+    state, if it keeps one) and point `latest` at it (a rejected version goes to
+    versions/rejected/ and `latest` stays where it is)."""
     versions = run_dir / VERSIONS / REJECTED if rejected else run_dir / VERSIONS
     final = versions / version_name(number)
     tmp = versions / f".tmp-{version_name(number)}"
@@ -37,6 +41,8 @@ def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenize
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if outer_state:
+        save_file({k: v.contiguous() for k, v in outer_state.items()}, str(tmp / OUTER_STATE))
     weights = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
     full = {**manifest, "version": number, "name": version_name(number), "weights_sha256": weights}
     write_json(tmp / "manifest.json", full)
@@ -49,6 +55,12 @@ def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenize
     if not rejected:
         point_latest(run_dir, version_name(number))
     return final
+
+
+def load_outer_state(version_dir: Path) -> dict[str, torch.Tensor]:
+    """The merge strategy's outer state saved with a version ({} if it keeps none)."""
+    path = version_dir / OUTER_STATE
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def point_latest(run_dir: Path, name: str) -> None:

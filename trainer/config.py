@@ -19,6 +19,7 @@ from typing import Any, Union
 
 import yaml
 
+from trainer.strategies import STRATEGIES
 from workers.replay import BALANCE_MODES
 from workers.schedule import SCHEDULE_KINDS, LrSchedule
 from workers.types import EarlyStopping
@@ -123,6 +124,14 @@ class MergeConfig:
     max_norm_ratio: float = 10.0
     # Attempts at one round (too few valid updates) before the run stops.
     max_round_attempts: int = 3
+    # How updates become the next global: see trainer/strategies.py.
+    strategy: str = "fedavg"
+    outer_lr: float | None = None  # None: the strategy's default
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    adam_eps: float = 1e-3
+    trim_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -313,6 +322,7 @@ def _check_values(config: Config, problems: list[str]) -> None:
     need(m.round_timeout_s > 0, "merge.round_timeout_s", "must be greater than 0")
     need(m.max_norm_ratio > 1, "merge.max_norm_ratio", "must be greater than 1")
     need(m.max_round_attempts >= 1, "merge.max_round_attempts", "must be at least 1")
+    _check_strategy(m, problems)
     need(w.max_missed_rounds >= 0, "worker.max_missed_rounds", "must not be negative")
     need(w.max_row_chars >= 1, "worker.max_row_chars", "must be at least 1")
     need(config.quality.max_regression >= 0, "quality.max_regression", "must not be negative")
@@ -344,6 +354,20 @@ def _check_replay(config: Config, problems: list[str]) -> None:
                 f"{key}: {ratio} x worker.batch_size {batch} gives {per_batch} replay "
                 "sequence(s) per batch; choose a ratio and batch size that leave at least one "
                 "replay and one new sequence per batch")
+
+
+def _check_strategy(m: MergeConfig, problems: list[str]) -> None:
+    checks = [
+        (m.strategy in STRATEGIES, "merge.strategy",
+         f"must be one of {STRATEGIES}, found {m.strategy!r}"),
+        (m.outer_lr is None or m.outer_lr > 0, "merge.outer_lr", "must be greater than 0"),
+        (0.0 <= m.outer_momentum < 1.0, "merge.outer_momentum", "must be in [0, 1)"),
+        (len(m.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in m.adam_betas),
+         "merge.adam_betas", f"must be two numbers in [0, 1), found {m.adam_betas}"),
+        (m.adam_eps > 0, "merge.adam_eps", "must be greater than 0"),
+        (0.0 <= m.trim_fraction < 0.5, "merge.trim_fraction", "must be in [0, 0.5)"),
+    ]
+    problems.extend(f"{key}: {message}" for ok, key, message in checks if not ok)
 
 
 def _check_training(w: WorkerConfig, problems: list[str]) -> None:

@@ -23,10 +23,10 @@ from trainer import checkpoint
 from trainer.config import Config, deepspeed_dict, dump_config
 from trainer.evaluate import load_eval_set, perplexity
 from trainer.faults import kill_point
-from trainer.merge import apply_delta, weighted_average
 from trainer.metrics import MetricsLog
 from trainer.model_source import load_start_model, load_tokenizer
 from trainer.quality import forgetting, gate_problems, transfer
+from trainer.strategies import build_strategy
 from trainer.table import RoundTable
 from trainer.validate import validate_updates
 from workers.replay import ReplayPolicy, ReplayStore
@@ -82,6 +82,10 @@ class Coordinator:
             self.model = load_start_model(config.model, tokenizer=self.tokenizer,
                                           seed=config.run.seed)
         self.global_weights = {n: p.data for n, p in self.model.named_parameters()}
+        self.strategy = strategy_from(config)
+        if resume:
+            self.strategy.load_state_dict(
+                checkpoint.load_outer_state(checkpoint.latest_version(self.run_dir)))
         self.protected = [e.name for e in config.eval if e.protected]
         self.eval_sets = [load_eval_set(e, tokenizer=self.tokenizer, seq_len=config.worker.seq_len)
                           for e in config.eval]
@@ -126,9 +130,12 @@ class Coordinator:
             bar.close()
             self._round_failed(round_index, result)
             return False
-        # The gate may keep the last accepted weights: hold a copy while the candidate is judged.
+        # The gate may keep the last accepted weights and outer state: hold a copy while the
+        # candidate is judged.
         previous = ({k: v.clone() for k, v in self.global_weights.items()}
                     if self.protected else None)
+        previous_outer = ({k: v.clone() for k, v in self.strategy.state_dict().items()}
+                          if self.protected else None)
         merge_started = time.perf_counter()
         self._merge([u for u in result.updates if u.weight > 0])
         merge_seconds = time.perf_counter() - merge_started
@@ -151,6 +158,7 @@ class Coordinator:
                         record["version"], "; ".join(gate))
             for name, tensor in self.global_weights.items():
                 tensor.copy_(previous[name])
+            self.strategy.load_state_dict(previous_outer)
         bar.update(1)
         bar.close()
         print(self.table.row(record))
@@ -214,15 +222,12 @@ class Coordinator:
                            quarantined=quarantined)
 
     def _merge(self, updates: list[WorkerUpdate]) -> None:
-        """FedAvg: the token-weighted average of the deltas, applied with outer lr 1."""
-        if not updates:  # only blank rows were consumed: the weights stay as they are
-            return
+        """The strategy's outer step (merge.strategy) on the round's deltas, in place."""
         with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
             warnings.simplefilter("ignore", UserWarning)
             deltas = [({k: torch.from_numpy(v) for k, v in u.delta.items()}, u.weight)
                       for u in updates]
-            average = weighted_average(deltas)
-        apply_delta(self.global_weights, average)
+            self.strategy.aggregate(self.global_weights, deltas)
 
     def _remember(self, updates: list[WorkerUpdate], *, round_index: int) -> None:
         """Offer an accepted round's new sequences to the shared replay store."""
@@ -299,7 +304,8 @@ class Coordinator:
         # that resume drops (rounds past the resumed version), never a version without one.
         self.metrics.write(record)
         checkpoint.save_version(self.run_dir, number=number, model=self.model,
-                                tokenizer=self.tokenizer, manifest=manifest, rejected=bool(gate))
+                                tokenizer=self.tokenizer, manifest=manifest, rejected=bool(gate),
+                                outer_state=self.strategy.state_dict())
         self.state.version = number
         if not gate:
             self.state.accepted = number
@@ -460,6 +466,13 @@ class Coordinator:
         MetricsLog.drop_after(self.run_dir, round_index=self.state.round)
         log.info("resuming %s at round %d from %s", self.run_dir, self.state.round, latest.name)
         return model
+
+
+def strategy_from(config: Config):
+    m = config.merge
+    return build_strategy(m.strategy, lr=m.outer_lr, momentum=m.outer_momentum,
+                          nesterov=m.nesterov, betas=m.adam_betas, eps=m.adam_eps,
+                          trim_fraction=m.trim_fraction)
 
 
 def replay_policy(config: Config) -> ReplayPolicy:

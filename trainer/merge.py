@@ -23,34 +23,70 @@ def weighted_average(
     _check_updates(updates, out)
     total = float(sum(weight for _, weight in updates))
     result: dict[str, torch.Tensor] = {}
-    for key in updates[0][0]:
-        acc = torch.zeros(updates[0][0][key].shape, dtype=torch.float32)
-        for state, weight in updates:
-            acc.add_(state[key].to(torch.float32), alpha=weight / total)
+    for key, first in updates[0][0].items():
+        # Accumulate straight into the output: each input byte is read once, no temporaries.
+        acc = out[key] if out is not None else torch.empty(first.shape, dtype=torch.float32)
+        if first.dtype == torch.float32:
+            torch.mul(first, updates[0][1] / total, out=acc)
+        else:  # widen first, so bf16/fp16 inputs are scaled in fp32
+            acc.copy_(first).mul_(updates[0][1] / total)
+        for state, weight in updates[1:]:
+            acc.add_(state[key], alpha=weight / total)
         if not torch.isfinite(acc).all():
             raise ValueError(f"weighted_average: non-finite input in tensor {key!r}")
-        if out is not None:
-            out[key].copy_(acc)
-            result[key] = out[key]
-        else:
-            result[key] = acc
+        result[key] = acc
     return result
 
 
-def _check_updates(updates: Sequence[tuple[State, float]], out: State | None) -> None:
+def trimmed_mean(
+    updates: Sequence[tuple[State, float]],
+    *,
+    trim_fraction: float,
+    out: MutableMapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Coordinate-wise mean after dropping the floor(trim_fraction·K) largest and smallest
+    values of each coordinate across the K updates. Weights are ignored on purpose: a robust
+    merge must not let one site's claimed weight decide. trim_fraction 0.5 (or any value that
+    leaves one or two per coordinate) is the coordinate-wise median."""
+    _check_updates(updates, out, name="trimmed_mean")
+    count = len(updates)
+    cut = min(int(trim_fraction * count), (count - 1) // 2)
+    result: dict[str, torch.Tensor] = {}
+    for key, first in updates[0][0].items():
+        stacked = torch.stack([state[key].to(torch.float32) for state, _ in updates])
+        kept = stacked.sort(dim=0).values[cut:count - cut]
+        acc = out[key] if out is not None else torch.empty(first.shape, dtype=torch.float32)
+        torch.mean(kept, dim=0, out=acc)
+        if not torch.isfinite(acc).all():
+            raise ValueError(f"trimmed_mean: non-finite input in tensor {key!r}")
+        result[key] = acc
+    return result
+
+
+def median(
+    updates: Sequence[tuple[State, float]],
+    *,
+    out: MutableMapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median (the mean of the two middle values for an even count)."""
+    return trimmed_mean(updates, trim_fraction=0.5, out=out)
+
+
+def _check_updates(updates: Sequence[tuple[State, float]], out: State | None, *,
+                   name: str = "weighted_average") -> None:
     if not updates:
-        raise ValueError("weighted_average: no updates to average")
+        raise ValueError(f"{name}: no updates to average")
     weights = [float(w) for _, w in updates]
     if any(w != w or w in (float("inf"), float("-inf")) for w in weights):
-        raise ValueError(f"weighted_average: non-finite weight in {weights}")
+        raise ValueError(f"{name}: non-finite weight in {weights}")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(
-            f"weighted_average: weights must be >= 0 with a positive total, got {weights}")
+            f"{name}: weights must be >= 0 with a positive total, got {weights}")
     reference = updates[0][0]
     for index, (state, _) in enumerate(updates[1:], start=1):
-        _check_same_layout(reference, state, what=f"update {index}")
+        _check_same_layout(reference, state, what=f"{name}: update {index}")
     if out is not None:
-        _check_same_layout(reference, out, what="out")
+        _check_same_layout(reference, out, what=f"{name}: out")
 
 
 def _check_same_layout(reference: State, other: State, *, what: str) -> None:
@@ -58,11 +94,11 @@ def _check_same_layout(reference: State, other: State, *, what: str) -> None:
         missing = sorted(set(reference) - set(other))[:3]
         extra = sorted(set(other) - set(reference))[:3]
         raise ValueError(
-            f"weighted_average: {what} has other keys (missing {missing}, extra {extra})")
+            f"{what} has other keys (missing {missing}, extra {extra})")
     for key, tensor in reference.items():
         if tuple(other[key].shape) != tuple(tensor.shape):
             raise ValueError(
-                f"weighted_average: {what} tensor {key!r} has shape {tuple(other[key].shape)}, "
+                f"{what} tensor {key!r} has shape {tuple(other[key].shape)}, "
                 f"expected {tuple(tensor.shape)}")
 
 

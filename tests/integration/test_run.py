@@ -107,6 +107,21 @@ def test_resumed_run_equals_uninterrupted_run(two_rounds, demo_root, notes_site,
     assert a["cursors"] == b["cursors"] and a["tokens"] == b["tokens"]
 
 
+def test_outer_momentum_state_is_checkpointed_and_resumed(ray_cluster, demo_root, notes_site,
+                                                          tmp_path):
+    """DiLoCo's outer momentum is state: a resume that lost it would merge differently."""
+    options = {"merge.strategy": "momentum"}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_training(tiny_config(demo_root, notes_site, straight, rounds=2, **options))
+    run_training(tiny_config(demo_root, notes_site, split, rounds=1, **options))
+    velocity = load_file(str(split / "versions" / "v0001" / "outer_state.safetensors"))
+    assert velocity and all(torch.isfinite(v).all() for v in velocity.values())
+    run_training(tiny_config(demo_root, notes_site, split, rounds=2, **options), resume=True)
+    expected = load_file(str(straight / "versions" / "v0002" / "model.safetensors"))
+    resumed = load_file(str(split / "versions" / "v0002" / "model.safetensors"))
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
 def test_site_scoped_replay_never_leaves_the_site(ray_cluster, demo_root, notes_site, tmp_path):
     run_dir = tmp_path / "run"
     run_training(tiny_config(demo_root, notes_site, run_dir, **{"replay.scope": "site"}))

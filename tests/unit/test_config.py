@@ -144,3 +144,12 @@ def test_continual_learning_settings_reach_every_worker(tmp_path):
     assert spec.prox_mu == 0.01 and spec.early_stopping.max_epochs == 3
     assert spec.replay_schedule == ((4, 0.5),)
     assert (spec.replay_policy.balance, spec.replay_policy.age_weight) == ("sites", 1.0)
+
+
+def test_merge_strategy_settings_are_checked_by_key(tmp_path):
+    raw = minimal(tmp_path)
+    raw["merge"] = {"strategy": "fedsgd", "outer_lr": 0, "outer_momentum": 1.0,
+                    "adam_betas": [0.9], "trim_fraction": 0.5}
+    assert sorted(p.split(":")[0] for p in problems_of(raw)) == [
+        "merge.adam_betas", "merge.outer_lr", "merge.outer_momentum", "merge.strategy",
+        "merge.trim_fraction"]

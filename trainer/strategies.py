@@ -1,0 +1,143 @@
+"""Merge strategies: how a round's validated updates become the next global model.
+
+The shape is Flower's: a strategy aggregates the round's results (delta, weight) into one
+pseudo-gradient and takes the outer step on the global weights in place; an empty round keeps
+the previous global. Outer-optimizer state lives in the strategy and is checkpointed with
+every version as safetensors (`state_dict` / `load_state_dict`). The tensor math of combining
+deltas is in trainer.merge; the result lands in buffers kept across rounds (no page faults
+from fresh allocations every round).
+
+  fedavg        token-weighted average, outer lr 1 (McMahan et al.)
+  momentum      the average taken as an outer gradient with (Nesterov) momentum (DiLoCo:
+                lr 0.7, momentum 0.9)
+  fedadam       Adam on the averaged delta (Reddi et al., "Adaptive Federated Optimization")
+  trimmed_mean  coordinate-wise mean without the largest and smallest trim_fraction of values
+  median        coordinate-wise median
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping, Sequence
+
+import torch
+
+from trainer.merge import State, apply_delta, median, trimmed_mean, weighted_average
+
+STRATEGIES = ("fedavg", "momentum", "fedadam", "trimmed_mean", "median")
+DEFAULT_OUTER_LR = {"fedavg": 1.0, "momentum": 0.7, "fedadam": 1e-3, "trimmed_mean": 1.0,
+                    "median": 1.0}
+
+
+class FedAvg:
+    """The weighted average of the deltas, applied with an outer learning rate."""
+
+    def __init__(self, *, lr: float = 1.0) -> None:
+        self.lr = lr
+        self.buffers: dict[str, torch.Tensor] = {}  # the combined delta, reused every round
+
+    def aggregate(self, global_state: MutableMapping[str, torch.Tensor],
+                  updates: Sequence[tuple[State, float]]) -> None:
+        if not updates:  # nothing to merge: keep the previous global
+            return
+        delta = self.combine(updates, out=self._buffers(global_state))
+        self.step(global_state, delta)
+
+    def combine(self, updates: Sequence[tuple[State, float]], *,
+                out: MutableMapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return weighted_average(updates, out=out)
+
+    def step(self, global_state: MutableMapping[str, torch.Tensor], delta: State) -> None:
+        apply_delta(global_state, delta, lr=self.lr)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no outer state; got {sorted(state)[:3]}")
+
+    def _buffers(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.buffers:
+            self.buffers = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in like.items()}
+        return self.buffers
+
+
+class TrimmedMean(FedAvg):
+    def __init__(self, *, lr: float = 1.0, trim_fraction: float = 0.1) -> None:
+        super().__init__(lr=lr)
+        self.trim_fraction = trim_fraction
+
+    def combine(self, updates, *, out):
+        return trimmed_mean(updates, trim_fraction=self.trim_fraction, out=out)
+
+
+class Median(FedAvg):
+    def combine(self, updates, *, out):
+        return median(updates, out=out)
+
+
+class OuterMomentum(FedAvg):
+    """DiLoCo's outer step: b ← μ·b + Δ; θ ← θ + lr·(Δ + μ·b) with Nesterov, else lr·b.
+    (The same as torch SGD on the outer gradient −Δ.)"""
+
+    def __init__(self, *, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> None:
+        super().__init__(lr=lr)
+        self.momentum, self.nesterov = momentum, nesterov
+        self.velocity: dict[str, torch.Tensor] = {}
+
+    def step(self, global_state, delta):
+        for key, tensor in global_state.items():
+            velocity = self.velocity.setdefault(key, torch.zeros_like(delta[key]))
+            velocity.mul_(self.momentum).add_(delta[key])
+            if self.nesterov:
+                tensor.add_(delta[key] + self.momentum * velocity, alpha=self.lr)
+            else:
+                tensor.add_(velocity, alpha=self.lr)
+
+    def state_dict(self):
+        return {f"velocity.{k}": v for k, v in self.velocity.items()}
+
+    def load_state_dict(self, state):
+        self.velocity = {k.removeprefix("velocity."): v.clone() for k, v in state.items()}
+
+
+class FedAdam(FedAvg):
+    """m ← β1·m + (1−β1)·Δ; v ← β2·v + (1−β2)·Δ²; θ ← θ + lr·m / (√v + τ) (Reddi et al.:
+    no bias correction; τ, here `eps`, sets how adaptive the step is)."""
+
+    def __init__(self, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99),
+                 eps: float = 1e-3) -> None:
+        super().__init__(lr=lr)
+        self.betas, self.eps = betas, eps
+        self.moments: dict[str, torch.Tensor] = {}
+
+    def step(self, global_state, delta):
+        beta1, beta2 = self.betas
+        for key, tensor in global_state.items():
+            m = self.moments.setdefault(f"m.{key}", torch.zeros_like(delta[key]))
+            v = self.moments.setdefault(f"v.{key}", torch.zeros_like(delta[key]))
+            m.mul_(beta1).add_(delta[key], alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(delta[key], delta[key], value=1 - beta2)
+            tensor.add_(m / (v.sqrt() + self.eps), alpha=self.lr)
+
+    def state_dict(self):
+        return dict(self.moments)
+
+    def load_state_dict(self, state):
+        self.moments = {k: v.clone() for k, v in state.items()}
+
+
+def build_strategy(name: str, *, lr: float | None = None, momentum: float = 0.9,
+                   nesterov: bool = True, betas: Sequence[float] = (0.9, 0.99),
+                   eps: float = 1e-3, trim_fraction: float = 0.1) -> FedAvg:
+    """The strategy `name` (one of STRATEGIES) with its outer lr, or its default."""
+    lr = DEFAULT_OUTER_LR[name] if lr is None else lr
+    if name == "momentum":
+        return OuterMomentum(lr=lr, momentum=momentum, nesterov=nesterov)
+    if name == "fedadam":
+        return FedAdam(lr=lr, betas=(betas[0], betas[1]), eps=eps)
+    if name == "trimmed_mean":
+        return TrimmedMean(lr=lr, trim_fraction=trim_fraction)
+    if name == "median":
+        return Median(lr=lr)
+    return FedAvg(lr=lr)
