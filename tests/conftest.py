@@ -27,4 +27,4 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 # Ray-backed fixtures (only started by tests that ask for them).
-from tests.ray_fixtures import notes_site, ray_cluster, two_rounds  # noqa: E402,F401
+from tests.ray_fixtures import notes_site, ray_cluster, two_rounds  # noqa: F401

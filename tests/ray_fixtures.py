@@ -38,8 +38,7 @@ def notes_site(demo_root) -> Path:
     folder.mkdir()
     for index in range(3):
         with open(folder / f"part-{index}.jsonl", "w") as handle:
-            for text in texts[index * 8:(index + 1) * 8]:
-                handle.write(json.dumps({"body": text, "id": index}) + "\n")
+            handle.writelines(json.dumps({"body": text, "id": index}) + "\n" for text in texts[index * 8:(index + 1) * 8])
     return folder
 
 

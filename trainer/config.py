@@ -20,6 +20,7 @@ from typing import Any, Union
 import yaml
 
 from trainer.strategies import STRATEGIES
+from workers.compression import COMPRESSIONS
 from workers.replay import BALANCE_MODES
 from workers.schedule import SCHEDULE_KINDS, LrSchedule
 from workers.types import EarlyStopping
@@ -132,6 +133,8 @@ class MergeConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     adam_eps: float = 1e-3
     trim_fraction: float = 0.1
+    # How workers send their deltas: "fp32", "bf16" or "int8" (with error feedback).
+    compression: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,8 @@ def _check_strategy(m: MergeConfig, problems: list[str]) -> None:
          "merge.adam_betas", f"must be two numbers in [0, 1), found {m.adam_betas}"),
         (m.adam_eps > 0, "merge.adam_eps", "must be greater than 0"),
         (0.0 <= m.trim_fraction < 0.5, "merge.trim_fraction", "must be in [0, 0.5)"),
+        (m.compression in COMPRESSIONS, "merge.compression",
+         f"must be one of {COMPRESSIONS}, found {m.compression!r}"),
     ]
     problems.extend(f"{key}: {message}" for ok, key, message in checks if not ok)
 

@@ -29,6 +29,7 @@ from trainer.quality import forgetting, gate_problems, transfer
 from trainer.strategies import build_strategy
 from trainer.table import RoundTable
 from trainer.validate import validate_updates
+from workers.compression import unpack_delta
 from workers.replay import ReplayPolicy, ReplayStore
 from workers.types import Cursor, NoData, SiteSpec, TrainSpec, WorkerUpdate
 from workers.worker import Worker
@@ -211,7 +212,7 @@ class Coordinator:
             if isinstance(answer, NoData):
                 idle.append(site)
             elif answer.round == round_index:
-                updates.append(answer)
+                updates.append(dataclasses.replace(answer, delta=unpack_delta(answer.delta)))
         for ref, site in pending.items():  # stragglers: their rows stay unconsumed
             timeout = self.config.merge.round_timeout_s
             failures[site] = f"no update within merge.round_timeout_s={timeout}"
@@ -357,6 +358,8 @@ class Coordinator:
             "train_loss": {s: m["loss"] for s, m in by_site.items()},
             "steps": {s: m["steps"] for s, m in by_site.items()},
             "tokens_per_s": {s: m["tokens_per_s"] for s, m in by_site.items()},
+            "bytes_sent": {s: m.get("bytes_sent", 0) for s, m in by_site.items()},
+            "bytes_received": {s: m.get("bytes_received", 0) for s, m in by_site.items()},
             "train_seconds": {s: m["train_seconds"] for s, m in by_site.items()},
             "status": manifest["status"], "gate": manifest["gate"],
             "eval_perplexity": {k: v["perplexity"] for k, v in manifest["eval"].items()},
@@ -488,7 +491,8 @@ def train_spec(config: Config, *, local_replay_capacity: int) -> TrainSpec:
         seed=config.run.seed, max_row_chars=w.max_row_chars,
         local_replay_capacity=local_replay_capacity, replay_policy=replay_policy(config),
         replay_schedule=tuple((s.from_round, s.ratio) for s in r.schedule),
-        lr_schedule=w.lr_schedule, prox_mu=w.prox_mu, early_stopping=w.early_stopping)
+        lr_schedule=w.lr_schedule, prox_mu=w.prox_mu, early_stopping=w.early_stopping,
+        compression=config.merge.compression)
 
 
 def _reason(exc: BaseException) -> str:

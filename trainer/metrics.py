@@ -37,6 +37,8 @@ class RayMetrics:
                                   "Mean relative perplexity gain since v0 of the newest sets")
         self.lr = metric(Gauge, "tributary_learning_rate", "Inner lr at the round's last step",
                          "site")
+        self.bytes = metric(Counter, "tributary_bytes_total",
+                            "Bytes of weights and deltas moved per worker", "site", "direction")
         self.merge_seconds = metric(Gauge, "tributary_merge_seconds", "Merge time")
         self.quarantined = metric(Counter, "tributary_quarantined_files_total",
                                   "Increment files set aside as unreadable")
@@ -66,6 +68,10 @@ class RayMetrics:
         for site, lrs in record.get("lr", {}).items():
             if lrs:
                 self.lr.set(lrs[-1], tags={"site": site})
+        for direction in ("sent", "received"):
+            for site, count in record.get(f"bytes_{direction}", {}).items():
+                if count > 0:
+                    self.bytes.inc(float(count), tags={"site": site, "direction": direction})
         if "merge_seconds" in record:
             self.merge_seconds.set(record["merge_seconds"])
         self.count_failures({**record.get("failures", {}), **record.get("rejected", {})})

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from workers.compression import Packed
 from workers.replay import ReplayPolicy
 from workers.schedule import LrSchedule
 
@@ -87,13 +88,16 @@ class TrainSpec:
     # FedProx: mu/2 * ||theta - theta_global||^2 added to the loss (0: off).
     prox_mu: float = 0.0
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    # How the delta travels: "fp32", "bf16" or "int8" (workers/compression.py).
+    compression: str = "fp32"
 
 
 @dataclass(frozen=True)
 class WorkerUpdate:
     """What a worker sends back after one round.
 
-    `delta` is θ_local − θ_global in fp32 on CPU; `weight` the number of NEW tokens trained.
+    `delta` is θ_local − θ_global in fp32 on CPU (or its compressed `Packed` form, which the
+    coordinator unpacks on receipt); `weight` the number of NEW tokens trained.
     `consumed` lists the row ranges trained this round; `cursor` is where the site
     continues if the update is accepted. `sequences` are the new token sequences trained
     (offered to the replay store if the update is accepted).
@@ -101,7 +105,7 @@ class WorkerUpdate:
 
     worker_id: str
     round: int
-    delta: dict[str, np.ndarray]
+    delta: dict[str, np.ndarray] | Packed
     weight: float
     consumed: tuple[RowRange, ...]
     cursor: Cursor

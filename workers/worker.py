@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from safetensors.torch import load_file, save_file
 
 from workers import engine as ds
+from workers.compression import Packed, pack_delta, payload_bytes
 from workers.fsio import fsync_dir, fsync_tree
 from workers.increments import (
     cursor_after,
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 # (run, round, site) draws its own reproducible sample whatever order the workers ask in.
 ReplaySampler = Callable[[int, list], pa.Table]
 KEEP_STATES = 2
+RESIDUAL = "residual.safetensors"  # error feedback of delta compression
 
 
 class Worker:
@@ -72,6 +75,9 @@ class Worker:
         # training a round that is then not accepted, the in-memory state is rolled back.
         self.committed_round = 0
         self.dirty = False
+        # Error feedback: what compression has not yet delivered (committed / this round's).
+        self.residual: dict[str, np.ndarray] | None = None
+        self.pending_residual: dict[str, np.ndarray] | None = None
 
     def ready(self) -> dict:
         return {"site": self.site.name, "host": socket.gethostname(), "pid": os.getpid(),
@@ -104,12 +110,14 @@ class Worker:
         anchor = self._anchor(global_weights)
         trained = self._train(plan, sequences, holdout, anchor=anchor)
         trained = dataclasses.replace(trained, seconds=time.perf_counter() - started)
-        return self._update(plan, self._delta(global_weights), ranges, cursor, sequences,
-                            trained=trained, holdout=holdout)
+        payload, self.pending_residual = pack_delta(self._delta(global_weights),
+                                                    kind=self.train.compression, residual=self.residual)
+        return self._update(plan, payload, ranges, cursor, sequences, trained=trained,
+                            holdout=holdout, received=_nbytes(global_weights))
 
-    def _update(self, plan: RoundPlan, delta: dict, ranges: list[RowRange], cursor: Cursor,
-                sequences: pa.Table, *, trained: Trained, holdout: pa.Table | None = None
-                ) -> WorkerUpdate:
+    def _update(self, plan: RoundPlan, delta: dict | Packed, ranges: list[RowRange],
+                cursor: Cursor, sequences: pa.Table, *, trained: Trained,
+                holdout: pa.Table | None = None, received: int = 0) -> WorkerUpdate:
         consumed = merge_ranges(ranges)
         new_tokens = real_tokens(sequences)
         shared = sequences if self.local_replay is None else empty_sequences()
@@ -126,6 +134,7 @@ class Worker:
                      "holdout_tokens": real_tokens(holdout) if holdout is not None else 0,
                      "holdout_loss": trained.holdout_losses,
                      "lr": trained.lrs, "train_seconds": trained.seconds,
+                     "bytes_sent": payload_bytes(delta), "bytes_received": received,
                      "tokens_per_s": (new_tokens * trained.epochs + trained.replay_tokens)
                      / trained.seconds if trained.seconds else 0.0})
 
@@ -276,6 +285,8 @@ class Worker:
         optimizer state, keeping the last few so a resume from an older version finds its own."""
         if self.local_replay is not None and self.pending is not None:
             self.local_replay.add(self.site.name, self.pending, round_index=round_index)
+        if self.pending is not None:  # the round trained: its residual is now the site's
+            self.residual = self.pending_residual
         if self.state_dir is not None:
             final = self.state_dir / f"round-{round_index:04d}"
             tmp = self.state_dir / f".tmp-round-{round_index:04d}"
@@ -283,6 +294,9 @@ class Worker:
             ds.save_optimizer_state(self.engine.optimizer, tmp)
             if self.local_replay is not None:
                 self.local_replay.save(str(tmp / "replay"))
+            if self.residual is not None:
+                save_file({k: torch.from_numpy(v) for k, v in self.residual.items()},
+                          str(tmp / RESIDUAL))
             fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -309,6 +323,9 @@ class Worker:
             self.local_replay.sites = {}
             if saved and (saved[-1] / "replay").is_dir():
                 self.local_replay.restore(str(saved[-1] / "replay"))
+        self.residual = None
+        if saved and (saved[-1] / RESIDUAL).is_file():
+            self.residual = {k: v.numpy() for k, v in load_file(str(saved[-1] / RESIDUAL)).items()}
         self.dirty, self.pending = False, None
         return self.committed_round
 
@@ -344,3 +361,7 @@ def split_holdout(sequences: pa.Table, fraction: float) -> tuple[pa.Table, pa.Ta
     count = min(sequences.num_rows - 1, max(1, round(fraction * sequences.num_rows)))
     keep = sequences.num_rows - count
     return sequences.slice(0, keep), sequences.slice(keep)
+
+
+def _nbytes(weights: dict) -> int:
+    return sum(np.asarray(a).nbytes for a in weights.values())

@@ -8,8 +8,9 @@ import pytest
 
 from trainer.config import ModelConfig
 from trainer.model_source import load_start_model, load_tokenizer
-from workers.replay import ReplayStore
+from workers.compression import Packed, unpack_delta
 from workers.increments import increment_step
+from workers.replay import ReplayStore
 from workers.schedule import LrSchedule, lr_at
 from workers.types import Cursor, EarlyStopping, NoData, SiteSpec, TrainSpec
 from workers.worker import Worker
@@ -142,3 +143,20 @@ def test_early_stopping_ends_extra_epochs_when_holdout_loss_rises(
     assert update.weight == m["new_tokens"] * m["epochs"]
     assert m["holdout_tokens"] > 0
     assert m["new_tokens"] == int(np.asarray(update.sequences.column("length")).sum())
+
+
+def test_int8_delta_is_a_quarter_of_the_bytes_and_its_residual_is_kept(
+        setup, demo_root, tmp_path):
+    worker = make_worker(setup, demo_root, tmp_path, compression="int8")
+    update = worker.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    assert isinstance(update.delta, Packed)
+    fp32_bytes = sum(a.nbytes for a in setup[2].values())
+    assert update.metrics["bytes_received"] == fp32_bytes
+    assert update.metrics["bytes_sent"] < 0.27 * fp32_bytes
+    assert set(unpack_delta(update.delta)) == set(setup[2])
+    worker.commit(round_index=1)
+    kept = worker.residual
+    assert kept is not None and max(np.abs(r).max() for r in kept.values()) > 0
+    fresh = make_worker(setup, demo_root, tmp_path, compression="int8")  # a restarted actor
+    fresh.restore(round_index=1)
+    assert all(np.array_equal(kept[k], fresh.residual[k]) for k in kept)
