@@ -46,7 +46,8 @@ EXPECTED_METRICS = {"ray_tributary_round", "ray_tributary_eval_perplexity",
                     "ray_tributary_tokens_total", "ray_tributary_train_loss",
                     "ray_tributary_merge_seconds", "ray_tributary_forgetting",
                     "ray_tributary_backward_transfer", "ray_tributary_newest_gain",
-                    "ray_tributary_learning_rate"}
+                    "ray_tributary_learning_rate", "ray_tributary_bytes_total",
+                    "ray_tributary_round_overhead_seconds"}
 
 
 def served_metrics(url: str, *, run: str) -> set[str]:

@@ -369,6 +369,9 @@ class Coordinator:
             "lr": {s: m.get("lr") for s, m in by_site.items()},
             "merge_weights": manifest["merge_weights"],
             "merge_seconds": merge_seconds, "round_seconds": round_seconds,
+            # Time outside training: the round's wall time past its slowest worker's steps.
+            "overhead_seconds": round_seconds - max(
+                [m["train_seconds"] for m in by_site.values()] + [0.0]) if round_seconds else 0.0,
         }
 
     # ------------------------------------------------------------------ workers

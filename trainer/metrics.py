@@ -40,6 +40,8 @@ class RayMetrics:
         self.bytes = metric(Counter, "tributary_bytes_total",
                             "Bytes of weights and deltas moved per worker", "site", "direction")
         self.merge_seconds = metric(Gauge, "tributary_merge_seconds", "Merge time")
+        self.overhead_seconds = metric(Gauge, "tributary_round_overhead_seconds",
+                                       "Round wall time minus the slowest worker's training")
         self.quarantined = metric(Counter, "tributary_quarantined_files_total",
                                   "Increment files set aside as unreadable")
         self.failures = metric(Counter, "tributary_worker_failures_total",
@@ -74,6 +76,8 @@ class RayMetrics:
                     self.bytes.inc(float(count), tags={"site": site, "direction": direction})
         if "merge_seconds" in record:
             self.merge_seconds.set(record["merge_seconds"])
+        if "overhead_seconds" in record:
+            self.overhead_seconds.set(record["overhead_seconds"])
         self.count_failures({**record.get("failures", {}), **record.get("rejected", {})})
         if record.get("quarantined"):
             self.quarantined.inc(float(len(record["quarantined"])))

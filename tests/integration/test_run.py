@@ -61,6 +61,14 @@ def test_continual_metrics_and_schedule_are_recorded(two_rounds):
     for site, lrs in record["lr"].items():  # rewarm: the first step of an increment warms up
         assert len(lrs) == record["steps"][site] and max(lrs) <= 1e-3 + 1e-12
     assert min(lrs[0] for lrs in record["lr"].values()) < 1e-3
+    # Time outside training, and the traffic: fp32 deltas are the model's size.
+    assert record["overhead_seconds"] == pytest.approx(
+        record["round_seconds"] - max(record["train_seconds"].values()))
+    assert 0 < record["overhead_seconds"] < record["round_seconds"]
+    weights = load_file(str(run_dir / "versions" / "v0001" / "model.safetensors"))
+    model_bytes = sum(t.numel() * 4 for t in weights.values())
+    assert set(record["bytes_sent"].values()) == {model_bytes}
+    assert set(record["bytes_received"].values()) == {model_bytes}
 
 
 def test_every_consumed_row_is_accounted_for_exactly_once(two_rounds, notes_site):
