@@ -63,6 +63,7 @@ def _plot_tokens(records: list[dict], path: Path) -> Path:
     axes.bar(rounds, new, label="new tokens")
     axes.bar(rounds, replay, bottom=new, label="replay tokens")
     axes.set(title="Tokens trained per round, all sites", xlabel="round", ylabel="tokens")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
