@@ -24,7 +24,9 @@ def weighted_average(
     total = float(sum(weight for _, weight in updates))
     result: dict[str, torch.Tensor] = {}
     for key, first in updates[0][0].items():
-        # Accumulate straight into the output: each input byte is read once, no temporaries.
+        # Accumulate straight into the output: one pass per input, no temporaries. (Working in
+        # cache-sized blocks measured no faster here: the adds already stream at ~2/3 of copy
+        # bandwidth; see benchmarks/merge.py.)
         acc = out[key] if out is not None else torch.empty(first.shape, dtype=torch.float32)
         if first.dtype == torch.float32:
             torch.mul(first, updates[0][1] / total, out=acc)
@@ -32,8 +34,7 @@ def weighted_average(
             acc.copy_(first).mul_(updates[0][1] / total)
         for state, weight in updates[1:]:
             acc.add_(state[key], alpha=weight / total)
-        if not torch.isfinite(acc).all():
-            raise ValueError(f"weighted_average: non-finite input in tensor {key!r}")
+        _check_finite(acc, key=key, name="weighted_average")
         result[key] = acc
     return result
 
@@ -57,8 +58,7 @@ def trimmed_mean(
         kept = stacked.sort(dim=0).values[cut:count - cut]
         acc = out[key] if out is not None else torch.empty(first.shape, dtype=torch.float32)
         torch.mean(kept, dim=0, out=acc)
-        if not torch.isfinite(acc).all():
-            raise ValueError(f"trimmed_mean: non-finite input in tensor {key!r}")
+        _check_finite(acc, key=key, name="trimmed_mean")
         result[key] = acc
     return result
 
@@ -70,6 +70,13 @@ def median(
 ) -> dict[str, torch.Tensor]:
     """Coordinate-wise median (the mean of the two middle values for an even count)."""
     return trimmed_mean(updates, trim_fraction=0.5, out=out)
+
+
+def _check_finite(tensor: torch.Tensor, *, key: str, name: str) -> None:
+    """NaN or Inf anywhere makes the sum non-finite: one streaming read, no mask tensor
+    (isfinite().all() costs six times as much). A sum past the fp32 range counts too."""
+    if not torch.isfinite(tensor.sum()):
+        raise ValueError(f"{name}: non-finite input in tensor {key!r}")
 
 
 def _check_updates(updates: Sequence[tuple[State, float]], out: State | None, *,
