@@ -1,6 +1,6 @@
 """Traffic and quality of fp32, bf16 and int8 deltas: the same tiny run three times.
 
-    python benchmarks/compression.py [--rounds 4]
+    python benchmarks/compression.py [--rounds 8] [--lr 5e-3]    # about 2 min
 
 configs/tiny.yaml (a small random Llama, two sites on the demo data) runs once per
 `merge.compression`; the table shows the bytes each worker sent per round and the held-out
@@ -27,7 +27,8 @@ KINDS = ("fp32", "bf16", "int8")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-3, help="inner lr: enough to move")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-compression"))
     args = parser.parse_args()
     prepare_demo(REPO / "data" / "demo")
@@ -38,6 +39,7 @@ def main() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
         config = load_config(REPO / "configs" / "tiny.yaml", overrides=[
             f"run.dir={run_dir}", f"rounds={args.rounds}", f"merge.compression={kind}",
+            f"worker.lr={args.lr}",
             f"worker.deepspeed={REPO / 'configs' / 'deepspeed' / 'cpu.json'}"])
         run_training(resolve_paths(config))
         results[kind] = read_metrics(run_dir)
