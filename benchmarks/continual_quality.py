@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-quality"))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--lr", type=float, help="peak inner learning rate of every arm")
+    parser.add_argument("--strategy", default="fedavg", help="merge.strategy of the federated arm")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
     if args.lr:
@@ -86,7 +87,7 @@ def main() -> None:
         started = time.perf_counter()
         run_dir = out / "runs" / arm
         shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
-        run_training(arm_config(arm, stream, run_dir, size=size))
+        run_training(arm_config(arm, stream, run_dir, size=size, strategy=args.strategy))
         results[arm] = summarize(read_metrics(run_dir), seconds=time.perf_counter() - started)
         print(f"arm {arm}: {results[arm]['seconds']:.0f} s", flush=True)
     text = report(results, eval_sets=list(stream.eval), newest=stream.newest)
@@ -187,7 +188,8 @@ def write_rows(path: Path, rows: list[str]) -> Path:
 # ---------------------------------------------------------------- the arms
 
 
-def arm_config(arm: str, stream: Stream, run_dir: Path, *, size: Size):
+def arm_config(arm: str, stream: Stream, run_dir: Path, *, size: Size,
+               strategy: str = "fedavg"):
     replay = arm in ("tributary", "central")
     single = {"naive": stream.combined, "joint": stream.shuffled, "central": stream.combined}
     if arm == "tributary":
@@ -213,7 +215,7 @@ def arm_config(arm: str, stream: Stream, run_dir: Path, *, size: Size):
                    "lr": size.lr, "num_cpus": cpus, "lr_schedule": schedule,
                    "deepspeed": str(REPO / "configs" / "deepspeed" / "cpu.json")},
         "replay": {"ratio": 0.25 if replay else 0.0, "capacity_tokens": 1 << 20},
-        "merge": {"min_workers": len(sites)},
+        "merge": {"min_workers": len(sites), "strategy": strategy},
     }
     return resolve_paths(config_from_dict(raw))
 
