@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--lr", type=float, help="peak inner learning rate of every arm")
     parser.add_argument("--strategy", default="fedavg", help="merge.strategy of the federated arm")
+    parser.add_argument("--keep-versions", action="store_true",
+                        help="keep every arm's model versions (about 0.5 GB each)")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
     if args.lr:
@@ -89,6 +91,9 @@ def main() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
         run_training(arm_config(arm, stream, run_dir, size=size, strategy=args.strategy))
         results[arm] = summarize(read_metrics(run_dir), seconds=time.perf_counter() - started)
+        if not args.keep_versions:  # metrics.jsonl is all the tables need; weights are GBs
+            for folder in ("versions", "replay", "sites"):
+                shutil.rmtree(run_dir / folder, ignore_errors=True)
         print(f"arm {arm}: {results[arm]['seconds']:.0f} s", flush=True)
     text = report(results, eval_sets=list(stream.eval), newest=stream.newest)
     (out / "results.json").write_text(json.dumps(
