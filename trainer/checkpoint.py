@@ -90,6 +90,25 @@ def all_manifests(run_dir: Path, *, include_rejected: bool = False) -> list[dict
     return [read_manifest(p) for p in sorted(folders, key=lambda p: p.name)]
 
 
+def prune_versions(run_dir: Path, *, keep: int) -> list[Path]:
+    """Drop the weights of all but the newest `keep` accepted (and rejected) versions; their
+    manifest.json stays, so lineage is complete. `latest` is always among those kept.
+    Returns the folders pruned."""
+    pruned = []
+    for folder in (run_dir / VERSIONS, run_dir / VERSIONS / REJECTED):
+        versions = sorted(p for p in folder.glob("v[0-9]*") if p.is_dir())
+        for old in versions[:-keep]:
+            files = [f for f in old.iterdir() if f.name != "manifest.json"]
+            for item in files:
+                if item.is_dir():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
+            if files:
+                pruned.append(old)
+    return pruned
+
+
 def write_json(path: Path, data: dict) -> None:
     """Atomic JSON write: temp file, fsync, rename."""
     tmp = path.with_name(f".tmp-{path.name}")

@@ -45,6 +45,8 @@ class ConfigError(ValueError):
 class RunConfig:
     dir: str
     seed: int = 0
+    # Keep the weights of only the newest N versions (manifests always stay); None: keep all.
+    keep_versions: int | None = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +300,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
             problems.append(f"{key}: {message}")
 
     need(config.rounds >= 1, "rounds", f"must be at least 1, found {config.rounds}")
+    keep = config.run.keep_versions
+    need(keep is None or keep >= 1, "run.keep_versions", f"must be at least 1, found {keep}")
     need(len(config.sites) >= 1, "sites", "must list at least one site")
     for group, entries in (("sites", config.sites), ("eval", config.eval)):
         names = [entry.name for entry in entries]

@@ -312,6 +312,8 @@ class Coordinator:
             self.state.accepted = number
             self.history.append(evals)
         self._prune_replay_snapshots(keep=checkpoint.version_name(number))
+        if self.config.run.keep_versions is not None:
+            checkpoint.prune_versions(self.run_dir, keep=self.config.run.keep_versions)
         return record
 
     def _manifest(self, number: int, evals: dict, result: RoundResult, replay_dir: Path, *,

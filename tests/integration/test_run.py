@@ -131,8 +131,13 @@ def test_outer_momentum_state_is_checkpointed_and_resumed(ray_cluster, demo_root
 
 
 def test_site_scoped_replay_never_leaves_the_site(ray_cluster, demo_root, notes_site, tmp_path):
+    """(This run also keeps the weights of one version only: lineage must survive.)"""
     run_dir = tmp_path / "run"
-    run_training(tiny_config(demo_root, notes_site, run_dir, **{"replay.scope": "site"}))
+    run_training(tiny_config(demo_root, notes_site, run_dir,
+                             **{"replay.scope": "site", "run.keep_versions": 1}))
+    assert [m["version"] for m in all_manifests(run_dir)] == [0, 1, 2]
+    assert not (run_dir / "versions" / "v0001" / "model.safetensors").exists()
+    assert (run_dir / "versions" / "latest" / "model.safetensors").is_file()
     last = all_manifests(run_dir)[-1]
     assert all(tokens["replay"] > 0 for tokens in last["tokens"].values())  # replay was used
     assert list((run_dir / last["replay"]).glob("*.parquet")) == []  # nothing reached the store
