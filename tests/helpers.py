@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def assert_rows_exactly_once(run_dir: Path, site: str, *, text_column: str) -> l
     for file, spans in by_file.items():
         spans.sort()
         assert spans[0][0] == 0, f"{file}: rows before {spans[0][0]} never trained"
-        for (_, end), (start, _) in zip(spans, spans[1:]):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert end == start, f"{file}: rows {end}..{start} skipped or trained twice"
         if Path(file).name != cursor["file"]:
             rows = len(read_texts(file, text_column=text_column))

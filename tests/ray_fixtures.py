@@ -38,7 +38,8 @@ def notes_site(demo_root) -> Path:
     folder.mkdir()
     for index in range(3):
         with open(folder / f"part-{index}.jsonl", "w") as handle:
-            handle.writelines(json.dumps({"body": text, "id": index}) + "\n" for text in texts[index * 8:(index + 1) * 8])
+            chunk = texts[index * 8:(index + 1) * 8]
+            handle.writelines(json.dumps({"body": text, "id": index}) + "\n" for text in chunk)
     return folder
 
 

@@ -182,7 +182,7 @@ class Coordinator:
                 continue
             try:
                 actor = self._actor(site.name)
-            except Exception as exc:  # it died while starting or restoring its state
+            except Exception as exc:  # noqa: BLE001 - it died while starting or restoring its state
                 failures[site.name] = _reason(exc)
                 self._drop_actor(site.name)
                 bar.update(1)
@@ -204,7 +204,7 @@ class Coordinator:
             bar.update(1)
             try:
                 answer = ray.get(ready[0])
-            except Exception as exc:  # a dead actor or an error inside train_round
+            except Exception as exc:  # noqa: BLE001 - a dead actor or an error inside train_round
                 failures[site] = _reason(exc)
                 self._drop_actor(site)
                 continue
@@ -213,7 +213,7 @@ class Coordinator:
                 idle.append(site)
             elif answer.round == round_index:
                 updates.append(dataclasses.replace(answer, delta=unpack_delta(answer.delta)))
-        for ref, site in pending.items():  # stragglers: their rows stay unconsumed
+        for site in pending.values():  # stragglers: their rows stay unconsumed
             timeout = self.config.merge.round_timeout_s
             failures[site] = f"no update within merge.round_timeout_s={timeout}"
             self._drop_actor(site)
@@ -278,7 +278,7 @@ class Coordinator:
         for update in result.updates:
             try:
                 ray.get(self.actors[update.worker_id].commit.remote(round_index=round_index))
-            except Exception as exc:  # merged already; only its optimizer state is lost
+            except Exception as exc:  # noqa: BLE001 - merged already; only its state is lost
                 log.warning("site %s could not save its optimizer state: %s", update.worker_id, exc)
                 self._drop_actor(update.worker_id)
 
@@ -383,7 +383,7 @@ class Coordinator:
         for site in self._active_sites():
             try:
                 ray.get(self._actor(site).ready.remote())
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure to start is retried
                 log.warning("worker of site %s did not start: %s", site, _reason(exc))
                 self._drop_actor(site)
 

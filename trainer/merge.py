@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
@@ -84,7 +85,7 @@ def _check_updates(updates: Sequence[tuple[State, float]], out: State | None, *,
     if not updates:
         raise ValueError(f"{name}: no updates to average")
     weights = [float(w) for _, w in updates]
-    if any(w != w or w in (float("inf"), float("-inf")) for w in weights):
+    if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"{name}: non-finite weight in {weights}")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(

@@ -74,8 +74,8 @@ def _plot_tokens(records: list[dict], path: Path) -> Path:
 def _summary(run_dir: Path, records: list[dict], plots: list[Path]) -> str:
     first, last = records[0], records[-1]
     lines = [f"# Tributary run report: {Path(run_dir).name}", "",
-             f"{len(records) - 1} round(s); newest version {last['version']}"
-             f" ({last.get('status', 'accepted')}).", "",
+             (f"{len(records) - 1} round(s); newest version {last['version']}"
+              f" ({last.get('status', 'accepted')})."), "",
              "| eval set | start | now | change | forgetting |", "|---|---|---|---|---|"]
     for name, start in sorted(first.get("eval_perplexity", {}).items()):
         now = last["eval_perplexity"].get(name, float("nan"))
@@ -83,9 +83,10 @@ def _summary(run_dir: Path, records: list[dict], plots: list[Path]) -> str:
         lines.append(f"| {name} | {start:.3f} | {now:.3f} | {now / start - 1:+.1%} | "
                      f"{forgot:.1%} |")
     if last.get("backward_transfer") is not None or last.get("newest_gain") is not None:
-        lines += ["", f"Since the start: backward transfer {_signed(last.get('backward_transfer'))}"
-                  f" (older sets), gain on the newest data {_signed(last.get('newest_gain'))}"
-                  " (relative perplexity change, above 0 is better)."]
+        lines += ["", (f"Since the start: backward transfer "
+                       f"{_signed(last.get('backward_transfer'))} (older sets), gain on the newest "
+                       f"data {_signed(last.get('newest_gain'))} (relative perplexity change, "
+                       "above 0 is better).")]
     rejected = [r for r in records if r.get("status") == "rejected"]
     if rejected:
         lines += ["", "Rejected candidates:"]

@@ -31,7 +31,8 @@ class Packed:
     shapes: dict[str, tuple[int, ...]]
 
 
-def pack_delta(delta: Delta, *, kind: str, residual: Delta | None) -> tuple[Delta | Packed, Delta | None]:
+def pack_delta(delta: Delta, *, kind: str, residual: Delta | None
+               ) -> tuple[Delta | Packed, Delta | None]:
     """(payload, new residual) for `delta` plus the residual the site carried."""
     if kind == "fp32":
         return delta, None

@@ -110,8 +110,8 @@ class Worker:
         anchor = self._anchor(global_weights)
         trained = self._train(plan, sequences, holdout, anchor=anchor)
         trained = dataclasses.replace(trained, seconds=time.perf_counter() - started)
-        payload, self.pending_residual = pack_delta(self._delta(global_weights),
-                                                    kind=self.train.compression, residual=self.residual)
+        payload, self.pending_residual = pack_delta(
+            self._delta(global_weights), kind=self.train.compression, residual=self.residual)
         return self._update(plan, payload, ranges, cursor, sequences, trained=trained,
                             holdout=holdout, received=_nbytes(global_weights))
 
@@ -214,7 +214,8 @@ class Worker:
             best, stale = (held_out[-1], 0) if held_out[-1] < best else (best, stale + 1)
             if stale > stopping.patience:
                 break
-        replay_tokens = real_tokens(replay.slice(0, (epoch + 1) * per_epoch * plan.replay_per_batch))
+        replay_run = replay.slice(0, (epoch + 1) * per_epoch * plan.replay_per_batch)
+        replay_tokens = real_tokens(replay_run)
         return Trained(losses=losses, lrs=lrs, epochs=epoch + 1, replay_tokens=replay_tokens,
                        holdout_losses=held_out)
 

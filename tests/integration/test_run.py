@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_versions_manifests_and_metrics_are_written(two_rounds):
-    run_dir, seen = two_rounds
+    run_dir, _ = two_rounds
     names = sorted(p.name for p in (run_dir / "versions").iterdir())
     assert names == ["latest", "v0000", "v0001", "v0002"]
     assert (run_dir / "versions" / "latest").resolve().name == "v0002"

@@ -18,7 +18,8 @@ def test_fp32_is_sent_as_it_is():
     assert payload is d and residual is None and payload_bytes(payload) == 4 * (300 * 70 + 70)
 
 
-@pytest.mark.parametrize(("kind", "share", "tolerance"), [("bf16", 0.5, 2**-8), ("int8", 0.27, 1 / 127)])
+@pytest.mark.parametrize(("kind", "share", "tolerance"),
+                         [("bf16", 0.5, 2**-8), ("int8", 0.27, 1 / 127)])
 def test_compressed_sizes_and_rounding_error(kind, share, tolerance):
     d = delta()
     payload, residual = pack_delta(d, kind=kind, residual=None)
