@@ -31,6 +31,7 @@ def test_report_prints_the_round_table(tmp_path, capsys):
                {"round": 1, "version": "v0001", "workers_ok": 2, "workers_failed": 0,
                 "new_tokens": {"a": 100, "b": 50}, "replay_tokens": {"a": 10},
                 "train_loss": {"a": 2.0, "b": 3.0}, "eval_perplexity": {"probe": 11.0},
+                "backward_transfer": 0.12, "newest_gain": None,
                 "merge_seconds": 0.5, "round_seconds": 9.0}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     assert main(["report", str(tmp_path)]) == 0
@@ -45,7 +46,9 @@ def test_report_prints_the_round_table(tmp_path, capsys):
         "forgetting.png", "perplexity.png", "summary.md", "tokens.png"]
     assert all((report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
                for name in ("forgetting.png", "perplexity.png", "tokens.png"))
-    assert "| probe | 12.500 | 11.000 | -12.0% |" in (report / "summary.md").read_text()
+    summary = (report / "summary.md").read_text()
+    assert "| probe | 12.500 | 11.000 | -12.0% |" in summary
+    assert "backward transfer +12.0% (older sets), gain on the newest data n/a" in summary
 
 
 def test_report_without_metrics_says_so(tmp_path, capsys):
