@@ -10,7 +10,8 @@ import torch
 
 from trainer.config import EvalSetConfig
 from workers.increments import increment_files, read_texts
-from workers.packing import batch_tensors, pack, to_arrays, tokenize
+from workers.model import mean_nll
+from workers.packing import pack, to_arrays, tokenize
 
 
 @dataclass(frozen=True)
@@ -42,19 +43,6 @@ def load_eval_set(config: EvalSetConfig, *, tokenizer, seq_len: int) -> EvalSet:
     return EvalSet(name=config.name, ids=ids, lengths=lengths)
 
 
-@torch.no_grad()
 def perplexity(model: torch.nn.Module, data: EvalSet, *, batch_size: int = 8) -> float:
     """exp(mean next-token NLL) over all real tokens of the set."""
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(data.ids), batch_size):
-        batch = batch_tensors(data.ids[start:start + batch_size],
-                              data.lengths[start:start + batch_size])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-            ignore_index=-100, reduction="sum")
-        total_nll += float(nll)
-        total_tokens += int((targets != -100).sum())
-    return math.exp(total_nll / max(total_tokens, 1))
+    return math.exp(mean_nll(model, data.ids, data.lengths, batch_size=batch_size))

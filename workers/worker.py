@@ -33,7 +33,7 @@ from workers.increments import (
     iter_rows,
     merge_ranges,
 )
-from workers.model import build_model
+from workers.model import build_model, mean_nll
 from workers.packing import batch_tensors, empty_sequences, pack, real_tokens, to_arrays
 from workers.replay import ReplayStore, ratio_at, site_key
 from workers.schedule import lr_at
@@ -200,17 +200,20 @@ class Worker:
         per_epoch = max(1, math.ceil(new.num_rows / plan.new_per_batch))
         replay = self._sample_replay(stopping.max_epochs * per_epoch * plan.replay_per_batch,
                                      plan.round_index)
+        new_arrays = to_arrays(new)  # converted once, reused by every pass
+        held_arrays = to_arrays(holdout) if holdout is not None else None
         losses, lrs, held_out, best, stale = [], [], [], math.inf, 0
         for epoch in range(stopping.max_epochs):
             rows = per_epoch * plan.replay_per_batch
             epoch_losses, epoch_lrs = self._epoch(
-                plan, new, replay.slice(epoch * rows, rows), steps=per_epoch,
+                plan, new_arrays, replay.slice(epoch * rows, rows), steps=per_epoch,
                 first_step=len(losses), anchor=anchor)
             losses += epoch_losses
             lrs += epoch_lrs
-            if holdout is None:
+            if held_arrays is None:
                 continue
-            held_out.append(self._holdout_loss(holdout))
+            held_out.append(mean_nll(self.engine.module, *held_arrays,
+                                     batch_size=self.train.batch_size, device=self.device))
             best, stale = (held_out[-1], 0) if held_out[-1] < best else (best, stale + 1)
             if stale > stopping.patience:
                 break
@@ -219,10 +222,12 @@ class Worker:
         return Trained(losses=losses, lrs=lrs, epochs=epoch + 1, replay_tokens=replay_tokens,
                        holdout_losses=held_out)
 
-    def _epoch(self, plan: RoundPlan, new: pa.Table, replay: pa.Table, *, steps: int,
-               first_step: int, anchor: dict | None) -> tuple[list[float], list[float]]:
-        """One pass over the new sequences; returns each step's data loss and learning rate."""
-        new_ids, new_len = to_arrays(new)
+    def _epoch(self, plan: RoundPlan, new: tuple[np.ndarray, np.ndarray], replay: pa.Table, *,
+               steps: int, first_step: int, anchor: dict | None
+               ) -> tuple[list[float], list[float]]:
+        """One pass over the new sequences (ids, lengths); returns each step's data loss and
+        learning rate."""
+        new_ids, new_len = new
         rep_ids, rep_len = to_arrays(replay)
         per_new, per_rep = plan.new_per_batch, len(rep_ids) // steps if len(rep_ids) else 0
         self.engine.train()
@@ -257,20 +262,6 @@ class Worker:
                     for name, p in self.engine.module.named_parameters())
         return 0.5 * self.train.prox_mu * drift
 
-    def _holdout_loss(self, holdout: pa.Table) -> float:
-        """Mean loss on the held-out slice, in batches of the training batch size."""
-        ids, lengths = to_arrays(holdout)
-        self.engine.eval()
-        total, tokens = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, len(ids), self.train.batch_size):
-                batch = batch_tensors(ids[start:start + self.train.batch_size],
-                                      lengths[start:start + self.train.batch_size])
-                count = int((batch["labels"][:, 1:] != -100).sum())
-                loss = self.engine.module(**{k: v.to(self.device) for k, v in batch.items()}).loss
-                total, tokens = total + float(loss) * count, tokens + count
-        self.engine.train()
-        return total / max(1, tokens)
 
     def _delta(self, global_weights: dict) -> dict[str, np.ndarray]:
         delta = {}
