@@ -137,6 +137,10 @@ class MergeConfig:
     trim_fraction: float = 0.1
     # How workers send their deltas: "fp32", "bf16" or "int8" (with error feedback).
     compression: str = "fp32"
+    # 0: the coordinator combines whole deltas itself. N: N reducer actors each combine one
+    # slice of the tensors of every delta where it lies (coordinator memory stays ~2× the
+    # model whatever the number of workers; see trainer/reduce.py).
+    reducers: int = 0
 
 
 @dataclass(frozen=True)
@@ -373,6 +377,7 @@ def _check_strategy(m: MergeConfig, problems: list[str]) -> None:
          "merge.adam_betas", f"must be two numbers in [0, 1), found {m.adam_betas}"),
         (m.adam_eps > 0, "merge.adam_eps", "must be greater than 0"),
         (0.0 <= m.trim_fraction < 0.5, "merge.trim_fraction", "must be in [0, 0.5)"),
+        (m.reducers >= 0, "merge.reducers", f"must be 0 (off) or more, found {m.reducers}"),
         (m.compression in COMPRESSIONS, "merge.compression",
          f"must be one of {COMPRESSIONS}, found {m.compression!r}"),
     ]

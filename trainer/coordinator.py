@@ -25,6 +25,7 @@ from trainer.evaluate import load_eval_set, perplexity
 from trainer.faults import kill_point
 from trainer.metrics import MetricsLog
 from trainer.model_source import load_start_model, load_tokenizer
+from trainer.reduce import ShardedMerge
 from trainer.quality import forgetting, gate_problems, transfer
 from trainer.strategies import build_strategy
 from trainer.table import RoundTable
@@ -84,6 +85,12 @@ class Coordinator:
                                           seed=config.run.seed)
         self.global_weights = {n: p.data for n, p in self.model.named_parameters()}
         self.strategy = strategy_from(config)
+        self.sharded = (ShardedMerge(shapes={n: tuple(t.shape) for n, t in
+                                             self.global_weights.items()},
+                                     count=config.merge.reducers, strategy=config.merge.strategy,
+                                     trim_fraction=config.merge.trim_fraction)
+                        if config.merge.reducers else None)
+        self.parts: dict[str, list] = {}  # site -> its delta's slices (sharded merging)
         if resume:
             self.strategy.load_state_dict(
                 checkpoint.load_outer_state(checkpoint.latest_version(self.run_dir)))
@@ -124,6 +131,7 @@ class Coordinator:
         bar = tqdm(total=len(self.config.sites) + len(self.eval_sets) + 1,
                    desc=f"round {round_index}", leave=False)
         weights_ref = ray.put({n: t.numpy() for n, t in self.global_weights.items()})
+        self.parts = {}
         result = self._validate(self._collect(round_index, weights_ref, bar))
         self._count_misses(result)
         needed = max(1, min(self.config.merge.min_workers, len(self._active_sites())))
@@ -140,6 +148,7 @@ class Coordinator:
         merge_started = time.perf_counter()
         self._merge([u for u in result.updates if u.weight > 0])
         merge_seconds = time.perf_counter() - merge_started
+        self.parts = {}  # the slices may leave the object store now
         bar.set_description(f"round {round_index}: evaluating")
         evals = self._evaluate(progress=bar)
         gate = gate_problems(evals, self.history[-1], protected=self.protected,
@@ -187,10 +196,21 @@ class Coordinator:
                 self._drop_actor(site.name)
                 bar.update(1)
                 continue
-            ref = actor.train_round.remote(round_index=round_index, global_weights=weights_ref,
-                                           cursor=self.state.cursors[site.name])
+            ref = self._train(actor, site.name, round_index=round_index,
+                              global_weights=weights_ref, cursor=self.state.cursors[site.name])
             pending[ref] = site.name
         return pending, failures
+
+    def _train(self, actor, site: str, **round_args):
+        """Start the site's round; with sharded merging its delta comes back as separate
+        slices (kept in self.parts) and the returned ref is the update without it."""
+        if self.sharded is None:
+            return actor.train_round.remote(**round_args)
+        shards = self.sharded.shards
+        refs = actor.train_round_split.options(num_returns=len(shards) + 1).remote(
+            shards=shards, **round_args)
+        self.parts[site] = refs[1:]
+        return refs[0]
 
     def _gather(self, round_index: int, pending: dict, failures: dict, bar: tqdm) -> RoundResult:
         updates, idle, quarantined = [], [], []
@@ -224,6 +244,11 @@ class Coordinator:
 
     def _merge(self, updates: list[WorkerUpdate]) -> None:
         """The strategy's outer step (merge.strategy) on the round's deltas, in place."""
+        if self.sharded is not None:
+            self.sharded.apply(self.strategy, self.global_weights,
+                               {u.worker_id: self.parts[u.worker_id] for u in updates},
+                               {u.worker_id: u.weight for u in updates})
+            return
         with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
             warnings.simplefilter("ignore", UserWarning)
             deltas = [({k: torch.from_numpy(v) for k, v in u.delta.items()}, u.weight)
@@ -251,8 +276,13 @@ class Coordinator:
 
     def _validate(self, result: RoundResult) -> RoundResult:
         shapes = {name: tuple(t.shape) for name, t in self.global_weights.items()}
+        stats = None
+        if self.sharded is not None:  # inspected slice by slice on the reducers
+            stats = self.sharded.stats({u.worker_id: self.parts[u.worker_id]
+                                        for u in result.updates if u.weight > 0})
         accepted, rejected = validate_updates(
-            result.updates, shapes=shapes, max_norm_ratio=self.config.merge.max_norm_ratio)
+            result.updates, shapes=shapes, max_norm_ratio=self.config.merge.max_norm_ratio,
+            stats=stats)
         for site, reason in rejected.items():
             log.warning("round update of site %s rejected: %s; its rows stay unconsumed",
                         site, reason)
@@ -430,6 +460,8 @@ class Coordinator:
         for site in list(self.actors):
             self._drop_actor(site)
         ray.kill(self.replay, no_restart=True)
+        if self.sharded is not None:
+            self.sharded.shutdown()
         for site in self.config.sites:  # names are released asynchronously; a next run reuses them
             try:
                 self._wait_for_name(worker_name(site.name), timeout_s=30)

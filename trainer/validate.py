@@ -5,34 +5,42 @@ A rejected update is never merged; its site's rows stay unconsumed and are train
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from workers.types import WorkerUpdate
 
 
+@dataclass(frozen=True)
+class DeltaStats:
+    """What validation needs to know of one delta: what is wrong with it (None: nothing),
+    and Σ x² over its values (a sharded merge adds the slices' sums)."""
+
+    problem: str | None
+    sum_squares: float
+
+
 def validate_updates(
     updates: Sequence[WorkerUpdate], *, shapes: Mapping[str, tuple[int, ...]],
-    max_norm_ratio: float,
+    max_norm_ratio: float, stats: Mapping[str, DeltaStats] | None = None,
 ) -> tuple[list[WorkerUpdate], dict[str, str]]:
     """(accepted, {worker_id: reason}) for this round's updates.
 
     An update whose delta norm exceeds `max_norm_ratio` × the median norm of the other
     updates is rejected (with a single update there is nothing to compare against).
-    Updates of weight 0 (only blank rows were consumed) carry no delta and pass.
+    `stats` are given when the deltas were inspected where they lie (sharded merging);
+    otherwise they are computed here from each update's delta. Updates without stats (weight 0:
+    only blank rows were consumed, no delta) pass.
     """
-    rejected: dict[str, str] = {}
-    norms: dict[str, float] = {}
-    for update in updates:
-        if update.weight == 0 and not update.delta:
-            continue
-        reason = _layout_problem(update.delta, shapes) or _finite_problem(update.delta)
-        if reason:
-            rejected[update.worker_id] = reason
-        else:
-            norms[update.worker_id] = delta_norm(update.delta)
+    if stats is None:
+        stats = {u.worker_id: delta_stats(u.delta, shapes) for u in updates
+                 if u.weight or u.delta}
+    rejected = {site: s.problem for site, s in stats.items() if s.problem}
+    norms = {site: math.sqrt(s.sum_squares) for site, s in stats.items() if not s.problem}
     for worker_id, norm in norms.items():
         others = [n for other, n in norms.items() if other != worker_id]
         if others and norm > max_norm_ratio * statistics.median(others):
@@ -41,6 +49,13 @@ def validate_updates(
                 f"median of the other updates ({statistics.median(others):.4g})")
     accepted = [u for u in updates if u.worker_id not in rejected]
     return accepted, rejected
+
+
+def delta_stats(delta: Mapping[str, np.ndarray], shapes: Mapping[str, tuple]) -> DeltaStats:
+    problem = _layout_problem(delta, shapes) or _finite_problem(delta)
+    if problem:
+        return DeltaStats(problem, math.nan)
+    return DeltaStats(None, sum(float(np.dot(a.ravel(), a.ravel())) for a in delta.values()))
 
 
 def delta_norm(delta: Mapping[str, np.ndarray]) -> float:

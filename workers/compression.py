@@ -89,3 +89,14 @@ def _dequantize(codes: np.ndarray, scale: np.ndarray, shape: tuple[int, ...]) ->
     with np.errstate(invalid="ignore"):  # 0 × an Inf scale: NaN, as validation should see
         values = codes.astype(np.float32) * scale[:, None]
     return values.ravel()[:size].reshape(shape)
+
+
+def split_payload(payload: Delta | Packed, shards: list[list[str]]) -> list[Delta | Packed]:
+    """The payload cut into one payload per shard (a list of tensor names each), compressed
+    form kept, so each slice can travel to its reducer as its own object."""
+    if not isinstance(payload, Packed):
+        return [{name: payload[name] for name in names} for names in shards]
+    return [Packed(kind=payload.kind,
+                   data={n: payload.data[n] for n in names},
+                   scales={n: payload.scales[n] for n in names if n in payload.scales},
+                   shapes={n: payload.shapes[n] for n in names}) for names in shards]

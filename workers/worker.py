@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workers import engine as ds
-from workers.compression import Packed, pack_delta, payload_bytes
+from workers.compression import Packed, pack_delta, payload_bytes, split_payload
 from workers.fsio import fsync_dir, fsync_tree
 from workers.increments import (
     cursor_after,
@@ -114,6 +114,19 @@ class Worker:
             self._delta(global_weights), kind=self.train.compression, residual=self.residual)
         return self._update(plan, payload, ranges, cursor, sequences, trained=trained,
                             holdout=holdout, received=_nbytes(global_weights))
+
+    def train_round_split(self, *, shards: list[list[str]], round_index: int,
+                          global_weights: dict, cursor: Cursor) -> tuple:
+        """`train_round` with the delta cut into `shards` (lists of tensor names). The
+        coordinator calls it with Ray's num_returns=len(shards) + 1, so each slice is its own
+        object that a reducer reads where it lies; the coordinator fetches only the first
+        value, the update without its delta."""
+        answer = self.train_round(round_index=round_index, global_weights=global_weights,
+                                  cursor=cursor)
+        if isinstance(answer, NoData) or not answer.delta:
+            return (answer, *([None] * len(shards)))
+        parts = split_payload(answer.delta, shards)
+        return (dataclasses.replace(answer, delta={}), *parts)
 
     def _update(self, plan: RoundPlan, delta: dict | Packed, ranges: list[RowRange],
                 cursor: Cursor, sequences: pa.Table, *, trained: Trained,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
+import ray
+import ray.util.state
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,6 +115,21 @@ def test_resumed_run_equals_uninterrupted_run(two_rounds, demo_root, notes_site,
     a, b = all_manifests(run_dir)[-1], all_manifests(split)[-1]
     assert a["increments"] == b["increments"]
     assert a["cursors"] == b["cursors"] and a["tokens"] == b["tokens"]
+
+
+def test_sharded_merge_equals_the_coordinator_merge(two_rounds, demo_root, notes_site,
+                                                    tmp_path):
+    """Three reducers each combine a slice of every delta where it lies; the result is the
+    same float for float as the coordinator averaging whole deltas."""
+    run_dir = tmp_path / "sharded"
+    run_training(tiny_config(demo_root, notes_site, run_dir, **{"merge.reducers": 3}))
+    expected = load_file(str(two_rounds[0] / "versions" / "v0002" / "model.safetensors"))
+    sharded = load_file(str(run_dir / "versions" / "v0002" / "model.safetensors"))
+    assert all(torch.equal(expected[k], sharded[k]) for k in expected)
+    assert [r["workers_ok"] for r in read_metrics(run_dir)] == [0, 2, 2]
+    alive = [a for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")])
+             if a["class_name"] == "ShardReducer"]
+    assert alive == [], "reducers outlived their run"
 
 
 def test_outer_momentum_state_is_checkpointed_and_resumed(ray_cluster, demo_root, notes_site,
