@@ -1,0 +1,255 @@
+"""Coordinator memory and merge time as workers are added: sharded against unsharded merging.
+
+    python benchmarks/scale.py            # K = 2, 4, 8, 16 workers, ~3 min
+    python benchmarks/scale.py --quick    # K = 2, 4
+
+K simulated workers (Ray actors with 0.1 CPU each; a small Llama of ~20M parameters, one real
+SGD step on random tokens, no DeepSpeed and no data files) send their deltas each round. The
+unsharded arm is the coordinator's own path (every whole delta fetched, validated and averaged
+in its process); the sharded arm is `merge.reducers` (trainer/reduce.py). Each arm runs in a
+fresh coordinator process. Its peak memory in a round (in units of the model's fp32 size) is
+the global weights it always holds + the peak rise of its private memory (sampled every ms) +
+the bytes of the objects it fetched, which in a multi-node cluster are pulled into its node's
+object store. Merge time runs from "every update is in" to the new global weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+import ray
+import torch
+
+from cluster.connect import NAMESPACE
+from trainer.reduce import ShardedMerge
+from trainer.strategies import build_strategy
+from trainer.table import markdown
+from trainer.validate import validate_updates
+from workers.compression import payload_bytes, split_payload
+from workers.types import Cursor, WorkerUpdate
+
+ARCH = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 256,
+        "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "max_position_embeddings": 128, "tie_word_embeddings": False}
+
+
+def build_model() -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**ARCH)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+class SimulatedWorker:
+    """One real optimizer step of the small model on random tokens; returns the delta whole
+    or in slices, as a Tributary worker would."""
+
+    def __init__(self, *, seed: int) -> None:
+        torch.set_num_threads(1)
+        self.model = build_model()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+
+    def step(self, global_weights: dict) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                param.copy_(torch.from_numpy(global_weights[name]))
+        ids = torch.randint(0, ARCH["vocab_size"], (1, 32), generator=self.generator)
+        self.model(input_ids=ids, labels=ids).loss.backward()
+        delta = {}
+        for name, param in self.model.named_parameters():
+            delta[name] = (-1e-3 * param.grad).numpy().copy()
+            param.grad = None
+        return delta
+
+    def round_whole(self, *, global_weights: dict) -> WorkerUpdate:
+        return self._update(self.step(global_weights))
+
+    def round_split(self, *, shards: list[list[str]], global_weights: dict) -> tuple:
+        delta = self.step(global_weights)
+        return (self._update({}), *split_payload(delta, shards))
+
+    def read_only_broadcast(self, *, global_weights: dict) -> bool:
+        """True if the weights arrived as read-only views of the node's object store."""
+        return not any(a.flags.writeable for a in global_weights.values())
+
+    def _update(self, delta: dict) -> WorkerUpdate:
+        return WorkerUpdate(worker_id=f"w{self.seed:02d}", round=1, delta=delta,
+                            weight=1000.0 + self.seed, consumed=(), cursor=Cursor(),
+                            sequences=None, metrics={})
+
+
+class PrivatePeak:
+    """The peak of this process's private memory (RssAnon) while the block runs, sampled
+    every millisecond. (Shared object-store pages are counted apart: once touched they stay
+    in RSS after their objects are freed, so RSS would overstate what is held.)"""
+
+    def __enter__(self) -> PrivatePeak:
+        self.base = self.peak = _rss_anon()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, _rss_anon())
+            time.sleep(0.001)
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+
+
+def unsharded_round(workers, global_state, strategy) -> tuple[float, int]:
+    """The coordinator's own path: fetch whole deltas, validate, combine, step.
+    Returns (merge seconds, bytes of objects the coordinator fetched)."""
+    ref = ray.put({n: t.numpy() for n, t in global_state.items()})
+    pending = [w.round_whole.remote(global_weights=ref) for w in workers]
+    ray.wait(pending, num_returns=len(pending), fetch_local=False)
+    started = time.perf_counter()
+    updates = ray.get(pending)
+    shapes = {n: tuple(t.shape) for n, t in global_state.items()}
+    accepted, _ = validate_updates(updates, shapes=shapes, max_norm_ratio=10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        strategy.aggregate(global_state, [({k: torch.from_numpy(v) for k, v in u.delta.items()},
+                                           u.weight) for u in accepted])
+    return time.perf_counter() - started, sum(payload_bytes(u.delta) for u in updates)
+
+
+def sharded_round(workers, global_state, strategy, sharded: ShardedMerge) -> tuple[float, int]:
+    ref = ray.put({n: t.numpy() for n, t in global_state.items()})
+    count = len(sharded.shards) + 1
+    calls = [w.round_split.options(num_returns=count).remote(shards=sharded.shards,
+                                                            global_weights=ref)
+             for w in workers]
+    ray.wait([c[0] for c in calls], num_returns=len(calls))
+    started = time.perf_counter()
+    updates = ray.get([c[0] for c in calls])
+    parts = {u.worker_id: c[1:] for u, c in zip(updates, calls, strict=True)}
+    shapes = {n: tuple(t.shape) for n, t in global_state.items()}
+    accepted, _ = validate_updates(updates, shapes=shapes, max_norm_ratio=10.0,
+                                   stats=sharded.stats(parts))
+    sharded.apply(strategy, global_state, {u.worker_id: parts[u.worker_id] for u in accepted},
+                  {u.worker_id: u.weight for u in accepted})
+    # What it fetched: one combined fp32 slice per reducer, together one copy of the model.
+    return time.perf_counter() - started, sum(t.numel() * 4 for t in global_state.values())
+
+
+def coordinator(*, arm: str, count: int, reducers: int, rounds: int) -> dict:
+    """One arm at one K, in a fresh process joined to the benchmark's cluster (`--child`).
+    Its peak memory in a round = the global weights + its private memory's peak rise + the
+    objects it fetched (in a multi-node cluster those are pulled into its node's store)."""
+    global_state = {n: p.data for n, p in build_model().named_parameters()}
+    model_bytes = sum(t.numel() * 4 for t in global_state.values())
+    workers = [ray.get_actor(f"scale-sim-{i:02d}") for i in range(count)]
+    strategy = build_strategy("fedavg")
+    if arm == "sharded":
+        merge = ShardedMerge(shapes={n: tuple(t.shape) for n, t in global_state.items()},
+                             count=reducers, strategy="fedavg", trim_fraction=0.1)
+        one_round = lambda: sharded_round(workers, global_state, strategy, merge)  # noqa: E731
+    else:
+        one_round = lambda: unsharded_round(workers, global_state, strategy)  # noqa: E731
+    one_round()  # warm-up: actors, buffers kept across rounds
+    seconds, peaks = [], []
+    for _ in range(rounds):
+        with PrivatePeak() as private:
+            took, fetched = one_round()
+        seconds.append(took)
+        peaks.append(1 + (private.peak - private.base + fetched) / model_bytes)
+    return {"peak": max(peaks), "seconds": statistics.median(seconds),
+            "model_bytes": model_bytes}
+
+
+def run_child(*, arm: str, count: int, args: argparse.Namespace, address: str) -> dict:
+    command = [sys.executable, __file__, "--child", arm, "--count", str(count), "--address",
+               address, "--reducers", str(args.reducers), "--rounds", str(args.rounds)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{arm} K={count} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def store_bytes_used() -> int | None:
+    """Bytes in the object store (Ray's internal memory API; None if it is unavailable)."""
+    try:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context()
+                                                             .gcs_address))
+        return int(reply.store_stats.object_store_bytes_used)
+    except Exception:  # noqa: BLE001 - a private API: report "n/a" rather than fail
+        return None
+
+
+def broadcast_check(workers, global_state, model_bytes: int) -> str:
+    """One ray.put read by every worker on this node: one copy in the store, zero-copy reads."""
+    before = store_bytes_used()
+    ref = ray.put({n: t.numpy() for n, t in global_state.items()})
+    zero_copy = ray.get([w.read_only_broadcast.remote(global_weights=ref) for w in workers])
+    after = store_bytes_used()
+    copies = "n/a" if before is None else f"{(after - before) / model_bytes:.2f}"
+    return (f"broadcast to {len(workers)} workers on one node: object store grew by {copies} × "
+            f"the model; read-only zero-copy views in {sum(zero_copy)}/{len(workers)} workers")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reducers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", choices=["sharded", "unsharded"], help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--address", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
+        torch.set_num_threads(2)
+        print(json.dumps(coordinator(arm=args.child, count=args.count, reducers=args.reducers,
+                                     rounds=args.rounds)))
+        return
+    counts = (2, 4) if args.quick else (2, 4, 8, 16)
+    ray.init(namespace=NAMESPACE, num_cpus=2, include_dashboard=False)
+    remote = ray.remote(SimulatedWorker)
+    pool = [remote.options(name=f"scale-sim-{i:02d}", num_cpus=0.1).remote(seed=i)
+            for i in range(max(counts))]
+    ray.get([w.read_only_broadcast.remote(global_weights={}) for w in pool])  # all started
+    address = ray.get_runtime_context().gcs_address
+    rows, result = [], {}
+    for k in counts:
+        result = {arm: run_child(arm=arm, count=k, args=args, address=address)
+                  for arm in ("unsharded", "sharded")}
+        plain, shard = result["unsharded"], result["sharded"]
+        rows.append([str(k), f"{plain['peak']:.2f}", f"{shard['peak']:.2f}",
+                     f"{plain['seconds']:.3f}", f"{shard['seconds']:.3f}",
+                     f"{shard['seconds'] / plain['seconds']:.2f}"])
+    model_bytes = result["sharded"]["model_bytes"]
+    print(f"model: {model_bytes / 1e6:.0f} MB fp32; reducers: {args.reducers}; "
+          f"coordinator peak memory in units of the model, global weights included")
+    print(markdown(["K", "unsharded peak × model", "sharded peak × model", "unsharded merge s",
+                    "sharded merge s", "sharded / unsharded time"], rows))
+    global_state = {n: p.data for n, p in build_model().named_parameters()}
+    print(broadcast_check(pool, global_state, model_bytes))
+    print(f"ratio: coordinator peak memory at K={counts[-1]}, sharded / unsharded = "
+          f"{result['sharded']['peak']:.2f} / {result['unsharded']['peak']:.2f} = "
+          f"{result['sharded']['peak'] / result['unsharded']['peak']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
