@@ -93,7 +93,7 @@ class PrivatePeak:
     every millisecond. (Shared object-store pages are counted apart: once touched they stay
     in RSS after their objects are freed, so RSS would overstate what is held.)"""
 
-    def __enter__(self) -> PrivatePeak:
+    def __enter__(self):
         self.base = self.peak = _rss_anon()
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -163,9 +163,9 @@ def coordinator(*, arm: str, count: int, reducers: int, rounds: int) -> dict:
     if arm == "sharded":
         merge = ShardedMerge(shapes={n: tuple(t.shape) for n, t in global_state.items()},
                              count=reducers, strategy="fedavg", trim_fraction=0.1)
-        one_round = lambda: sharded_round(workers, global_state, strategy, merge)  # noqa: E731
+        one_round = lambda: sharded_round(workers, global_state, strategy, merge)
     else:
-        one_round = lambda: unsharded_round(workers, global_state, strategy)  # noqa: E731
+        one_round = lambda: unsharded_round(workers, global_state, strategy)
     one_round()  # warm-up: actors, buffers kept across rounds
     seconds, peaks = [], []
     for _ in range(rounds):
@@ -181,9 +181,10 @@ def run_child(*, arm: str, count: int, args: argparse.Namespace, address: str) -
     command = [sys.executable, __file__, "--child", arm, "--count", str(count), "--address",
                address, "--reducers", str(args.reducers), "--rounds", str(args.rounds)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{arm} K={count} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        raise RuntimeError(f"{arm} K={count} failed:\n{done.stdout[-1000:]}{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def store_bytes_used() -> int | None:

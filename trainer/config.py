@@ -47,6 +47,9 @@ class RunConfig:
     seed: int = 0
     # Keep the weights of only the newest N versions (manifests always stay); None: keep all.
     keep_versions: int | None = None
+    # Evaluate and write version v while round v+1 trains (a run with a quality gate still
+    # evaluates first: the gate decides what the next round starts from).
+    overlap: bool = True
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ seeds) is in the newest version's manifest and the files it names."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import shutil
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,8 +27,8 @@ from trainer.evaluate import load_eval_set, perplexity
 from trainer.faults import kill_point
 from trainer.metrics import MetricsLog
 from trainer.model_source import load_start_model, load_tokenizer
-from trainer.reduce import ShardedMerge
 from trainer.quality import forgetting, gate_problems, transfer
+from trainer.reduce import ShardedMerge
 from trainer.strategies import build_strategy
 from trainer.table import RoundTable
 from trainer.validate import validate_updates
@@ -91,6 +93,7 @@ class Coordinator:
                                      trim_fraction=config.merge.trim_fraction)
                         if config.merge.reducers else None)
         self.parts: dict[str, list] = {}  # site -> its delta's slices (sharded merging)
+        self.publishing: Background | None = None  # a version being written (run.overlap)
         if resume:
             self.strategy.load_state_dict(
                 checkpoint.load_outer_state(checkpoint.latest_version(self.run_dir)))
@@ -106,30 +109,34 @@ class Coordinator:
     def run(self) -> Path:
         print(self.table.header())
         if not self.resume:
-            record = self._checkpoint(0, self._evaluate(), RoundResult([], {}, []))
-            print(self.table.row(record))
+            self._publish(0, self._evaluate(), RoundResult([], {}, []), overlap=False)
         self._start_workers()
         attempts = 0
-        while self.state.round < self.config.rounds:
-            if not self._active_sites():
-                print(f"No site has rows left (or is up) after round {self.state.round}; stopping.")
-                break
-            if self.run_round(self.state.round + 1):
-                attempts = 0
-                continue
-            attempts += 1
-            if attempts >= self.config.merge.max_round_attempts:
-                raise RunError(
-                    f"round {self.state.round + 1} failed {attempts} times (see the log for each "
-                    f"reason); the last complete version is kept. Fix the cause and run "
-                    f"`tributary resume {self.run_dir}`.")
+        try:
+            while self.state.round < self.config.rounds:
+                if not self._active_sites():
+                    print(f"No site has rows left (or is up) after round {self.state.round}; "
+                          "stopping.")
+                    break
+                if self.run_round(self.state.round + 1):
+                    attempts = 0
+                    continue
+                attempts += 1
+                if attempts >= self.config.merge.max_round_attempts:
+                    raise RunError(
+                        f"round {self.state.round + 1} failed {attempts} times (see the log for "
+                        f"each reason); the last complete version is kept. Fix the cause and run "
+                        f"`tributary resume {self.run_dir}`.")
+        finally:  # a version being written in the background is finished, never abandoned
+            self._wait_for_publishing()
         return checkpoint.latest_version(self.run_dir)
 
     def run_round(self, round_index: int) -> bool:
-        """One round; False if it gathered too few valid updates (nothing is committed then)."""
+        """One round; False if it gathered too few valid updates (nothing is committed then).
+        With run.overlap the previous version is evaluated and written while this round
+        trains; it is finished before this round's merge touches the weights."""
         started = time.perf_counter()
-        bar = tqdm(total=len(self.config.sites) + len(self.eval_sets) + 1,
-                   desc=f"round {round_index}", leave=False)
+        bar = tqdm(total=len(self.config.sites) + 1, desc=f"round {round_index}", leave=False)
         weights_ref = ray.put({n: t.numpy() for n, t in self.global_weights.items()})
         self.parts = {}
         result = self._validate(self._collect(round_index, weights_ref, bar))
@@ -149,29 +156,28 @@ class Coordinator:
         self._merge([u for u in result.updates if u.weight > 0])
         merge_seconds = time.perf_counter() - merge_started
         self.parts = {}  # the slices may leave the object store now
-        bar.set_description(f"round {round_index}: evaluating")
-        evals = self._evaluate(progress=bar)
+        # The gate decides what the next round trains on, so a gated run evaluates now;
+        # otherwise evaluation waits for the background (run.overlap).
+        evals = self._evaluate() if self.protected or not self.config.run.overlap else None
         gate = gate_problems(evals, self.history[-1], protected=self.protected,
-                             max_regression=self.config.quality.max_regression)
-        bar.set_description(f"round {round_index}: checkpointing")
+                             max_regression=self.config.quality.max_regression) if evals else []
         self.state.round = round_index
         self._advance_cursors(result)  # a rejected candidate still consumed its rows
         if not gate:
             self._commit_workers(round_index, result)
             self._remember(result.updates, round_index=round_index)
         kill_point("merged", round_index)
-        record = self._checkpoint(self.state.version + 1, evals, result, gate=gate,
-                                  merge_seconds=merge_seconds,
-                                  round_seconds=time.perf_counter() - started)
+        bar.update(1)
+        bar.close()
+        self._publish(self.state.version + 1, evals, result, gate=gate,
+                      merge_seconds=merge_seconds, round_seconds=time.perf_counter() - started,
+                      overlap=self.config.run.overlap and not gate)
         if gate:  # keep the global model at the last accepted version
-            log.warning("round %d: candidate %s rejected by the quality gate: %s", round_index,
-                        record["version"], "; ".join(gate))
+            log.warning("round %d: candidate v%04d rejected by the quality gate: %s",
+                        round_index, self.state.version, "; ".join(gate))
             for name, tensor in self.global_weights.items():
                 tensor.copy_(previous[name])
             self.strategy.load_state_dict(previous_outer)
-        bar.update(1)
-        bar.close()
-        print(self.table.row(record))
         return True
 
     # ------------------------------------------------------------------ steps of a round
@@ -179,6 +185,7 @@ class Coordinator:
     def _collect(self, round_index: int, weights_ref, bar: tqdm) -> RoundResult:
         """Ask every site with data left to train; wait until all answer or the deadline."""
         pending, failures = self._dispatch(round_index, weights_ref, bar)
+        self._wait_for_publishing()  # the previous version, written while these train
         kill_point("training", round_index)
         return self._gather(round_index, pending, failures, bar)
 
@@ -262,13 +269,8 @@ class Coordinator:
                 ray.get(self.replay.add.remote(update.worker_id, update.sequences,
                                                round_index=round_index))
 
-    def _evaluate(self, progress: tqdm | None = None) -> dict[str, float]:
-        results = {}
-        for data in self.eval_sets:
-            results[data.name] = perplexity(self.model, data)
-            if progress is not None:
-                progress.update(1)
-        return results
+    def _evaluate(self) -> dict[str, float]:
+        return {data.name: perplexity(self.model, data) for data in self.eval_sets}
 
     def _advance_cursors(self, result: RoundResult) -> None:
         for update in result.updates:
@@ -324,37 +326,60 @@ class Coordinator:
         gone = self.state.exhausted | self.state.down
         return [s.name for s in self.config.sites if s.name not in gone]
 
-    def _checkpoint(self, number: int, evals: dict[str, float], result: RoundResult, *,
-                    gate: list[str] = (), merge_seconds: float = 0.0,
-                    round_seconds: float = 0.0) -> dict:
+    def _publish(self, number: int, evals: dict[str, float] | None, result: RoundResult, *,
+                 overlap: bool, gate: list[str] = (), merge_seconds: float = 0.0,
+                 round_seconds: float = 0.0) -> None:
+        """Evaluate (if `evals` is None) and write version `number`: now, or with `overlap` on
+        a background thread while the next round trains. What it records of the run's state
+        is taken now; `latest` moves only once the version is evaluated and written."""
+        snapshot = copy.deepcopy(self.state)
         replay_dir = self.run_dir / "replay" / checkpoint.version_name(number)
-        ray.get(self.replay.save.remote(str(replay_dir)))
-        manifest = self._manifest(number, evals, result, replay_dir, gate=gate)
-        record = self._record(number, manifest, result, merge_seconds, round_seconds)
-        # The metrics line goes first: a crash before the version is published leaves a line
-        # that resume drops (rounds past the resumed version), never a version without one.
-        self.metrics.write(record)
-        checkpoint.save_version(self.run_dir, number=number, model=self.model,
-                                tokenizer=self.tokenizer, manifest=manifest, rejected=bool(gate),
-                                outer_state=self.strategy.state_dict())
+        replay_saved = self.replay.save.remote(str(replay_dir))  # before later rounds add
         self.state.version = number
         if not gate:
             self.state.accepted = number
-            self.history.append(evals)
-        self._prune_replay_snapshots(keep=checkpoint.version_name(number))
-        if self.config.run.keep_versions is not None:
-            checkpoint.prune_versions(self.run_dir, keep=self.config.run.keep_versions)
-        return record
+
+        def write() -> None:
+            measured = evals if evals is not None else self._evaluate()
+            ray.get(replay_saved)
+            manifest = self._manifest(number, measured, result, replay_dir, gate=gate,
+                                      state=snapshot)
+            record = self._record(number, manifest, result, merge_seconds, round_seconds,
+                                  round_index=snapshot.round)
+            # The metrics line goes first: a crash before the version is published leaves a
+            # line that resume drops (rounds past the resumed version), never a version
+            # without one.
+            self.metrics.write(record)
+            checkpoint.save_version(self.run_dir, number=number, model=self.model,
+                                    tokenizer=self.tokenizer, manifest=manifest,
+                                    rejected=bool(gate), outer_state=self.strategy.state_dict())
+            if not gate:
+                self.history.append(measured)
+            self._prune_replay_snapshots(keep=checkpoint.version_name(number))
+            if self.config.run.keep_versions is not None:
+                checkpoint.prune_versions(self.run_dir, keep=self.config.run.keep_versions)
+            print(self.table.row(record))
+
+        if overlap:
+            self.publishing = Background(write, name=f"publish-{checkpoint.version_name(number)}")
+        else:
+            write()
+
+    def _wait_for_publishing(self) -> None:
+        """Let the version being written in the background finish (its error is raised here)."""
+        if self.publishing is not None:
+            publishing, self.publishing = self.publishing, None
+            publishing.join()
 
     def _manifest(self, number: int, evals: dict, result: RoundResult, replay_dir: Path, *,
-                  gate: list[str]) -> dict:
+                  gate: list[str], state: RunState) -> dict:
         sites = {s.name: s for s in self.config.sites}
         total = sum(u.weight for u in result.updates) or 1.0
         return {
-            "parent": checkpoint.version_name(self.state.accepted) if number > 0 else None,
+            "parent": checkpoint.version_name(state.accepted) if number > 0 else None,
             "status": "rejected" if gate else "accepted",
             "gate": list(gate),
-            "round": self.state.round,
+            "round": state.round,
             "increments": {u.worker_id: [dict(r.to_dict(), file=_file_path(sites[u.worker_id],
                                                                             r.file))
                                          for r in u.consumed] for u in result.updates},
@@ -369,18 +394,18 @@ class Coordinator:
             "failures": result.failures,
             "rejected": result.rejected,
             "quarantined": result.quarantined,
-            "cursors": {name: c.to_dict() for name, c in self.state.cursors.items()},
-            "exhausted": sorted(self.state.exhausted),
-            "down": sorted(self.state.down),
+            "cursors": {name: c.to_dict() for name, c in state.cursors.items()},
+            "exhausted": sorted(state.exhausted),
+            "down": sorted(state.down),
             "replay": str(replay_dir.relative_to(self.run_dir)),
             "seed": self.config.run.seed,
         }
 
     def _record(self, number: int, manifest: dict, result: RoundResult, merge_seconds: float,
-                round_seconds: float) -> dict:
+                round_seconds: float, *, round_index: int) -> dict:
         by_site = {u.worker_id: u.metrics for u in result.updates}
         return {
-            "round": self.state.round, "version": checkpoint.version_name(number),
+            "round": round_index, "version": checkpoint.version_name(number),
             "time": time.time(), "workers_ok": len(result.updates),
             "workers_failed": len(result.failures) + len(result.rejected),
             "workers_idle": result.idle, "failures": result.failures,
@@ -506,6 +531,26 @@ class Coordinator:
         MetricsLog.drop_after(self.run_dir, round_index=self.state.round)
         log.info("resuming %s at round %d from %s", self.run_dir, self.state.round, latest.name)
         return model
+
+
+class Background:
+    """A function on its own thread whose exception is raised again by `join`."""
+
+    def __init__(self, target, *, name: str) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, target) -> None:
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that joins
+            self.error = exc
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def strategy_from(config: Config):
