@@ -181,8 +181,9 @@ def run_child(*, arm: str, count: int, args: argparse.Namespace, address: str) -
     command = [sys.executable, __file__, "--child", arm, "--count", str(count), "--address",
                address, "--reducers", str(args.reducers), "--rounds", str(args.rounds)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines or not lines[-1].startswith("{"):
+    # Ray may print to stdout after the answer: take the JSON line.
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
         raise RuntimeError(f"{arm} K={count} failed:\n{done.stdout[-1000:]}{done.stderr[-3000:]}")
     return json.loads(lines[-1])
 
