@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tributary", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="start a training run from a YAML config")
-    run.add_argument("config")
+    run.add_argument("config", help="a YAML file, or env:NAME to read the YAML from the "
+                     "environment variable NAME (how `submit` hands a job its config)")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a config value (repeatable)")
     resume = commands.add_parser("resume", help="continue a run from its newest version")
@@ -21,6 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser(
         "report", help="print the per-round table; write plots and a summary to RUN_DIR/report")
     report.add_argument("run_dir")
+    submit = commands.add_parser(
+        "submit", help="run on a Ray cluster as a job (Ray Jobs API), shipping this repo")
+    submit.add_argument("config")
+    submit.add_argument("--address", required=True,
+                        help="the cluster's dashboard, e.g. http://HEAD:8265")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    submit.add_argument("--wait", action="store_true",
+                        help="follow the job until it ends; exit 0 only if it succeeded")
     demo = commands.add_parser("prepare-demo", help="build the demo's site and eval folders")
     demo.add_argument("dir")
     args = parser.parse_args(argv)
@@ -28,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        if isinstance(exc, FileNotFoundError) and exc.filename is None:  # say where it came from
+            logging.getLogger("tributary").exception("a file was missing")
         print(f"tributary {args.command}: {exc}", file=sys.stderr)
         return 2
 
@@ -36,7 +47,10 @@ def _run(args: argparse.Namespace) -> int:
     from trainer.config import load_config, resolve_paths
     from trainer.coordinator import run_training
 
-    config = resolve_paths(load_config(args.config, overrides=args.set))
+    if args.config.startswith("env:"):
+        config = resolve_paths(_config_from_env(args.config[4:], overrides=args.set))
+    else:
+        config = resolve_paths(load_config(args.config, overrides=args.set))
     latest = run_training(config)
     print(f"done: newest version {latest}")
     return 0
@@ -52,6 +66,32 @@ def _resume(args: argparse.Namespace) -> int:
     latest = run_training(config, resume=True)
     print(f"done: newest version {latest}")
     return 0
+
+
+def _config_from_env(name: str, *, overrides: list[str]):
+    import os
+
+    import yaml
+
+    from trainer.config import config_from_dict
+
+    text = os.environ.get(name)
+    if not text:
+        raise ValueError(f"environment variable {name} is not set or empty; it should hold "
+                         "the YAML config (`tributary submit` sets it)")
+    return config_from_dict(yaml.safe_load(text), overrides=overrides, source=f"env:{name}")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from trainer.submit import submit, wait
+
+    submitted = submit(args.config, address=args.address, overrides=args.set)
+    print(submitted.instructions())
+    if not args.wait:
+        return 0
+    status = wait(submitted)
+    print(f"job {submitted.job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -78,4 +118,4 @@ def _prepare_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "resume": _resume, "report": _report, "prepare-demo": _prepare_demo}
+COMMANDS = {"submit": _submit, "run": _run, "resume": _resume, "report": _report, "prepare-demo": _prepare_demo}

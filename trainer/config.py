@@ -66,6 +66,9 @@ class SiteConfig:
     name: str
     path: str
     text_column: str = "text"
+    # Ray resources the site's worker also needs, e.g. {"site_berlin": 1} to pin it to the
+    # node that holds its data (start that node with `ray start --resources`).
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,10 @@ def load_config(path: str | os.PathLike, *, overrides: list[str] = ()) -> Config
     return config_from_dict(raw, overrides=overrides, source=str(path))
 
 
-def config_from_dict(raw: Any, *, overrides: list[str] = (), source: str = "config") -> Config:
+def config_from_dict(raw: Any, *, overrides: list[str] = (), source: str = "config",
+                     check_files: bool = True) -> Config:
+    """The typed, validated config. `check_files=False` skips checking that data, model and
+    DeepSpeed files exist here (`tributary submit`: they are on the cluster's storage)."""
     if not isinstance(raw, dict):
         raise ConfigError(["top level must be a mapping of keys"], source=source)
     problems: list[str] = []
@@ -203,7 +209,7 @@ def config_from_dict(raw: Any, *, overrides: list[str] = (), source: str = "conf
     config = _build(Config, raw, "", problems)
     # Values are checked only when every field has its declared type (unknown keys aside).
     if config is not None and all(": unknown key" in p for p in problems):
-        _check_values(config, problems)
+        _check_values(config, problems, check_files=check_files)
     if problems:
         raise ConfigError(problems, source=source)
     return config
@@ -274,6 +280,14 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
             return []
         (item_type,) = typing.get_args(hint)
         return [_convert(item_type, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, found {type(value).__name__}")
+            return {}
+        key_type, value_type = typing.get_args(hint)
+        return {_convert(key_type, k, key, problems): _convert(value_type, v, _join(key, k),
+                                                               problems)
+                for k, v in value.items()}
     return _convert_scalar(hint, value, key, problems)
 
 
@@ -299,7 +313,7 @@ def _join(prefix: str, name: Any) -> str:
 # ---------------------------------------------------------------- value checks
 
 
-def _check_values(config: Config, problems: list[str]) -> None:
+def _check_values(config: Config, problems: list[str], *, check_files: bool = True) -> None:
     """Checks on values that types cannot express (ranges, paths, uniqueness)."""
 
     def need(ok: bool, key: str, message: str) -> None:
@@ -313,7 +327,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
     for group, entries in (("sites", config.sites), ("eval", config.eval)):
         names = [entry.name for entry in entries]
         for i, entry in enumerate(entries):
-            need(Path(entry.path).exists(), f"{group}[{i}].path", f"{entry.path} does not exist")
+            need(not check_files or Path(entry.path).exists(), f"{group}[{i}].path",
+                 f"{entry.path} does not exist")
             need(bool(entry.text_column), f"{group}[{i}].text_column", "must not be empty")
             need(names.count(entry.name) == 1, f"{group}[{i}].name", f"{entry.name!r} is repeated")
             need(_safe_name(entry.name), f"{group}[{i}].name", "use letters, digits, '-', '_' only")
@@ -327,7 +342,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
     need(w.num_cpus > 0, "worker.num_cpus", "must be greater than 0")
     need(w.num_gpus >= 0, "worker.num_gpus", "must not be negative")
     if isinstance(w.deepspeed, str):
-        need(Path(w.deepspeed).is_file(), "worker.deepspeed", f"{w.deepspeed} does not exist")
+        need(not check_files or Path(w.deepspeed).is_file(), "worker.deepspeed",
+             f"{w.deepspeed} does not exist")
     _check_replay(config, problems)
     _check_training(config.worker, problems)
     m = config.merge
@@ -340,7 +356,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
     need(w.max_missed_rounds >= 0, "worker.max_missed_rounds", "must not be negative")
     need(w.max_row_chars >= 1, "worker.max_row_chars", "must be at least 1")
     need(config.quality.max_regression >= 0, "quality.max_regression", "must not be negative")
-    _check_model(config.model, problems)
+    if check_files:
+        _check_model(config.model, problems)
 
 
 def _check_replay(config: Config, problems: list[str]) -> None:
@@ -462,4 +479,8 @@ def deepspeed_dict(worker: WorkerConfig) -> dict:
 
 
 def dump_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    path.write_text(config_text(config))
+
+
+def config_text(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

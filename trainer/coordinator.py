@@ -94,6 +94,7 @@ class Coordinator:
                         if config.merge.reducers else None)
         self.parts: dict[str, list] = {}  # site -> its delta's slices (sharded merging)
         self.publishing: Background | None = None  # a version being written (run.overlap)
+        self.placement: dict[str, dict] = {}  # site -> where its worker runs (host, node, pid)
         if resume:
             self.strategy.load_state_dict(
                 checkpoint.load_outer_state(checkpoint.latest_version(self.run_dir)))
@@ -425,6 +426,7 @@ class Coordinator:
             "holdout_loss": {s: m.get("holdout_loss") for s, m in by_site.items()},
             "lr": {s: m.get("lr") for s, m in by_site.items()},
             "merge_weights": manifest["merge_weights"],
+            "nodes": {s: self.placement.get(s, {}).get("node") for s in by_site},
             "merge_seconds": merge_seconds, "round_seconds": round_seconds,
             # Time outside training: the round's wall time past its slowest worker's steps.
             "overhead_seconds": round_seconds - max(
@@ -437,7 +439,8 @@ class Coordinator:
         """Start every site's worker up front; one that fails is retried in the round."""
         for site in self._active_sites():
             try:
-                ray.get(self._actor(site).ready.remote())
+                self.placement[site] = ray.get(self._actor(site).ready.remote())
+                log.info("worker of site %s runs on %s", site, self.placement[site])
             except Exception as exc:  # noqa: BLE001 - any failure to start is retried
                 log.warning("worker of site %s did not start: %s", site, _reason(exc))
                 self._drop_actor(site)
@@ -449,7 +452,8 @@ class Coordinator:
         train = train_spec(self.config, local_replay_capacity=self._replay_capacity()
                            if self.config.replay.scope == "site" else 0)
         w = self.config.worker
-        options = worker_options(site=site.name, num_cpus=w.num_cpus, num_gpus=w.num_gpus)
+        options = worker_options(site=site.name, num_cpus=w.num_cpus, num_gpus=w.num_gpus,
+                                 resources=site.resources)
         self._wait_for_name(options["name"])
         actor = ray.remote(self.worker_cls).options(**options).remote(
             site=SiteSpec(site.name, site.path, site.text_column),

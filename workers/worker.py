@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from cluster.resources import current_node
 from workers import engine as ds
 from workers.compression import Packed, pack_delta, payload_bytes, split_payload
 from workers.fsio import fsync_dir, fsync_tree
@@ -81,7 +82,7 @@ class Worker:
 
     def ready(self) -> dict:
         return {"site": self.site.name, "host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.device)}
+                "device": str(self.device), "node": current_node()}
 
     # ------------------------------------------------------------------ one round
 
