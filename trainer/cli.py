@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tributary", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="start a training run from a YAML config")
@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="follow the job until it ends; exit 0 only if it succeeded")
     demo = commands.add_parser("prepare-demo", help="build the demo's site and eval folders")
     demo.add_argument("dir")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)

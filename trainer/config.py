@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -216,19 +217,32 @@ def config_from_dict(raw: Any, *, overrides: list[str] = (), source: str = "conf
 
 
 def apply_override(raw: dict, item: str, problems: list[str]) -> None:
-    """`a.b.c=value`; the value is parsed as YAML so numbers and lists keep their type."""
+    """`a.b.c=value`; the value is parsed as YAML so numbers and lists keep their type. A list
+    entry is named by index or by its `name`: `sites[0].path=...`, `sites.0.path=...` or
+    `sites.speeches.path=...`."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         problems.append(f"--set {item!r}: expected key.path=value")
         return
-    node = raw
-    parts = key.split(".")
+    node: Any = raw
+    parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            problems.append(f"--set {key}: {part} is not a mapping")
+        node = _child(node, part)
+        if node is None:
+            problems.append(f"--set {key}: no entry {part!r} (a list takes an index or a name)")
             return
+    if not isinstance(node, dict):
+        problems.append(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping")
+        return
     node[parts[-1]] = yaml.safe_load(text)
+
+
+def _child(node: Any, part: str) -> Any:
+    if isinstance(node, list):
+        if part.isdigit():
+            return node[int(part)] if int(part) < len(node) else None
+        return next((e for e in node if isinstance(e, dict) and e.get("name") == part), None)
+    return node.setdefault(part, {}) if isinstance(node, dict) else None
 
 
 def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:

@@ -57,11 +57,12 @@ def wait_for_nodes(dashboard: str, count: int, timeout_s: float = 120) -> None:
         try:
             client = JobSubmissionClient(dashboard, headers=auth_headers())
             nodes = client._do_request("GET", "/nodes?view=summary").json()
-            alive = [n for n in nodes["data"]["summary"] if n["raylet"]["state"] == "ALIVE"]
-            if len(alive) >= count:
-                return
         except Exception:  # noqa: BLE001 - the head is still starting
-            pass
+            time.sleep(2)
+            continue
+        alive = [n for n in nodes["data"]["summary"] if n["raylet"]["state"] == "ALIVE"]
+        if len(alive) >= count:
+            return
         time.sleep(2)
     raise TimeoutError(f"{count} Ray nodes did not come up at {dashboard}")
 

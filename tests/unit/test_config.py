@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config import ConfigError, config_from_dict, load_config
+from trainer.config import ConfigError, apply_override, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,3 +153,16 @@ def test_merge_strategy_settings_are_checked_by_key(tmp_path):
     assert sorted(p.split(":")[0] for p in problems_of(raw)) == [
         "merge.adam_betas", "merge.outer_lr", "merge.outer_momentum", "merge.strategy",
         "merge.trim_fraction"]
+
+
+def test_list_entries_are_overridden_by_index_or_name():
+    raw = {"sites": [{"name": "a", "path": "x"}, {"name": "b", "path": "y"}]}
+    problems: list[str] = []
+    apply_override(raw, "sites[0].path=/shared/a", problems)
+    apply_override(raw, "sites.b.resources={site_b: 1}", problems)
+    assert raw["sites"] == [{"name": "a", "path": "/shared/a"},
+                            {"name": "b", "path": "y", "resources": {"site_b": 1}}]
+    apply_override(raw, "sites.7.path=z", problems)
+    apply_override(raw, "sites.c.path=z", problems)
+    assert problems == ["--set sites.7.path: no entry '7' (a list takes an index or a name)",
+                        "--set sites.c.path: no entry 'c' (a list takes an index or a name)"]

@@ -1,0 +1,130 @@
+"""The GPU path in one short check: a real demo round per site on the device, then the merge.
+
+    benchmarks/gpu_check.sh                      # on a machine with an NVIDIA GPU
+    python benchmarks/gpu_check.py --device cpu --model tiny --steps 2   # its CPU twin
+
+Two Workers (the plain class a Ray actor wraps) train one round each of `--steps` steps on
+the demo's speeches and code sites with configs/deepspeed/gpu.json (bf16, ZeRO-2) on CUDA, or
+cpu.json on CPU. Checked: every loss and delta value is finite; the merge of the two deltas
+computed on the device equals trainer.merge.weighted_average on CPU within fp32 rounding.
+Printed: tokens/s per worker, and MFU = 6 · parameters · tokens/s / the device's peak bf16
+FLOP/s (dense; --peak-tflops overrides the table). Exit status 0 only if every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Dense bf16 peak TFLOP/s by device name (vendor datasheets, without sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0,
+               "L4": 121.0}
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256}
+
+
+def peak_tflops(device_name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def train_sites(*, device: str, model_name: str, steps: int, batch: int, seq_len: int):
+    """(global weights, [update per site], parameter count, device name)."""
+    import torch
+
+    from trainer.config import ModelConfig
+    from trainer.model_source import load_start_model, load_tokenizer
+    from workers.types import Cursor, SiteSpec, TrainSpec
+    from workers.worker import Worker
+
+    tokenizer = load_tokenizer("smollm2" if model_name == "smollm2" else "gpt2")
+    source = ModelConfig(source="smollm2", tokenizer="smollm2") if model_name == "smollm2" \
+        else ModelConfig(source="random", tokenizer="gpt2", architecture=TINY)
+    model = load_start_model(source, tokenizer=tokenizer, seed=0)
+    weights = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    ds_file = "gpu.json" if device == "cuda" else "cpu.json"
+    ds_config = json.loads((REPO / "configs" / "deepspeed" / ds_file).read_text())
+    train = TrainSpec(local_steps=steps, batch_size=batch, seq_len=seq_len, lr=3e-5,
+                      weight_decay=0.0, replay_ratio=0.0, deepspeed=ds_config, seed=0)
+    data = REPO / "data" / "demo"
+    updates = []
+    for name, column in (("speeches", "text"), ("code", "source")):
+        worker = Worker(site=SiteSpec(name, str(data / name), column),
+                        model_config=model.config.to_dict(), tokenizer=tokenizer, train=train)
+        updates.append(worker.train_round(round_index=1, global_weights=weights,
+                                          cursor=Cursor()))
+        del worker
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    return weights, updates, sum(a.size for a in weights.values()), name
+
+
+def merge_matches(updates, *, device: str) -> float:
+    """Largest |device merge − CPU merge| over every value, relative to the delta's scale."""
+    import torch
+
+    from trainer.merge import weighted_average
+
+    pairs = [({k: torch.from_numpy(v) for k, v in u.delta.items()}, u.weight) for u in updates]
+    on_cpu = weighted_average(pairs)
+    on_device = weighted_average([({k: v.to(device) for k, v in d.items()}, w)
+                                  for d, w in pairs])
+    scale = max(float(t.abs().max()) for t in on_cpu.values()) or 1.0
+    return max(float((on_device[k].cpu() - on_cpu[k]).abs().max()) for k in on_cpu) / scale
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    args = parser.parse_args()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: run the CPU twin with --device cpu", file=sys.stderr)
+        return 2
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from trainer.demo import prepare_demo
+
+    prepare_demo(REPO / "data" / "demo")
+    _, updates, params, name = train_sites(
+        device=args.device, model_name=args.model, steps=args.steps, batch=args.batch,
+        seq_len=args.seq_len)
+    import math
+
+    import numpy as np
+
+    problems = []
+    for update in updates:
+        losses = update.metrics["loss"]
+        finite = math.isfinite(losses) and all(np.isfinite(d).all() for d in update.delta.values())
+        if not finite:
+            problems.append(f"{update.worker_id}: non-finite loss or delta")
+    error = merge_matches(updates, device=args.device)
+    if error > 1e-6:
+        problems.append(f"device merge differs from the CPU merge by {error:.3g} (relative)")
+    peak = peak_tflops(name, args.peak_tflops)
+    print(f"device: {name}; model: {args.model} ({params / 1e6:.1f} M parameters); "
+          f"{args.steps} steps × {args.batch} × {args.seq_len} tokens per site")
+    for update in updates:
+        rate = update.metrics["tokens_per_s"]
+        mfu = f"{6 * params * rate / (peak * 1e12):.3f}" if peak else "n/a (unknown peak)"
+        print(f"  {update.worker_id}: loss {update.metrics['loss']:.3f}, {rate:,.0f} tokens/s, "
+              f"MFU {mfu}")
+    print(f"merge on {args.device} vs CPU: max relative difference {error:.2e}")
+    print("PASS" if not problems else "FAIL: " + "; ".join(problems))
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
