@@ -70,6 +70,9 @@ class SiteConfig:
     # Ray resources the site's worker also needs, e.g. {"site_berlin": 1} to pin it to the
     # node that holds its data (start that node with `ray start --resources`).
     resources: dict[str, float] = field(default_factory=dict)
+    # Workers training this site together as one DeepSpeed data-parallel group (e.g. its
+    # node's GPUs); the site still returns one update per round.
+    num_workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,10 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
         for i, entry in enumerate(entries):
             need(not check_files or Path(entry.path).exists(), f"{group}[{i}].path",
                  f"{entry.path} does not exist")
+            if group == "sites":
+                need(1 <= entry.num_workers <= config.worker.batch_size,
+                     f"sites[{i}].num_workers", "must be between 1 and worker.batch_size "
+                     f"(each rank takes a share of every batch), found {entry.num_workers}")
             need(bool(entry.text_column), f"{group}[{i}].text_column", "must not be empty")
             need(names.count(entry.name) == 1, f"{group}[{i}].name", f"{entry.name!r} is repeated")
             need(_safe_name(entry.name), f"{group}[{i}].name", "use letters, digits, '-', '_' only")

@@ -18,9 +18,8 @@ import ray
 import torch
 from tqdm import tqdm
 
-from cluster.connect import NAMESPACE, connect
+from cluster.connect import connect
 from cluster.remote import RemoteMethod
-from cluster.resources import worker_name, worker_options
 from trainer import checkpoint
 from trainer.config import Config, deepspeed_dict, dump_config
 from trainer.evaluate import load_eval_set, perplexity
@@ -29,12 +28,13 @@ from trainer.metrics import MetricsLog
 from trainer.model_source import load_start_model, load_tokenizer
 from trainer.quality import forgetting, gate_problems, transfer
 from trainer.reduce import ShardedMerge
+from trainer.sites import SiteWorkers, all_names, start_site, wait_for_name
 from trainer.strategies import build_strategy
 from trainer.table import RoundTable
 from trainer.validate import validate_updates
 from workers.compression import unpack_delta
 from workers.replay import ReplayPolicy, ReplayStore
-from workers.types import Cursor, NoData, SiteSpec, TrainSpec, WorkerUpdate
+from workers.types import Cursor, GroupSpec, NoData, SiteSpec, TrainSpec, WorkerUpdate
 from workers.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class Coordinator:
         self.run_dir = Path(config.run.dir)
         self.tokenizer = load_tokenizer(config.model.tokenizer)
         self.state = RunState(cursors={s.name: Cursor() for s in config.sites})
-        self.actors: dict[str, ray.actor.ActorHandle] = {}
+        self.actors: dict[str, SiteWorkers] = {}
+        self.followers: dict[str, list] = {}  # site -> this round's refs of ranks 1..N-1
         self.resume = resume
         self.history: list[dict[str, float]] = []  # eval results of the accepted versions
         self.replay = ray.remote(ReplayStore).options(num_cpus=0).remote(
@@ -198,15 +199,18 @@ class Coordinator:
                 bar.update(1)
                 continue
             try:
-                actor = self._actor(site.name)
+                workers = self._actor(site.name)
             except Exception as exc:  # noqa: BLE001 - it died while starting or restoring its state
                 failures[site.name] = _reason(exc)
                 self._drop_actor(site.name)
                 bar.update(1)
                 continue
-            ref = self._train(actor, site.name, round_index=round_index,
-                              global_weights=weights_ref, cursor=self.state.cursors[site.name])
-            pending[ref] = site.name
+            args = {"round_index": round_index, "global_weights": weights_ref,
+                    "cursor": self.state.cursors[site.name]}
+            pending[self._train(workers.primary, site.name, **args)] = site.name
+            # The other ranks of a multi-worker site train the same round with it.
+            self.followers[site.name] = [a.train_round.remote(**args)
+                                         for a in workers.actors[1:]]
         return pending, failures
 
     def _train(self, actor, site: str, **round_args):
@@ -232,6 +236,7 @@ class Coordinator:
             bar.update(1)
             try:
                 answer = ray.get(ready[0])
+                ray.get(self.followers.pop(site, []))  # a group answers once all ranks have
             except Exception as exc:  # noqa: BLE001 - a dead actor or an error inside train_round
                 failures[site] = _reason(exc)
                 self._drop_actor(site)
@@ -310,7 +315,7 @@ class Coordinator:
         crash in between resumes from the previous version with that version's state."""
         for update in result.updates:
             try:
-                ray.get(self.actors[update.worker_id].commit.remote(round_index=round_index))
+                ray.get(self.actors[update.worker_id].call("commit", round_index=round_index))
             except Exception as exc:  # noqa: BLE001 - merged already; only its state is lost
                 log.warning("site %s could not save its optimizer state: %s", update.worker_id, exc)
                 self._drop_actor(update.worker_id)
@@ -439,51 +444,49 @@ class Coordinator:
         """Start every site's worker up front; one that fails is retried in the round."""
         for site in self._active_sites():
             try:
-                self.placement[site] = ray.get(self._actor(site).ready.remote())
-                log.info("worker of site %s runs on %s", site, self.placement[site])
+                answers = ray.get(self._actor(site).call("ready"))
+                self.placement[site] = answers[0]
+                for answer in answers:
+                    log.info("worker of site %s runs on %s", site, answer)
             except Exception as exc:  # noqa: BLE001 - any failure to start is retried
                 log.warning("worker of site %s did not start: %s", site, _reason(exc))
                 self._drop_actor(site)
 
-    def _actor(self, site_name: str):
+    def _actor(self, site_name: str) -> SiteWorkers:
         if site_name in self.actors:
             return self.actors[site_name]
         site = next(s for s in self.config.sites if s.name == site_name)
         train = train_spec(self.config, local_replay_capacity=self._replay_capacity()
                            if self.config.replay.scope == "site" else 0)
-        w = self.config.worker
-        options = worker_options(site=site.name, num_cpus=w.num_cpus, num_gpus=w.num_gpus,
-                                 resources=site.resources)
-        self._wait_for_name(options["name"])
-        actor = ray.remote(self.worker_cls).options(**options).remote(
-            site=SiteSpec(site.name, site.path, site.text_column),
-            model_config=self.model.config.to_dict(), tokenizer=self.tokenizer, train=train,
-            replay=RemoteMethod(self.replay, "sample") if self.config.replay.scope == "shared"
-            else None,
-            state_dir=str(self.run_dir / "sites" / site.name / "state"),
-            quarantine_dir=str(self.run_dir / "quarantine" / site.name))
-        self.actors[site_name] = actor
-        if self.state.round > 0:
-            ray.get(actor.restore.remote(round_index=self.state.round))
-        return actor
+        folder = self.run_dir / "sites" / site.name
 
-    @staticmethod
-    def _wait_for_name(name: str, timeout_s: float = 60.0) -> None:
-        """A worker of a run that just died keeps its name until Ray has cleaned it up."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(name, namespace=NAMESPACE)
-            except ValueError:
-                return
-            time.sleep(0.5)
-        raise RunError(f"a live actor named {name!r} exists in namespace {NAMESPACE!r}: is "
-                       "another run using these sites? Stop it, or `ray.kill` that actor.")
+        def kwargs(group: GroupSpec | None) -> dict:
+            rank = group.rank if group else 0
+            return {
+                "site": SiteSpec(site.name, site.path, site.text_column),
+                "model_config": self.model.config.to_dict(), "tokenizer": self.tokenizer,
+                "train": train, "group": group,
+                "replay": RemoteMethod(self.replay, "sample")
+                if self.config.replay.scope == "shared" else None,
+                "state_dir": str(folder / ("state" if rank == 0 else f"state-rank{rank}")),
+                # Only rank 0 moves a bad file aside; the others skip the same rows.
+                "quarantine_dir": str(self.run_dir / "quarantine" / site.name)
+                if rank == 0 else None}
+
+        w = self.config.worker
+        workers = start_site(worker_cls=self.worker_cls, site=site.name, size=site.num_workers,
+                             num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=site.resources,
+                             make_kwargs=kwargs)
+        self.actors[site_name] = workers
+        if self.state.round > 0:
+            ray.get(workers.call("restore", round_index=self.state.round))
+        return workers
 
     def _drop_actor(self, site_name: str) -> None:
-        actor = self.actors.pop(site_name, None)
-        if actor is not None:
-            ray.kill(actor, no_restart=True)
+        workers = self.actors.pop(site_name, None)
+        self.followers.pop(site_name, None)
+        if workers is not None:
+            workers.kill()
 
     def shutdown(self) -> None:
         for site in list(self.actors):
@@ -492,10 +495,11 @@ class Coordinator:
         if self.sharded is not None:
             self.sharded.shutdown()
         for site in self.config.sites:  # names are released asynchronously; a next run reuses them
-            try:
-                self._wait_for_name(worker_name(site.name), timeout_s=30)
-            except RunError as exc:
-                log.warning("%s", exc)
+            for name in all_names(site.name, site.num_workers):
+                try:
+                    wait_for_name(name, timeout_s=30)
+                except RuntimeError as exc:
+                    log.warning("%s", exc)
 
     # ------------------------------------------------------------------ replay and resume
 

@@ -26,16 +26,25 @@ def free_port() -> int:
 
 def init_single_rank_group() -> None:
     """Start a world of one for this process, unless one is already up."""
+    init_group(rank=0, size=1, master_addr="127.0.0.1", master_port=free_port())
+
+
+def init_group(*, rank: int, size: int, master_addr: str, master_port: int) -> None:
+    """Join this site's process group: a world of one, or the N workers of a multi-worker
+    site (rank 0 listens on master_addr:master_port). Unless one is already up."""
     import deepspeed  # imported here: DS_ACCELERATOR must be set before the first import
 
     if torch.distributed.is_initialized():
         return
-    port = free_port()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+    # Ray shows each actor only its own GPU, so its local rank is 0. LOCAL_SIZE = world size
+    # turns on DeepSpeed's CPU shared-memory allreduce, used by a world of one only; a group
+    # (possibly across nodes) takes gloo/NCCL collectives.
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(size), LOCAL_RANK="0", LOCAL_SIZE="1" if size == 1 else "0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    _release_shm_buffer(port)
+    if size == 1:
+        _release_shm_buffer(master_port)
 
 
 def _release_shm_buffer(port: int) -> None:

@@ -67,6 +67,17 @@ class EarlyStopping:
 
 
 @dataclass(frozen=True)
+class GroupSpec:
+    """A worker's place in its site's data-parallel group (sites[].num_workers > 1): the
+    group trains one model together, each rank on its share of every batch."""
+
+    rank: int
+    size: int
+    master_addr: str
+    master_port: int
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     """What one worker needs to know to train: batch shape, steps, optimizer, DeepSpeed."""
 

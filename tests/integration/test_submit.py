@@ -67,11 +67,15 @@ def wait_for_nodes(dashboard: str, count: int, timeout_s: float = 120) -> None:
     raise TimeoutError(f"{count} Ray nodes did not come up at {dashboard}")
 
 
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` records itself
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
     env = dict(os.environ, RAY_AUTH_MODE="token",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     gcs, dashboard = free_port(), free_port()
+    previous = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.is_file() else None
     head = start_node(["--head", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                        "--resources", '{"site_a": 1}'], env)
@@ -90,6 +94,11 @@ def two_node_cluster(tmp_path_factory):
         for node in (second, head):
             if node is not None:
                 stop_node(node)
+        # `ray stop` would reset this; a stale entry makes a later ray.init() try to join.
+        if previous is not None:
+            CURRENT_CLUSTER.write_text(previous)
+        else:
+            CURRENT_CLUSTER.unlink(missing_ok=True)
 
 
 def test_submitted_run_spreads_over_two_nodes(two_node_cluster, demo_root, notes_site, tmp_path,
