@@ -38,7 +38,15 @@ from workers.model import build_model, mean_nll
 from workers.packing import batch_tensors, empty_sequences, pack, real_tokens, to_arrays
 from workers.replay import ReplayStore, ratio_at, site_key
 from workers.schedule import lr_at
-from workers.types import Cursor, NoData, RowRange, SiteSpec, TrainSpec, WorkerUpdate
+from workers.types import (
+    Cursor,
+    GroupSpec,
+    NoData,
+    RowRange,
+    SiteSpec,
+    TrainSpec,
+    WorkerUpdate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +60,9 @@ RESIDUAL = "residual.safetensors"  # error feedback of delta compression
 class Worker:
     def __init__(self, *, site: SiteSpec, model_config: dict, tokenizer, train: TrainSpec,
                  replay: ReplaySampler | None = None, state_dir: str | None = None,
-                 quarantine_dir: str | None = None) -> None:
+                 quarantine_dir: str | None = None, group: GroupSpec | None = None) -> None:
         self.site = site
+        self.group = group or GroupSpec(rank=0, size=1, master_addr="127.0.0.1", master_port=0)
         self.train = train
         self.tokenizer = tokenizer
         self.replay = replay
@@ -66,7 +75,12 @@ class Worker:
         self.state_dir = Path(state_dir) if state_dir else None
         self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else None
         self.quarantined: list[dict] = []  # bad files met during the current round
-        ds.init_single_rank_group()
+        if self.group.size == 1:
+            ds.init_single_rank_group()
+        else:
+            ds.init_group(rank=self.group.rank, size=self.group.size,
+                          master_addr=self.group.master_addr,
+                          master_port=self.group.master_port)
         torch.manual_seed(train.seed)
         model = build_model(model_config)
         self.engine = ds.build_engine(model, ds_config=train.deepspeed, lr=train.lr,
@@ -82,7 +96,7 @@ class Worker:
 
     def ready(self) -> dict:
         return {"site": self.site.name, "host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.device), "node": current_node()}
+                "device": str(self.device), "node": current_node(), "rank": self.group.rank}
 
     # ------------------------------------------------------------------ one round
 
@@ -111,6 +125,8 @@ class Worker:
         anchor = self._anchor(global_weights)
         trained = self._train(plan, sequences, holdout, anchor=anchor)
         trained = dataclasses.replace(trained, seconds=time.perf_counter() - started)
+        if self.group.rank > 0:  # the group's weights are identical: rank 0 sends the delta
+            return self._update(plan, {}, ranges, cursor, sequences, trained=trained)
         payload, self.pending_residual = pack_delta(
             self._delta(global_weights), kind=self.train.compression, residual=self.residual)
         return self._update(plan, payload, ranges, cursor, sequences, trained=trained,
@@ -253,8 +269,7 @@ class Worker:
                 ids = np.concatenate([ids, rep_ids[step * per_rep:(step + 1) * per_rep]])
                 lengths = np.concatenate([lengths, rep_len[step * per_rep:(step + 1) * per_rep]])
             lrs.append(self._set_lr(plan, first_step + step))
-            batch = {k: v.to(self.device) for k, v in batch_tensors(ids, lengths).items()}
-            loss = self.engine(**batch).loss
+            loss = self._loss(ids, lengths)
             total = loss + self._proximal(anchor) if anchor is not None else loss
             self.engine.backward(total)
             self.engine.step()
@@ -262,6 +277,20 @@ class Worker:
             if not math.isfinite(losses[-1]):
                 log.warning("site %s: non-finite loss at step %d", self.site.name, step)
         return losses, lrs
+
+    def _loss(self, ids: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """The step's loss. In a group each rank takes its share of the batch's rows and
+        divides its summed token loss by the whole batch's predicted tokens ÷ group size, so
+        the gradients DeepSpeed averages over the ranks are exactly the whole batch's."""
+        if self.group.size == 1:
+            batch = {k: v.to(self.device) for k, v in batch_tensors(ids, lengths).items()}
+            return self.engine(**batch).loss
+        predicted = int(np.maximum(lengths.astype(np.int64) - 1, 0).sum())
+        rows = np.array_split(np.arange(len(ids)), self.group.size)[self.group.rank]
+        mine = batch_tensors(ids[rows], lengths[rows]) if len(rows) else _blank(ids[:1])
+        batch = {k: v.to(self.device) for k, v in mine.items()}
+        share = torch.tensor(max(predicted, 1) / self.group.size, device=self.device)
+        return self.engine(**batch, num_items_in_batch=share).loss
 
     def _set_lr(self, plan: RoundPlan, step: int) -> float:
         lr = lr_at(self.train.lr_schedule, peak=self.train.lr,
@@ -367,6 +396,14 @@ def split_holdout(sequences: pa.Table, fraction: float) -> tuple[pa.Table, pa.Ta
     count = min(sequences.num_rows - 1, max(1, round(fraction * sequences.num_rows)))
     keep = sequences.num_rows - count
     return sequences.slice(0, keep), sequences.slice(keep)
+
+
+def _blank(ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """A row whose every label is masked: a rank with no rows this step still joins the
+    collective, adding nothing to the loss."""
+    batch = batch_tensors(ids, np.ones(len(ids), dtype=np.int64))
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    return batch
 
 
 def _nbytes(weights: dict) -> int:
