@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import yaml
 
 from trainer.strategies import STRATEGIES
 from workers.compression import COMPRESSIONS
 from workers.replay import BALANCE_MODES
 from workers.schedule import SCHEDULE_KINDS, LrSchedule
+from workers.storage import is_uri, locate
 from workers.types import EarlyStopping
 
 BUILTIN_MODELS = ("smollm2", "random")
@@ -344,7 +347,7 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
     for group, entries in (("sites", config.sites), ("eval", config.eval)):
         names = [entry.name for entry in entries]
         for i, entry in enumerate(entries):
-            need(not check_files or Path(entry.path).exists(), f"{group}[{i}].path",
+            need(not check_files or _exists(entry.path), f"{group}[{i}].path",
                  f"{entry.path} does not exist")
             if group == "sites":
                 need(1 <= entry.num_workers <= config.worker.batch_size,
@@ -442,6 +445,17 @@ def _check_training(w: WorkerConfig, problems: list[str]) -> None:
     problems.extend(f"{key}: {message}" for ok, key, message in checks if not ok)
 
 
+def _exists(location: str) -> bool:
+    """A local path, or a URI whose filesystem answers (a cloud we cannot reach says no)."""
+    if not is_uri(location):
+        return Path(location).exists()
+    try:
+        filesystem, path = locate(location)
+        return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+    except (OSError, ValueError, pa.ArrowException):
+        return False
+
+
 def _check_model(model: ModelConfig, problems: list[str]) -> None:
     folder = Path(model.source)
     if model.source not in BUILTIN_MODELS and not (folder / "config.json").is_file():
@@ -469,7 +483,7 @@ def resolve_paths(config: Config) -> Config:
     """Make every path absolute, so actors on other processes read the same files."""
 
     def absolute(path: str) -> str:
-        return str(Path(path).expanduser().resolve())
+        return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
     sites = [dataclasses.replace(s, path=absolute(s.path)) for s in config.sites]
     evals = [dataclasses.replace(e, path=absolute(e.path)) for e in config.eval]

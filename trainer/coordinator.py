@@ -12,7 +12,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import ray
 import torch
@@ -33,7 +33,9 @@ from trainer.strategies import build_strategy
 from trainer.table import RoundTable
 from trainer.validate import validate_updates
 from workers.compression import unpack_delta
+from workers.increments import FORMATS
 from workers.replay import ReplayPolicy, ReplayStore
+from workers.storage import is_uri
 from workers.types import Cursor, GroupSpec, NoData, SiteSpec, TrainSpec, WorkerUpdate
 from workers.worker import Worker
 
@@ -594,8 +596,12 @@ def _reason(exc: BaseException) -> str:
 
 
 def _file_path(site, name: str) -> str:
-    base = Path(site.path)
-    return str(base if base.is_file() else base / name)
+    """The manifest's name for a file of the site: its path or URI (the site's path itself
+    when the site is that one file)."""
+    base = site.path.rstrip("/")
+    if PurePosixPath(base).name == name and PurePosixPath(base).suffix in FORMATS:
+        return base
+    return f"{base}/{name}" if is_uri(base) else str(Path(base) / name)
 
 
 def run_training(config: Config, *, resume: bool = False, worker_cls: type = Worker) -> Path:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.json as pa_json
 
+from workers.storage import DataFile, data_file, list_files
 from workers.types import Cursor, RowRange
 
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
@@ -23,13 +24,10 @@ class IncrementError(ValueError):
     """An increment file that cannot be read as text rows; names the file and the fix."""
 
 
-def increment_files(path: str | Path) -> list[Path]:
-    """The increment files of a site: the file itself, or the folder's files in name order."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    return [p for p in sorted(path.iterdir())
-            if p.suffix in FORMATS and not p.name.startswith(".")]
+def increment_files(location: str | Path) -> list[DataFile]:
+    """The increment files of a site: the file itself, or the folder's files in name order.
+    `location` is a local path or a pyarrow filesystem URI (s3://, gs://, hdfs://, file://)."""
+    return list_files(location, suffixes=set(FORMATS))
 
 
 # What reading a damaged file raises: our own checks, Arrow's parsers, bad bytes, a lost file.
@@ -37,16 +35,17 @@ READ_ERRORS = (IncrementError, pa.ArrowException, UnicodeDecodeError, OSError)
 MAX_ROW_CHARS = 1_000_000
 
 
-def read_texts(path: str | Path, *, text_column: str = "text",
+def read_texts(path: str | Path | DataFile, *, text_column: str = "text",
                max_row_chars: int = MAX_ROW_CHARS) -> list[str]:
     """All rows' text of one increment file, in row order; IncrementError if unusable."""
-    path = Path(path)
+    path = data_file(path)
     kind = FORMATS.get(path.suffix)
     if kind is None:
         raise IncrementError(f"{path}: unknown extension; use one of {sorted(FORMATS)}")
-    if path.stat().st_size == 0:
+    size = path.size()
+    if size == 0:
         raise IncrementError(f"{path}: empty file (0 bytes); remove it or write its rows")
-    texts = _read(path, kind, text_column)
+    texts = _read(path, kind, text_column, size=size)
     for row, text in enumerate(texts):
         if len(text) > max_row_chars:
             raise IncrementError(
@@ -55,14 +54,15 @@ def read_texts(path: str | Path, *, text_column: str = "text",
     return texts
 
 
-def _read(path: Path, kind: str, text_column: str) -> list[str]:
+def _read(path: DataFile, kind: str, text_column: str, *, size: int) -> list[str]:
     if kind == "text":
         try:
-            return _paragraphs(path.read_text(encoding="utf-8"))
+            return _paragraphs(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise IncrementError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode the "
                                  "file as UTF-8") from exc
-    table = ds.dataset(str(path), format=_arrow_format(path, kind)).to_table()
+    table = ds.dataset(path.path, filesystem=path.filesystem,
+                       format=_arrow_format(kind, size=size)).to_table()
     if text_column not in table.column_names:
         raise IncrementError(
             f"{path}: no column {text_column!r} (found {table.column_names}); "
@@ -73,12 +73,12 @@ def _read(path: Path, kind: str, text_column: str) -> list[str]:
     return [text or "" for text in column.to_pylist()]
 
 
-def _arrow_format(path: Path, kind: str):
+def _arrow_format(kind: str, *, size: int):
     if kind != "json":
         return kind
     # Arrow parses JSON in blocks that must hold a whole line; a longer line comes back as
     # null instead of failing, so make the block as large as the file.
-    block = min(max(path.stat().st_size + 1, 1 << 20), (1 << 31) - 1)
+    block = min(max(size + 1, 1 << 20), (1 << 31) - 1)
     return ds.JsonFileFormat(read_options=pa_json.ReadOptions(block_size=block))
 
 
@@ -88,9 +88,9 @@ def _paragraphs(text: str) -> list[str]:
 
 
 def iter_rows(
-    files: list[Path], cursor: Cursor, *, text_column: str,
+    files: list[DataFile], cursor: Cursor, *, text_column: str,
     max_row_chars: int = MAX_ROW_CHARS,
-    on_bad_file: Callable[[Path, str], None] | None = None,
+    on_bad_file: Callable[[DataFile, str], None] | None = None,
 ) -> Iterator[tuple[RowRange, str]]:
     """Yield (one-row range, text) from the cursor onwards, across files in name order.
 
@@ -116,7 +116,7 @@ def iter_rows(
             yield RowRange(files[index].name, row, row + 1), texts[row]
 
 
-def _describe(path: Path, exc: BaseException) -> str:
+def _describe(path: DataFile, exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"{path}: vanished between listing and reading"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -38,6 +39,7 @@ from workers.model import build_model, mean_nll
 from workers.packing import batch_tensors, empty_sequences, pack, real_tokens, to_arrays
 from workers.replay import ReplayStore, ratio_at, site_key
 from workers.schedule import lr_at
+from workers.storage import DataFile
 from workers.types import (
     Cursor,
     GroupSpec,
@@ -197,14 +199,19 @@ class Worker:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return ranges, pack(token_lists, seq_len=spec.seq_len, eos_id=tok.eos_token_id, pad_id=pad)
 
-    def _quarantine(self, path: Path, reason: str) -> None:
+    def _quarantine(self, path: DataFile, reason: str) -> None:
         """Set a bad increment file aside with a reason file; the site goes on with the next."""
         log.error("site %s: %s; moving it to quarantine", self.site.name, reason)
         entry = {"file": str(path), "reason": reason}
         if self.quarantine_dir is not None and path.exists():
             self.quarantine_dir.mkdir(parents=True, exist_ok=True)
             target = self.quarantine_dir / path.name
-            shutil.move(str(path), target)
+            if path.is_local:
+                shutil.move(path.path, target)
+            else:  # from a bucket or HDFS: copy it here, then remove it there
+                pafs.copy_files(path.path, str(target), source_filesystem=path.filesystem,
+                                destination_filesystem=pafs.LocalFileSystem())
+                path.filesystem.delete_file(path.path)
             target.with_name(target.name + ".reason.txt").write_text(reason + "\n")
             entry["moved_to"] = str(target)
         self.quarantined.append(entry)
