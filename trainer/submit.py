@@ -2,9 +2,10 @@
 
 The repository travels as the job's `runtime_env.working_dir` (without the virtualenv, runs,
 data and caches); the config travels resolved and validated, in an environment variable the
-job's `tributary run env:TRIBUTARY_CONFIG` reads. The run directory and every data path must be
-absolute paths on storage all nodes share (an NFS/Lustre/FUSE mount): the coordinator writes
-versions there, and each site's worker reads its increments there on whatever node it lands.
+job's `tributary run env:TRIBUTARY_CONFIG` reads. Site and eval data may be pyarrow filesystem
+URIs (s3://, gs://, hdfs://) or absolute paths on storage all nodes mount; the run directory
+must be such a mounted path (the coordinator writes versions there, and each worker its
+optimizer state).
 Ray's token goes with every request (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
 ~/.ray/auth_token, as Ray documents; cluster/auth.py).
 """
@@ -19,6 +20,7 @@ import yaml
 
 from cluster.auth import auth_headers
 from trainer.config import Config, config_from_dict, config_text
+from workers.storage import is_uri
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_ENV = "TRIBUTARY_CONFIG"
@@ -66,7 +68,7 @@ def shared_path_problems(config: Config) -> list[str]:
     paths += [(f"sites[{i}].path", s.path) for i, s in enumerate(config.sites)]
     paths += [(f"eval[{i}].path", e.path) for i, e in enumerate(config.eval)]
     return [f"{key}: {value!r} is relative" for key, value in paths
-            if not Path(value).is_absolute()]
+            if not is_uri(value) and not Path(value).is_absolute()]
 
 
 def submit(config_path: str | Path, *, address: str, overrides: list[str] = (),

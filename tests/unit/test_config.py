@@ -166,3 +166,10 @@ def test_list_entries_are_overridden_by_index_or_name():
     apply_override(raw, "sites.c.path=z", problems)
     assert problems == ["--set sites.7.path: no entry '7' (a list takes an index or a name)",
                         "--set sites.c.path: no entry 'c' (a list takes an index or a name)"]
+
+
+def test_run_dir_must_not_be_a_uri(tmp_path):
+    raw = {"run": {"dir": "s3://bucket/runs/a"}, "rounds": 1,
+           "sites": [{"name": "a", "path": str(tmp_path)}]}
+    with pytest.raises(ConfigError, match=r"run.dir: must be a folder path .* mount the bucket"):
+        config_from_dict(raw)
