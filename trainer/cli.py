@@ -64,9 +64,19 @@ def _resume(args: argparse.Namespace) -> int:
     from trainer.config import load_config, resolve_paths
     from trainer.coordinator import run_training
 
-    config_path = Path(args.run_dir) / "config.yaml"
     overrides = [f"run.dir={args.run_dir}", *args.set]
-    config = resolve_paths(load_config(config_path, overrides=overrides))
+    if "://" in args.run_dir:  # a run published to an object store (trainer/mirror.py)
+        import yaml
+
+        from trainer.config import config_from_dict
+        from trainer.mirror import read_remote_config
+
+        raw = yaml.safe_load(read_remote_config(args.run_dir))
+        config = resolve_paths(config_from_dict(raw, overrides=overrides,
+                                                source=f"{args.run_dir}/config.yaml"))
+    else:
+        config = resolve_paths(load_config(Path(args.run_dir) / "config.yaml",
+                                           overrides=overrides))
     latest = run_training(config, resume=True)
     print(f"done: newest version {latest}")
     return 0

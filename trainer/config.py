@@ -343,9 +343,6 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
     need(config.rounds >= 1, "rounds", f"must be at least 1, found {config.rounds}")
     keep = config.run.keep_versions
     need(keep is None or keep >= 1, "run.keep_versions", f"must be at least 1, found {keep}")
-    need(not is_uri(config.run.dir), "run.dir", f"must be a folder path (a mount of shared "
-         f"storage on a cluster), not a URI: {config.run.dir!r}; mount the bucket (s3fs, "
-         "gcsfuse) and give the mount path")
     need(len(config.sites) >= 1, "sites", "must list at least one site")
     for group, entries in (("sites", config.sites), ("eval", config.eval)):
         names = [entry.name for entry in entries]

@@ -25,6 +25,7 @@ from trainer.config import Config, deepspeed_dict, dump_config
 from trainer.evaluate import load_eval_set, perplexity
 from trainer.faults import kill_point
 from trainer.metrics import MetricsLog
+from trainer.mirror import Mirror, staging_dir
 from trainer.model_source import load_start_model, load_tokenizer
 from trainer.quality import forgetting, gate_problems, transfer
 from trainer.reduce import ShardedMerge
@@ -35,7 +36,7 @@ from trainer.validate import validate_updates
 from workers.compression import unpack_delta
 from workers.increments import FORMATS
 from workers.replay import ReplayPolicy, ReplayStore
-from workers.storage import is_uri
+from workers.storage import is_uri, join
 from workers.types import Cursor, GroupSpec, NoData, SiteSpec, TrainSpec, WorkerUpdate
 from workers.worker import Worker
 
@@ -70,8 +71,9 @@ class RoundResult:
 
 class Coordinator:
     def __init__(self, config: Config, *, resume: bool = False,
-                 worker_cls: type = Worker) -> None:
+                 worker_cls: type = Worker, mirror: Mirror | None = None) -> None:
         self.config = config
+        self.mirror = mirror  # run.dir is a URI: versions are published there
         self.worker_cls = worker_cls  # the chaos tests pass a Worker subclass that misbehaves
         self.run_dir = Path(config.run.dir)
         self.tokenizer = load_tokenizer(config.model.tokenizer)
@@ -366,6 +368,9 @@ class Coordinator:
             self._prune_replay_snapshots(keep=checkpoint.version_name(number))
             if self.config.run.keep_versions is not None:
                 checkpoint.prune_versions(self.run_dir, keep=self.config.run.keep_versions)
+            if self.mirror is not None:
+                self.mirror.publish(number, rejected=bool(gate), replay_dir=replay_dir)
+                self.mirror.prune()
             print(self.table.row(record))
 
         if overlap:
@@ -464,16 +469,22 @@ class Coordinator:
 
         def kwargs(group: GroupSpec | None) -> dict:
             rank = group.rank if group else 0
+            state = "state" if rank == 0 else f"state-rank{rank}"
+            remote = (lambda *parts: join(self.mirror.uri, *parts)) if self.mirror else None
             return {
                 "site": SiteSpec(site.name, site.path, site.text_column),
                 "model_config": self.model.config.to_dict(), "tokenizer": self.tokenizer,
                 "train": train, "group": group,
                 "replay": RemoteMethod(self.replay, "sample")
                 if self.config.replay.scope == "shared" else None,
-                "state_dir": str(folder / ("state" if rank == 0 else f"state-rank{rank}")),
+                "state_dir": str(folder / state),
                 # Only rank 0 moves a bad file aside; the others skip the same rows.
                 "quarantine_dir": str(self.run_dir / "quarantine" / site.name)
-                if rank == 0 else None}
+                if rank == 0 else None,
+                # run.dir is a URI: committed state and quarantined files are published there.
+                "state_uri": remote("sites", site.name, state) if remote else None,
+                "quarantine_uri": remote("quarantine", site.name) if remote and rank == 0
+                else None}
 
         w = self.config.worker
         workers = start_site(worker_cls=self.worker_cls, site=site.name, size=site.num_workers,
@@ -605,23 +616,45 @@ def _file_path(site, name: str) -> str:
 
 
 def run_training(config: Config, *, resume: bool = False, worker_cls: type = Worker) -> Path:
-    """Run (or resume) a whole training run; returns the newest version's folder."""
+    """Run (or resume) a whole training run; returns the newest version's folder (the local
+    staging copy's, when run.dir is a URI)."""
+    config, mirror = _staging(config, resume=resume)
     run_dir = Path(config.run.dir)
     if not resume and (run_dir / "versions").exists():
         raise RunError(f"{run_dir} already holds a run; use `tributary resume {run_dir}` "
                        "or choose another run.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
+    dump_config(config if mirror is None else _with_dir(config, mirror.uri),
+                run_dir / "config.yaml")
     started = connect(address=config.cluster.address, num_cpus=config.cluster.num_cpus,
                       dashboard_host=config.cluster.dashboard_host,
                       dashboard_port=config.cluster.dashboard_port,
                       include_dashboard=config.cluster.include_dashboard)
     coordinator = None
     try:
-        coordinator = Coordinator(config, resume=resume, worker_cls=worker_cls)
+        coordinator = Coordinator(config, resume=resume, worker_cls=worker_cls, mirror=mirror)
         return coordinator.run()
     finally:
         if coordinator is not None:
             coordinator.shutdown()
         if started:
             ray.shutdown()
+
+
+def _staging(config: Config, *, resume: bool) -> tuple[Config, Mirror | None]:
+    """A URI run.dir runs in a local staging folder published to the URI (trainer/mirror.py)."""
+    if not is_uri(config.run.dir):
+        return config, None
+    mirror = Mirror(config.run.dir, staging_dir(config.run.dir))
+    if resume:
+        mirror.pull()
+    elif mirror.exists():
+        raise RunError(f"{config.run.dir} already holds a run; use `tributary resume "
+                       f"{config.run.dir}` or choose another run.dir")
+    else:
+        shutil.rmtree(mirror.local, ignore_errors=True)  # a stale copy of an earlier attempt
+    return _with_dir(config, str(mirror.local)), mirror
+
+
+def _with_dir(config: Config, run_dir: str) -> Config:
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, dir=run_dir))

@@ -84,3 +84,56 @@ def list_files(location: str | Path, *, suffixes: set[str]) -> list[DataFile]:
 
 def _child(base: str, name: str) -> str:
     return f"{base}/{name}" if is_uri(base) else str(Path(base) / name)
+
+
+def join(base: str, *names: str) -> str:
+    """`base/name/...` for a URI or a local path."""
+    for name in names:
+        base = _child(base.rstrip("/"), name)
+    return base
+
+
+def upload_tree(local: Path, uri: str) -> None:
+    """Copy a local folder's files to `uri` (overwriting), as pyarrow's copy_files does."""
+    filesystem, path = locate(uri)
+    filesystem.create_dir(path, recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=filesystem)
+
+
+def download_tree(uri: str, local: Path) -> None:
+    filesystem, path = locate(uri)
+    local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local), source_filesystem=filesystem,
+                    destination_filesystem=pafs.LocalFileSystem())
+
+
+def write_text(uri: str, text: str) -> None:
+    filesystem, path = locate(uri)
+    filesystem.create_dir(str(PurePosixPath(path).parent), recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def read_text(uri: str) -> str | None:
+    """The file's text, or None if it does not exist."""
+    filesystem, path = locate(uri)
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def list_names(uri: str) -> list[str]:
+    """Names directly under `uri` (none if it does not exist)."""
+    filesystem, path = locate(uri)
+    if filesystem.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(e.base_name for e in
+                  filesystem.get_file_info(pafs.FileSelector(path, recursive=False)))
+
+
+def delete_tree(uri: str) -> None:
+    filesystem, path = locate(uri)
+    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        filesystem.delete_dir(path)

@@ -39,7 +39,16 @@ from workers.model import build_model, mean_nll
 from workers.packing import batch_tensors, empty_sequences, pack, real_tokens, to_arrays
 from workers.replay import ReplayStore, ratio_at, site_key
 from workers.schedule import lr_at
-from workers.storage import DataFile
+from workers.storage import (
+    DataFile,
+    delete_tree,
+    download_tree,
+    join,
+    list_names,
+    read_text,
+    upload_tree,
+    write_text,
+)
 from workers.types import (
     Cursor,
     GroupSpec,
@@ -57,12 +66,14 @@ log = logging.getLogger(__name__)
 ReplaySampler = Callable[[int, list], pa.Table]
 KEEP_STATES = 2
 RESIDUAL = "residual.safetensors"  # error feedback of delta compression
+STATE_DONE = "_COMPLETE"  # marks a fully uploaded state (run.dir on an object store)
 
 
 class Worker:
     def __init__(self, *, site: SiteSpec, model_config: dict, tokenizer, train: TrainSpec,
                  replay: ReplaySampler | None = None, state_dir: str | None = None,
-                 quarantine_dir: str | None = None, group: GroupSpec | None = None) -> None:
+                 quarantine_dir: str | None = None, group: GroupSpec | None = None,
+                 state_uri: str | None = None, quarantine_uri: str | None = None) -> None:
         self.site = site
         self.group = group or GroupSpec(rank=0, size=1, master_addr="127.0.0.1", master_port=0)
         self.train = train
@@ -75,6 +86,8 @@ class Worker:
             self.replay = self.local_replay.sample
         self.pending: pa.Table | None = None  # this round's sequences, kept until commit
         self.state_dir = Path(state_dir) if state_dir else None
+        # A run.dir on an object store: committed state and quarantined files go there too.
+        self.state_uri, self.quarantine_uri = state_uri, quarantine_uri
         self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else None
         self.quarantined: list[dict] = []  # bad files met during the current round
         if self.group.size == 1:
@@ -214,6 +227,9 @@ class Worker:
                 path.filesystem.delete_file(path.path)
             target.with_name(target.name + ".reason.txt").write_text(reason + "\n")
             entry["moved_to"] = str(target)
+            if self.quarantine_uri is not None:
+                upload_tree(self.quarantine_dir, self.quarantine_uri)
+                entry["moved_to"] = join(self.quarantine_uri, path.name)
         self.quarantined.append(entry)
 
     def _sample_replay(self, count: int, round_index: int) -> pa.Table:
@@ -345,13 +361,35 @@ class Worker:
             fsync_dir(self.state_dir)
             for old in sorted(self.state_dir.glob("round-*"))[:-KEEP_STATES]:
                 shutil.rmtree(old, ignore_errors=True)
+            if self.state_uri is not None:
+                self._publish_state(final)
         self.committed_round, self.dirty, self.pending = round_index, False, None
+
+    def _publish_state(self, final: Path) -> None:
+        """Upload a committed state; its marker goes last, so a half-uploaded one is ignored."""
+        upload_tree(final, join(self.state_uri, final.name))
+        write_text(join(self.state_uri, final.name, STATE_DONE), "")
+        for old in [n for n in list_names(self.state_uri) if n.startswith("round-")][
+                :-KEEP_STATES]:
+            delete_tree(join(self.state_uri, old))
+
+    def _fetch_state(self, round_index: int) -> None:
+        """Bring the newest published state at or before `round_index` here, if this node
+        lacks it (a worker restarted on another node, or a resume with a fresh staging)."""
+        names = [n for n in list_names(self.state_uri) if n.startswith("round-")
+                 and int(n.split("-")[1]) <= round_index
+                 and read_text(join(self.state_uri, n, STATE_DONE)) is not None]
+        if names and not (self.state_dir / names[-1]).is_dir():
+            download_tree(join(self.state_uri, names[-1]), self.state_dir / names[-1])
+            (self.state_dir / names[-1] / STATE_DONE).unlink(missing_ok=True)
 
     def restore(self, *, round_index: int) -> int:
         """Load the newest optimizer state committed at or before `round_index` (a site that
         sat out later rounds last trained earlier), or start fresh if there is none.
         Returns the round whose state was loaded (0: fresh)."""
         saved = []
+        if self.state_uri is not None and self.state_dir is not None:
+            self._fetch_state(round_index)
         if self.state_dir is not None and self.state_dir.is_dir():
             saved = [p for p in sorted(self.state_dir.glob("round-*"))
                      if int(p.name.split("-")[1]) <= round_index]

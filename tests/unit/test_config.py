@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config import ConfigError, apply_override, config_from_dict, load_config
+from trainer.config import (
+    ConfigError,
+    apply_override,
+    config_from_dict,
+    load_config,
+    resolve_paths,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -168,8 +174,11 @@ def test_list_entries_are_overridden_by_index_or_name():
                         "--set sites.c.path: no entry 'c' (a list takes an index or a name)"]
 
 
-def test_run_dir_must_not_be_a_uri(tmp_path):
+def test_uri_paths_are_kept_as_they_are(tmp_path):
     raw = {"run": {"dir": "s3://bucket/runs/a"}, "rounds": 1,
-           "sites": [{"name": "a", "path": str(tmp_path)}]}
-    with pytest.raises(ConfigError, match=r"run.dir: must be a folder path .* mount the bucket"):
-        config_from_dict(raw)
+           "sites": [{"name": "a", "path": f"file://{tmp_path}"}]}
+    config = resolve_paths(config_from_dict(raw))
+    assert config.run.dir == "s3://bucket/runs/a"
+    assert config.sites[0].path == f"file://{tmp_path}"
+    with pytest.raises(ConfigError, match=r"sites\[0\].path: file:///nowhere does not exist"):
+        config_from_dict({**raw, "sites": [{"name": "a", "path": "file:///nowhere"}]})

@@ -1,0 +1,121 @@
+"""A run directory on an object store or HDFS: `run.dir: s3://…` (gs://, hdfs://, file://).
+
+Object stores have no rename and no append, so the run works in a local staging folder as
+usual (atomic renames, fsync) and each version is then published to the URI: the version's
+files, its replay snapshot, `metrics.jsonl` and `config.yaml`, and last `versions/LATEST`
+(the newest accepted version's name) — a reader that follows LATEST never meets a version
+before all its files are there. `tributary resume URI` pulls back what a resume reads (every
+manifest, the latest version, its replay snapshot, the metrics) into an empty staging folder.
+Workers publish their committed optimizer state under `sites/` themselves (workers/worker.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from trainer import checkpoint
+from workers.storage import (
+    delete_tree,
+    download_tree,
+    join,
+    list_names,
+    locate,
+    read_text,
+    upload_tree,
+    write_text,
+)
+
+STAGING_ENV = "TRIBUTARY_STAGING_DIR"  # default ~/.cache/tributary/staging
+LATEST_FILE = "LATEST"
+
+
+def staging_dir(uri: str) -> Path:
+    """The local working copy of a URI run: one folder per URI, named like the run (so the
+    `run` tag of metrics is the same)."""
+    root = Path(os.environ.get(STAGING_ENV, "~/.cache/tributary/staging")).expanduser()
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return root / digest / uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+class Mirror:
+    def __init__(self, uri: str, local: Path) -> None:
+        self.uri = uri.rstrip("/")
+        self.local = local
+
+    def exists(self) -> bool:
+        """Does the URI already hold a run?"""
+        return bool(list_names(join(self.uri, checkpoint.VERSIONS)))
+
+    def publish(self, number: int, *, rejected: bool, replay_dir: Path) -> None:
+        """Upload version `number`, then the run's files, then move LATEST."""
+        name = checkpoint.version_name(number)
+        parts = [checkpoint.VERSIONS, checkpoint.REJECTED] if rejected else [checkpoint.VERSIONS]
+        upload_tree(self.local.joinpath(*parts, name), join(self.uri, *parts, name))
+        if replay_dir.is_dir():
+            upload_tree(replay_dir, join(self.uri, "replay", name))
+        for file in ("metrics.jsonl", "config.yaml"):
+            if (self.local / file).is_file():
+                write_text(join(self.uri, file), (self.local / file).read_text())
+        if not rejected:
+            write_text(join(self.uri, checkpoint.VERSIONS, LATEST_FILE), name + "\n")
+
+    def prune(self) -> None:
+        """Versions whose weights were pruned here lose them at the URI too."""
+        for parts in ([checkpoint.VERSIONS], [checkpoint.VERSIONS, checkpoint.REJECTED]):
+            for folder in self.local.joinpath(*parts).glob("v[0-9]*"):
+                if (folder / "manifest.json").is_file() and not any(folder.glob("*.safetensors")):
+                    remote = join(self.uri, *parts, folder.name)
+                    for item in list_names(remote):
+                        if item != "manifest.json":
+                            _delete(join(remote, item))
+
+    def pull(self) -> None:
+        """Fill an empty staging folder with what `resume` reads."""
+        shutil.rmtree(self.local, ignore_errors=True)
+        self.local.mkdir(parents=True)
+        for file in ("metrics.jsonl", "config.yaml"):
+            text = read_text(join(self.uri, file))
+            if text is not None:
+                (self.local / file).write_text(text)
+        latest = (read_text(join(self.uri, checkpoint.VERSIONS, LATEST_FILE)) or "").strip()
+        if not latest:
+            raise FileNotFoundError(f"{self.uri}: no versions/{LATEST_FILE}; nothing to resume")
+        for parts in ([checkpoint.VERSIONS], [checkpoint.VERSIONS, checkpoint.REJECTED]):
+            for name in [n for n in list_names(join(self.uri, *parts)) if n.startswith("v")]:
+                target = self.local.joinpath(*parts, name)
+                target.mkdir(parents=True)
+                if name == latest and len(parts) == 1:
+                    download_tree(join(self.uri, *parts, name), target)
+                    continue
+                text = read_text(join(self.uri, *parts, name, "manifest.json"))
+                (target / "manifest.json").write_text(text or "{}")
+        checkpoint.point_latest(self.local, latest)
+        self._pull_replay()
+
+    def _pull_replay(self) -> None:
+        """The replay snapshot named by the newest manifest (accepted or rejected)."""
+        manifests = checkpoint.all_manifests(self.local, include_rejected=True)
+        replay = max(manifests, key=lambda m: m.get("version", -1)).get("replay")
+        if replay:
+            download_tree(join(self.uri, *Path(replay).parts), self.local / replay)
+
+
+def _delete(uri: str) -> None:
+    filesystem, path = locate(uri)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        delete_tree(uri)
+    else:
+        filesystem.delete_file(path)
+
+
+def read_remote_config(uri: str) -> str:
+    text = read_text(join(uri, "config.yaml"))
+    if text is None:
+        raise FileNotFoundError(f"{uri}/config.yaml not found: is this a Tributary run?")
+    return text
