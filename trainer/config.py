@@ -54,6 +54,8 @@ class RunConfig:
     # Evaluate and write version v while round v+1 trains (a run with a quality gate still
     # evaluates first: the gate decides what the next round starts from).
     overlap: bool = True
+    # With watched sites: how long to wait before looking again when no site has anything new.
+    poll_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,10 @@ class SiteConfig:
     # Workers training this site together as one DeepSpeed data-parallel group (e.g. its
     # node's GPUs); the site still returns one update per round.
     num_workers: int = 1
+    # Keep looking for new files (a site with nothing new sits a round out); a file is taken
+    # once it has not changed for settle_s seconds (write it under a hidden name, then rename).
+    watch: bool = False
+    settle_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -175,7 +181,7 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class Config:
     run: RunConfig
-    rounds: int
+    rounds: int | None  # None: until stopped (SIGTERM finishes the round and exits)
     sites: list[SiteConfig]
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: list[EvalSetConfig] = field(default_factory=list)
@@ -340,7 +346,9 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
         if not ok:
             problems.append(f"{key}: {message}")
 
-    need(config.rounds >= 1, "rounds", f"must be at least 1, found {config.rounds}")
+    need(config.rounds is None or config.rounds >= 1, "rounds",
+         f"must be at least 1, or null to run until stopped; found {config.rounds}")
+    need(config.run.poll_s > 0, "run.poll_s", "must be greater than 0")
     keep = config.run.keep_versions
     need(keep is None or keep >= 1, "run.keep_versions", f"must be at least 1, found {keep}")
     need(len(config.sites) >= 1, "sites", "must list at least one site")

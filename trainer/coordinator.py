@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import logging
 import shutil
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from trainer.reduce import ShardedMerge
 from trainer.sites import SiteWorkers, all_names, start_site, wait_for_name
 from trainer.strategies import build_strategy
 from trainer.table import RoundTable
+from trainer.threads import Background, StopSignal
 from trainer.validate import validate_updates
 from workers.compression import unpack_delta
 from workers.increments import FORMATS
@@ -119,26 +119,45 @@ class Coordinator:
         self._start_workers()
         attempts = 0
         try:
-            while self.state.round < self.config.rounds:
-                if not self._active_sites():
-                    print(f"No site has rows left (or is up) after round {self.state.round}; "
-                          "stopping.")
-                    break
-                if self.run_round(self.state.round + 1):
-                    attempts = 0
-                    continue
-                attempts += 1
-                if attempts >= self.config.merge.max_round_attempts:
-                    raise RunError(
-                        f"round {self.state.round + 1} failed {attempts} times (see the log for "
-                        f"each reason); the last complete version is kept. Fix the cause and run "
-                        f"`tributary resume {self.run_dir}`.")
+            with StopSignal() as stop:
+                while not stop.requested and not self._done():
+                    if not self._active_sites():
+                        if not self._watching():
+                            print(f"No site has rows left (or is up) after round "
+                                  f"{self.state.round}; stopping.")
+                            break
+                        stop.wait(self.config.run.poll_s)
+                        continue
+                    outcome = self.run_round(self.state.round + 1)
+                    if outcome == "idle":  # watched sites, nothing new yet: look again later
+                        stop.wait(self.config.run.poll_s)
+                        continue
+                    attempts = 0 if outcome == "merged" else attempts + 1
+                    if attempts >= self.config.merge.max_round_attempts:
+                        raise RunError(
+                            f"round {self.state.round + 1} failed {attempts} times (see the log "
+                            f"for each reason); the last complete version is kept. Fix the "
+                            f"cause and run `tributary resume {self.run_dir}`.")
+                if stop.requested:
+                    print(f"Stopped by {stop.requested} after round {self.state.round}; "
+                          f"`tributary resume {self._user_run_dir()}` carries on.")
         finally:  # a version being written in the background is finished, never abandoned
             self._wait_for_publishing()
         return checkpoint.latest_version(self.run_dir)
 
-    def run_round(self, round_index: int) -> bool:
-        """One round; False if it gathered too few valid updates (nothing is committed then).
+    def _done(self) -> bool:
+        return self.config.rounds is not None and self.state.round >= self.config.rounds
+
+    def _watching(self) -> bool:
+        """Does a watched site that is still up remain (new files may come)?"""
+        return any(s.watch and s.name not in self.state.down for s in self.config.sites)
+
+    def _user_run_dir(self) -> str:
+        return self.mirror.uri if self.mirror is not None else str(self.run_dir)
+
+    def run_round(self, round_index: int) -> str:
+        """One round: "merged"; "failed" if it gathered too few valid updates, or "idle" if
+        every site answered that it has nothing new (nothing is committed then either).
         With run.overlap the previous version is evaluated and written while this round
         trains; it is finished before this round's merge touches the weights."""
         started = time.perf_counter()
@@ -147,11 +166,16 @@ class Coordinator:
         self.parts = {}
         result = self._validate(self._collect(round_index, weights_ref, bar))
         self._count_misses(result)
-        needed = max(1, min(self.config.merge.min_workers, len(self._active_sites())))
+        if not result.updates and not result.failures and not result.rejected:
+            bar.close()
+            return "idle"
+        # Sites that sat the round out (watched, nothing new) do not count towards the quorum.
+        answering = len([s for s in self._active_sites() if s not in result.idle])
+        needed = max(1, min(self.config.merge.min_workers, answering))
         if len(result.updates) < needed:
             bar.close()
             self._round_failed(round_index, result)
-            return False
+            return "failed"
         # The gate may keep the last accepted weights and outer state: hold a copy while the
         # candidate is judged.
         previous = ({k: v.clone() for k, v in self.global_weights.items()}
@@ -184,7 +208,7 @@ class Coordinator:
             for name, tensor in self.global_weights.items():
                 tensor.copy_(previous[name])
             self.strategy.load_state_dict(previous_outer)
-        return True
+        return "merged"
 
     # ------------------------------------------------------------------ steps of a round
 
@@ -254,8 +278,10 @@ class Coordinator:
             timeout = self.config.merge.round_timeout_s
             failures[site] = f"no update within merge.round_timeout_s={timeout}"
             self._drop_actor(site)
-        for site in idle:
-            self.state.exhausted.add(site)
+        watched = {s.name for s in self.config.sites if s.watch}
+        for site in idle:  # a watched site may get new files: it sits this round out
+            if site not in watched:
+                self.state.exhausted.add(site)
         return RoundResult(sorted(updates, key=lambda u: u.worker_id), failures, idle,
                            quarantined=quarantined)
 
@@ -472,7 +498,8 @@ class Coordinator:
             state = "state" if rank == 0 else f"state-rank{rank}"
             remote = (lambda *parts: join(self.mirror.uri, *parts)) if self.mirror else None
             return {
-                "site": SiteSpec(site.name, site.path, site.text_column),
+                "site": SiteSpec(site.name, site.path, site.text_column,
+                                 settle_s=site.settle_s if site.watch else 0.0),
                 "model_config": self.model.config.to_dict(), "tokenizer": self.tokenizer,
                 "train": train, "group": group,
                 "replay": RemoteMethod(self.replay, "sample")
@@ -552,26 +579,6 @@ class Coordinator:
         MetricsLog.drop_after(self.run_dir, round_index=self.state.round)
         log.info("resuming %s at round %d from %s", self.run_dir, self.state.round, latest.name)
         return model
-
-
-class Background:
-    """A function on its own thread whose exception is raised again by `join`."""
-
-    def __init__(self, target, *, name: str) -> None:
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
-        self.thread.start()
-
-    def _run(self, target) -> None:
-        try:
-            target()
-        except BaseException as exc:  # noqa: BLE001 - handed to the thread that joins
-            self.error = exc
-
-    def join(self) -> None:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 def strategy_from(config: Config):

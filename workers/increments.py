@@ -7,14 +7,17 @@ meaningful for lineage.
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.json as pa_json
+import pyarrow.parquet as pq
 
-from workers.storage import DataFile, data_file, list_files
+from workers.storage import DataFile, data_file, list_files, locate
 from workers.types import Cursor, RowRange
 
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
@@ -24,10 +27,34 @@ class IncrementError(ValueError):
     """An increment file that cannot be read as text rows; names the file and the fix."""
 
 
-def increment_files(location: str | Path) -> list[DataFile]:
+def increment_files(location: str | Path, *, settle_s: float = 0.0) -> list[DataFile]:
     """The increment files of a site: the file itself, or the folder's files in name order.
-    `location` is a local path or a pyarrow filesystem URI (s3://, gs://, hdfs://, file://)."""
-    return list_files(location, suffixes=set(FORMATS))
+    `location` is a local path or a pyarrow filesystem URI (s3://, gs://, hdfs://, file://).
+    `settle_s` > 0 (a watched site) leaves out files modified in the last `settle_s` seconds."""
+    settled = time.time() - settle_s if settle_s > 0 else None
+    return list_files(location, suffixes=set(FORMATS), settled_before=settled)
+
+
+def push_increment(location: str | Path, table: pa.Table, *, text_column: str = "text",
+                   name: str | None = None) -> str:
+    """Add an Arrow table as a new increment of a (watched) site; returns the file's path or
+    URI. The file is named by the time of the push (so increments sort in arrival order) and
+    written under a hidden temporary name, then moved into place, so no reader sees it half
+    written."""
+    if table.num_rows == 0:
+        raise IncrementError(f"{location}: empty increment (0 rows); push at least one row")
+    if text_column not in table.column_names or not pa.types.is_string(
+            table.schema.field(text_column).type):
+        raise IncrementError(f"{location}: the table needs a string column {text_column!r} "
+                             f"(found {table.schema}); pass text_column=")
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    name = name or f"{stamp}-{time.time_ns() % 10**9:09d}-{uuid.uuid4().hex[:8]}.parquet"
+    filesystem, folder = locate(location)
+    filesystem.create_dir(folder, recursive=True)
+    temporary, final = f"{folder}/.{name}.tmp", f"{folder}/{name}"
+    pq.write_table(table, temporary, filesystem=filesystem)
+    filesystem.move(temporary, final)
+    return str(location).rstrip("/") + "/" + name
 
 
 # What reading a damaged file raises: our own checks, Arrow's parsers, bad bytes, a lost file.

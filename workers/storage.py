@@ -65,9 +65,11 @@ def data_file(location: str | Path | DataFile) -> DataFile:
     return DataFile(filesystem, path, str(location))
 
 
-def list_files(location: str | Path, *, suffixes: set[str]) -> list[DataFile]:
+def list_files(location: str | Path, *, suffixes: set[str],
+               settled_before: float | None = None) -> list[DataFile]:
     """The file itself, or the folder's files with one of `suffixes` in name order (hidden
-    ones, starting with '.', left out: in-progress uploads)."""
+    ones, starting with '.', left out: in-progress uploads). With `settled_before` (a Unix
+    time), files modified after it are left out too: they may still be being written."""
     filesystem, path = locate(location)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -78,7 +80,9 @@ def list_files(location: str | Path, *, suffixes: set[str]) -> list[DataFile]:
     base = str(location).rstrip("/")
     files = [DataFile(filesystem, e.path, _child(base, e.base_name)) for e in entries
              if e.type == pafs.FileType.File and not e.base_name.startswith(".")
-             and PurePosixPath(e.base_name).suffix in suffixes]
+             and PurePosixPath(e.base_name).suffix in suffixes
+             and (settled_before is None or e.mtime is None
+                  or e.mtime.timestamp() <= settled_before)]
     return sorted(files, key=lambda f: f.name)
 
 

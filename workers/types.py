@@ -53,6 +53,8 @@ class SiteSpec:
     name: str
     path: str
     text_column: str = "text"
+    # A watched site takes a file only once it has not changed for this many seconds.
+    settle_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ class Worker:
         """Whole rows from the cursor until `need` sequences are filled (rows are never split)."""
         tok, spec = self.tokenizer, self.train
         budget = need * spec.seq_len
-        files = increment_files(self.site.path)
+        files = increment_files(self.site.path, settle_s=self.site.settle_s)
         ranges, token_lists, total = [], [], 0
         rows = iter_rows(files, cursor, text_column=self.site.text_column,
                          max_row_chars=spec.max_row_chars, on_bad_file=self._quarantine)
