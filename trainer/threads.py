@@ -12,8 +12,8 @@ log = logging.getLogger(__name__)
 
 class StopSignal:
     """SIGTERM/SIGINT ask the run to stop after the round in progress (its version is merged,
-    evaluated and written) instead of killing it. Only the main thread can take signals; a
-    run on another thread (tests) keeps the default handlers."""
+    evaluated and written) instead of killing it; a second one stops at once. Only the main
+    thread can take signals; a run on another thread (tests) keeps the default handlers."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -33,6 +33,8 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:  # asked twice: stop now (the last complete version stays)
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again")
         self.requested = signal.Signals(signum).name
         self.event.set()
         log.warning("%s: finishing the round in progress, then stopping", self.requested)

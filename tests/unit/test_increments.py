@@ -109,3 +109,17 @@ def test_a_uri_site_reads_through_its_pyarrow_filesystem(site):
     assert [text for _, text in rows] == ["a2", "b0", "b1", "c0 line\nstill c0", "c1"]
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         increment_files(f"file://{site}/missing")
+
+
+def test_a_watched_site_skips_files_still_being_written(site):
+    import os
+    import time
+
+    old = time.time() - 60
+    for path in site.iterdir():
+        os.utime(path, (old, old))
+    (site / "4-d.txt").write_text("just landed\n")  # modified now: maybe still growing
+    (site / ".5-e.parquet.tmp").write_text("hidden: an upload in progress")
+    assert [f.name for f in increment_files(site, settle_s=30)] == [
+        "1-a.parquet", "2-b.jsonl", "3-c.txt"]
+    assert [f.name for f in increment_files(site)][-1] == "4-d.txt"
