@@ -14,7 +14,7 @@ def test_bad_config_exits_2_naming_every_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "repaly: unknown key; did you mean 'replay'?" in err
     assert "sites[0].path: nowhere does not exist" in err
-    assert "rounds: must be at least 1, found 0" in err
+    assert "rounds: must be at least 1, or null to run until stopped; found 0" in err
 
 
 def test_set_override_error_names_the_key(tmp_path, capsys):

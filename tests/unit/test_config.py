@@ -47,7 +47,7 @@ def test_wrong_type_names_the_key(tmp_path):
     raw["sites"][0]["text_column"] = 5
     raw["rounds"] = "many"
     problems = problems_of(raw)
-    assert "rounds: expected int, found 'many'" in problems
+    assert "rounds: expected int or null, found 'many'" in problems
     assert "sites[0].text_column: expected str, found 5" in problems
 
 
