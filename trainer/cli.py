@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     submit.add_argument("--wait", action="store_true",
                         help="follow the job until it ends; exit 0 only if it succeeded")
+    export = commands.add_parser(
+        "export", help="write a version as a plain Hugging Face model (LoRA merged in)")
+    export.add_argument("run_dir")
+    export.add_argument("--merged", required=True, metavar="OUT", help="the folder to write")
+    export.add_argument("--version", help="e.g. v0003 (default: latest)")
     demo = commands.add_parser("prepare-demo", help="build the demo's site and eval folders")
     demo.add_argument("dir")
     return parser
@@ -108,6 +113,14 @@ def _submit(args: argparse.Namespace) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    from trainer.export import export_merged
+
+    out = export_merged(Path(args.run_dir), Path(args.merged), version=args.version)
+    print(f"wrote {out}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from trainer.metrics import read_metrics
     from trainer.report import write_report
@@ -132,4 +145,4 @@ def _prepare_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"submit": _submit, "run": _run, "resume": _resume, "report": _report, "prepare-demo": _prepare_demo}
+COMMANDS = {"export": _export, "submit": _submit, "run": _run, "resume": _resume, "report": _report, "prepare-demo": _prepare_demo}

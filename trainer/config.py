@@ -59,12 +59,22 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     # "smollm2" (the shipped SmolLM2-135M), "random" (built from `architecture`),
     # or a local Hugging Face model folder.
     source: str = "smollm2"
     tokenizer: str = "smollm2"
     architecture: dict = field(default_factory=dict)
+    # Federate LoRA adapters instead of full weights (workers/lora.py); null: full weights.
+    lora: LoraConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -388,6 +398,7 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
     need(w.max_missed_rounds >= 0, "worker.max_missed_rounds", "must not be negative")
     need(w.max_row_chars >= 1, "worker.max_row_chars", "must be at least 1")
     need(config.quality.max_regression >= 0, "quality.max_regression", "must not be negative")
+    _check_lora(config.model.lora, problems)
     if check_files:
         _check_model(config.model, problems)
 
@@ -462,6 +473,17 @@ def _exists(location: str) -> bool:
         return filesystem.get_file_info(path).type != pafs.FileType.NotFound
     except (OSError, ValueError, pa.ArrowException):
         return False
+
+
+def _check_lora(lora: LoraConfig | None, problems: list[str]) -> None:
+    if lora is None:
+        return
+    checks = [(lora.r >= 1, "model.lora.r", f"must be at least 1, found {lora.r}"),
+              (lora.alpha > 0, "model.lora.alpha", "must be greater than 0"),
+              (0 <= lora.dropout < 1, "model.lora.dropout", "must be in [0, 1)"),
+              (bool(lora.target_modules), "model.lora.target_modules",
+               "must name at least one module, e.g. [q_proj, v_proj]")]
+    problems.extend(f"{key}: {message}" for ok, key, message in checks if not ok)
 
 
 def _check_model(model: ModelConfig, problems: list[str]) -> None:

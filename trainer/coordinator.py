@@ -25,7 +25,7 @@ from trainer.evaluate import load_eval_set, perplexity
 from trainer.faults import kill_point
 from trainer.metrics import MetricsLog
 from trainer.mirror import Mirror, staging_dir
-from trainer.model_source import load_start_model, load_tokenizer
+from trainer.model_source import load_tokenizer, lora_spec, run_model
 from trainer.quality import forgetting, gate_problems, transfer
 from trainer.reduce import ShardedMerge
 from trainer.sites import SiteWorkers, all_names, start_site, wait_for_name
@@ -35,6 +35,7 @@ from trainer.threads import Background, StopSignal
 from trainer.validate import validate_updates
 from workers.compression import unpack_delta
 from workers.increments import FORMATS
+from workers.lora import is_adapter, is_trained
 from workers.replay import ReplayPolicy, ReplayStore
 from workers.storage import is_uri, join
 from workers.types import Cursor, GroupSpec, NoData, SiteSpec, TrainSpec, WorkerUpdate
@@ -88,9 +89,13 @@ class Coordinator:
         if resume:
             self.model = self._load_resume_point()
         else:
-            self.model = load_start_model(config.model, tokenizer=self.tokenizer,
+            self.model = run_model(config.model, tokenizer=self.tokenizer,
                                           seed=config.run.seed)
-        self.global_weights = {n: p.data for n, p in self.model.named_parameters()}
+        # What the run federates: every weight, or with LoRA the adapters' B (A is frozen).
+        self.lora = config.model.lora is not None
+        self.global_weights = {n: p.data for n, p in self.model.named_parameters()
+                               if not self.lora or is_trained(n)}
+        self.base_ref = None  # LoRA: the frozen weights, put in the object store once
         self.strategy = strategy_from(config)
         self.sharded = (ShardedMerge(shapes={n: tuple(t.shape) for n, t in
                                              self.global_weights.items()},
@@ -162,7 +167,7 @@ class Coordinator:
         trains; it is finished before this round's merge touches the weights."""
         started = time.perf_counter()
         bar = tqdm(total=len(self.config.sites) + 1, desc=f"round {round_index}", leave=False)
-        weights_ref = ray.put({n: t.numpy() for n, t in self.global_weights.items()})
+        weights_ref = ray.put(self._broadcast())
         self.parts = {}
         result = self._validate(self._collect(round_index, weights_ref, bar))
         self._count_misses(result)
@@ -212,6 +217,19 @@ class Coordinator:
 
     # ------------------------------------------------------------------ steps of a round
 
+    def _broadcast(self) -> dict:
+        """This round's weights for the workers: all of them, or the LoRA adapters (A and B)."""
+        if not self.lora:
+            return {n: t.numpy() for n, t in self.global_weights.items()}
+        return {n: p.data.numpy() for n, p in self.model.named_parameters() if is_adapter(n)}
+
+    def _base_ref(self):
+        """The frozen base weights, in the object store once for the whole run."""
+        if self.base_ref is None:
+            self.base_ref = ray.put({n: p.data.numpy() for n, p in self.model.named_parameters()
+                                     if not is_adapter(n)})
+        return self.base_ref
+
     def _collect(self, round_index: int, weights_ref, bar: tqdm) -> RoundResult:
         """Ask every site with data left to train; wait until all answer or the deadline."""
         pending, failures = self._dispatch(round_index, weights_ref, bar)
@@ -235,6 +253,8 @@ class Coordinator:
                 continue
             args = {"round_index": round_index, "global_weights": weights_ref,
                     "cursor": self.state.cursors[site.name]}
+            if self.lora:
+                args["base_weights"] = self._base_ref()
             pending[self._train(workers.primary, site.name, **args)] = site.name
             # The other ranks of a multi-worker site train the same round with it.
             self.followers[site.name] = [a.train_round.remote(**args)
@@ -556,7 +576,6 @@ class Coordinator:
     def _load_resume_point(self) -> torch.nn.Module:
         """Weights from `versions/latest`; cursors, replay and round from the newest complete
         manifest (a version the quality gate rejected still consumed its rows)."""
-        from transformers import AutoModelForCausalLM
 
         latest = checkpoint.latest_version(self.run_dir)
         if latest is None:
@@ -573,8 +592,8 @@ class Coordinator:
             exhausted=set(newest.get("exhausted", [])))
         self.history = [{k: v["perplexity"] for k, v in m["eval"].items()} for m in manifests
                         if m.get("status") != "rejected"]
-        model = AutoModelForCausalLM.from_pretrained(latest, dtype=torch.float32,
-                                                     use_safetensors=True)
+        model = run_model(self.config.model, tokenizer=self.tokenizer,
+                          seed=self.config.run.seed, version_dir=latest)
         ray.get(self.replay.restore.remote(str(self.run_dir / newest["replay"])))
         MetricsLog.drop_after(self.run_dir, round_index=self.state.round)
         log.info("resuming %s at round %d from %s", self.run_dir, self.state.round, latest.name)
@@ -602,7 +621,7 @@ def train_spec(config: Config, *, local_replay_capacity: int) -> TrainSpec:
         local_replay_capacity=local_replay_capacity, replay_policy=replay_policy(config),
         replay_schedule=tuple((s.from_round, s.ratio) for s in r.schedule),
         lr_schedule=w.lr_schedule, prox_mu=w.prox_mu, early_stopping=w.early_stopping,
-        compression=config.merge.compression)
+        compression=config.merge.compression, lora=lora_spec(config.model))
 
 
 def _reason(exc: BaseException) -> str:

@@ -72,13 +72,15 @@ def build_engine(model: torch.nn.Module, *, ds_config: dict, lr: float, weight_d
     return engine
 
 
-def load_weights_(engine, weights: dict) -> None:
-    """Overwrite the engine's parameters in place with the global weights (numpy or torch)."""
+def load_weights_(engine, weights: dict, *, strict: bool = True) -> None:
+    """Overwrite the engine's parameters in place with the global weights (numpy or torch);
+    `strict=False` loads the ones given (a LoRA adapter, or the base under it)."""
     module = engine.module
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # object-store arrays are read-only
         for name, param in module.named_parameters():
-            param.copy_(torch.as_tensor(weights[name]).to(param.dtype))
+            if strict or name in weights:
+                param.copy_(torch.as_tensor(weights[name]).to(param.dtype))
     # Mixed-precision/ZeRO optimizers keep fp32 master copies: refresh them from the module.
     refresh = getattr(engine.optimizer, "_restore_from_bit16_weights", None)
     if callable(refresh):

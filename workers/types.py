@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from workers.compression import Packed
+from workers.lora import LoraSpec
 from workers.replay import ReplayPolicy
 from workers.schedule import LrSchedule
 
@@ -103,6 +104,8 @@ class TrainSpec:
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     # How the delta travels: "fp32", "bf16" or "int8" (workers/compression.py).
     compression: str = "fp32"
+    # LoRA adapters with a shared frozen A (workers/lora.py); None: full fine-tuning.
+    lora: LoraSpec | None = None
 
 
 @dataclass(frozen=True)

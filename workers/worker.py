@@ -35,6 +35,7 @@ from workers.increments import (
     iter_rows,
     merge_ranges,
 )
+from workers.lora import apply_lora, is_trained
 from workers.model import build_model, mean_nll
 from workers.packing import batch_tensors, empty_sequences, pack, real_tokens, to_arrays
 from workers.replay import ReplayStore, ratio_at, site_key
@@ -98,6 +99,9 @@ class Worker:
                           master_port=self.group.master_port)
         torch.manual_seed(train.seed)
         model = build_model(model_config)
+        if train.lora is not None:  # adapters only train; the base arrives with round 1
+            model = apply_lora(model, train.lora, seed=train.seed)
+        self.base_loaded = train.lora is None
         self.engine = ds.build_engine(model, ds_config=train.deepspeed, lr=train.lr,
                                       weight_decay=train.weight_decay, micro_batch=train.batch_size)
         self.device = self.engine.device
@@ -115,8 +119,10 @@ class Worker:
 
     # ------------------------------------------------------------------ one round
 
-    def train_round(self, *, round_index: int, global_weights: dict, cursor: Cursor
-                    ) -> WorkerUpdate | NoData:
+    def train_round(self, *, round_index: int, global_weights: dict, cursor: Cursor,
+                    base_weights: dict | None = None) -> WorkerUpdate | NoData:
+        """`global_weights` are the tensors the run federates (all of them, or a LoRA
+        adapter); `base_weights` the frozen rest, loaded once."""
         if self.dirty:  # the last round trained here was not accepted: undo its state
             self.restore(round_index=self.committed_round)
         self.pending, self.quarantined = None, []
@@ -133,7 +139,7 @@ class Worker:
         sequences, holdout = split_holdout(sequences, self.train.early_stopping.holdout_fraction)
         if sequences.num_rows == 0:  # only blank rows: consumed, nothing to train
             return self._update(plan, {}, ranges, cursor, sequences, trained=Trained())
-        ds.load_weights_(self.engine, global_weights)
+        received = self._load(global_weights, base_weights)
         started = time.perf_counter()
         self.dirty = True
         self.pending = sequences
@@ -145,16 +151,26 @@ class Worker:
         payload, self.pending_residual = pack_delta(
             self._delta(global_weights), kind=self.train.compression, residual=self.residual)
         return self._update(plan, payload, ranges, cursor, sequences, trained=trained,
-                            holdout=holdout, received=_nbytes(global_weights))
+                            holdout=holdout, received=received)
+
+    def _load(self, global_weights: dict, base_weights: dict | None) -> int:
+        """Load the round's weights; returns the bytes received (the base counts once)."""
+        received = _nbytes(global_weights)
+        if not self.base_loaded and base_weights is not None:
+            ds.load_weights_(self.engine, base_weights, strict=False)
+            self.base_loaded, received = True, received + _nbytes(base_weights)
+        ds.load_weights_(self.engine, global_weights, strict=self.train.lora is None)
+        return received
 
     def train_round_split(self, *, shards: list[list[str]], round_index: int,
-                          global_weights: dict, cursor: Cursor) -> tuple:
+                          global_weights: dict, cursor: Cursor,
+                          base_weights: dict | None = None) -> tuple:
         """`train_round` with the delta cut into `shards` (lists of tensor names). The
         coordinator calls it with Ray's num_returns=len(shards) + 1, so each slice is its own
         object that a reducer reads where it lies; the coordinator fetches only the first
         value, the update without its delta."""
         answer = self.train_round(round_index=round_index, global_weights=global_weights,
-                                  cursor=cursor)
+                                  cursor=cursor, base_weights=base_weights)
         if isinstance(answer, NoData) or not answer.delta:
             return (answer, *([None] * len(shards)))
         parts = split_payload(answer.delta, shards)
@@ -243,7 +259,8 @@ class Worker:
         if self.train.prox_mu <= 0:
             return None
         return {name: torch.as_tensor(global_weights[name]).to(self.device, p.dtype)
-                for name, p in self.engine.module.named_parameters()}
+                for name, p in self.engine.module.named_parameters()
+                if p.requires_grad and name in global_weights}
 
     def _train(self, plan: RoundPlan, new: pa.Table, holdout: pa.Table | None, *,
                anchor: dict | None) -> Trained:
@@ -325,13 +342,15 @@ class Worker:
     def _proximal(self, anchor: dict) -> torch.Tensor:
         """FedProx: mu/2 * ||theta - theta_global||^2 pulls the site towards the round's global."""
         drift = sum(((p - anchor[name]) ** 2).sum()
-                    for name, p in self.engine.module.named_parameters())
+                    for name, p in self.engine.module.named_parameters() if name in anchor)
         return 0.5 * self.train.prox_mu * drift
 
 
     def _delta(self, global_weights: dict) -> dict[str, np.ndarray]:
         delta = {}
         for name, param in ds.local_weights(self.engine).items():
+            if self.train.lora is not None and not is_trained(name):
+                continue  # the frozen A and base: no update to send
             base = torch.as_tensor(global_weights[name], dtype=torch.float32)
             delta[name] = (param.to("cpu", torch.float32) - base).numpy()
         return delta
