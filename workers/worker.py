@@ -169,8 +169,9 @@ class Worker:
         coordinator calls it with Ray's num_returns=len(shards) + 1, so each slice is its own
         object that a reducer reads where it lies; the coordinator fetches only the first
         value, the update without its delta."""
+        extra = {"base_weights": base_weights} if base_weights is not None else {}
         answer = self.train_round(round_index=round_index, global_weights=global_weights,
-                                  cursor=cursor, base_weights=base_weights)
+                                  cursor=cursor, **extra)
         if isinstance(answer, NoData) or not answer.delta:
             return (answer, *([None] * len(shards)))
         parts = split_payload(answer.delta, shards)

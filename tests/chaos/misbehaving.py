@@ -14,9 +14,9 @@ def poisoned_worker(*, site: str, round_index: int, kind: str) -> type:
     """A Worker class whose `site` sends a bad delta in `round_index` (kind: nan | huge)."""
 
     class PoisonWorker(Worker):
-        def train_round(self, *, round_index: int, global_weights, cursor):
+        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
             update = super().train_round(round_index=round_index, global_weights=global_weights,
-                                         cursor=cursor)
+                                         cursor=cursor, **extra)
             if self.site.name != site or round_index != poison_round:
                 return update
             if kind == "nan":
@@ -33,12 +33,12 @@ def slow_worker(*, site: str, round_index: int, seconds: float) -> type:
     """A Worker class whose `site` takes `seconds` longer in `round_index` (a straggler)."""
 
     class SlowWorker(Worker):
-        def train_round(self, *, round_index: int, global_weights, cursor):
+        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
             if self.site.name == site and round_index == slow_round:
                 import time
                 time.sleep(seconds)
             return super().train_round(round_index=round_index, global_weights=global_weights,
-                                       cursor=cursor)
+                                       cursor=cursor, **extra)
 
     slow_round = round_index
     return SlowWorker
@@ -48,11 +48,11 @@ def failing_worker(*, site: str) -> type:
     """A Worker class whose `site` raises in every round (a site that stays broken)."""
 
     class FailingWorker(Worker):
-        def train_round(self, *, round_index: int, global_weights, cursor):
+        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
             if self.site.name == site:
                 raise RuntimeError(f"site {site} is broken")
             return super().train_round(round_index=round_index, global_weights=global_weights,
-                                       cursor=cursor)
+                                       cursor=cursor, **extra)
 
     return FailingWorker
 
@@ -62,9 +62,9 @@ def noisy_worker(*, round_index: int, scale: float) -> type:
     `round_index`: finite, of similar norm across sites, and harmful to the model."""
 
     class NoisyWorker(Worker):
-        def train_round(self, *, round_index: int, global_weights, cursor):
+        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
             update = super().train_round(round_index=round_index, global_weights=global_weights,
-                                         cursor=cursor)
+                                         cursor=cursor, **extra)
             if round_index != noisy_round or not update.delta:
                 return update
             rng = np.random.default_rng(round_index)
