@@ -24,6 +24,7 @@ import yaml
 
 from trainer.strategies import STRATEGIES
 from workers.compression import COMPRESSIONS
+from workers.lora import LoraSpec
 from workers.replay import BALANCE_MODES
 from workers.schedule import SCHEDULE_KINDS, LrSchedule
 from workers.storage import is_uri, locate
@@ -59,14 +60,6 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class LoraConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     # "smollm2" (the shipped SmolLM2-135M), "random" (built from `architecture`),
     # or a local Hugging Face model folder.
@@ -74,7 +67,7 @@ class ModelConfig:
     tokenizer: str = "smollm2"
     architecture: dict = field(default_factory=dict)
     # Federate LoRA adapters instead of full weights (workers/lora.py); null: full weights.
-    lora: LoraConfig | None = None
+    lora: LoraSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -475,7 +468,7 @@ def _exists(location: str) -> bool:
         return False
 
 
-def _check_lora(lora: LoraConfig | None, problems: list[str]) -> None:
+def _check_lora(lora: LoraSpec | None, problems: list[str]) -> None:
     if lora is None:
         return
     checks = [(lora.r >= 1, "model.lora.r", f"must be at least 1, found {lora.r}"),

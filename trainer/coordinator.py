@@ -25,7 +25,7 @@ from trainer.evaluate import load_eval_set, perplexity
 from trainer.faults import kill_point
 from trainer.metrics import MetricsLog
 from trainer.mirror import Mirror, staging_dir
-from trainer.model_source import load_tokenizer, lora_spec, run_model
+from trainer.model_source import load_tokenizer, run_model
 from trainer.quality import forgetting, gate_problems, transfer
 from trainer.reduce import ShardedMerge
 from trainer.sites import SiteWorkers, all_names, start_site, wait_for_name
@@ -621,7 +621,7 @@ def train_spec(config: Config, *, local_replay_capacity: int) -> TrainSpec:
         local_replay_capacity=local_replay_capacity, replay_policy=replay_policy(config),
         replay_schedule=tuple((s.from_round, s.ratio) for s in r.schedule),
         lr_schedule=w.lr_schedule, prox_mu=w.prox_mu, early_stopping=w.early_stopping,
-        compression=config.merge.compression, lora=lora_spec(config.model))
+        compression=config.merge.compression, lora=config.model.lora)
 
 
 def _reason(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer
 
 from trainer.config import ModelConfig
-from workers.lora import LoraSpec, apply_lora
+from workers.lora import apply_lora
 
 log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,17 +91,11 @@ def load_start_model(model: ModelConfig, *, tokenizer, seed: int) -> torch.nn.Mo
                                                 use_safetensors=True)
 
 
-def lora_spec(model: ModelConfig) -> LoraSpec | None:
-    lora = model.lora
-    return None if lora is None else LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                              target_modules=list(lora.target_modules))
-
-
 def run_model(model: ModelConfig, *, tokenizer, seed: int,
               version_dir: Path | None = None) -> torch.nn.Module:
     """The run's model: the start model (with its LoRA adapters when model.lora is set), or
     the weights of a saved version (full weights, or the adapter on the start model)."""
-    spec = lora_spec(model)
+    spec = model.lora
     if spec is None:
         if version_dir is not None:
             return AutoModelForCausalLM.from_pretrained(version_dir, dtype=torch.float32,
