@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
 import socket
 from pathlib import Path
 
+import yaml
+
 from trainer.checkpoint import all_manifests
 from trainer.config import Config, config_from_dict, resolve_paths
-from workers.increments import read_texts
+from workers.increments import increment_files, read_texts
 
 ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -47,24 +48,40 @@ def tiny_config(demo_root: Path, notes: Path, run_dir: Path, **overrides) -> Con
     return resolve_paths(config_from_dict(raw, overrides=sets))
 
 
-def assert_rows_exactly_once(run_dir: Path, site: str, *, text_column: str) -> list[dict]:
-    """Across all manifests, the site's ranges tile each file from row 0 with no gap or
-    overlap; files before the cursor are complete. Returns the ranges."""
+def assert_rows_exactly_once(run_dir: Path, site: str, *, text_column: str,
+                             location: str | Path | None = None) -> list[dict]:
+    """Every row of every increment file of the site (listed from `location`, the site's
+    folder, or taken from the config) up to the cursor is in exactly one accepted or
+    rejected version's ranges — token by token where a row was split between rounds — and
+    nothing past the cursor is. Files recorded as damaged are the only ones left out.
+    Returns the ranges."""
     manifests = all_manifests(run_dir, include_rejected=True)  # rejected ones consumed rows too
     ranges = [r for m in manifests for r in m["increments"].get(site, [])]
     assert ranges, f"{site} trained nothing"
-    by_file: dict[str, list] = {}
-    for r in ranges:
-        by_file.setdefault(r["file"], []).append((r["start_row"], r["end_row"]))
+    if location is None:
+        config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        location = next(s["path"] for s in config["sites"] if s["name"] == site)
+    damaged = set(manifests[-1].get("skipped", {}).get(site, []))
     cursor = manifests[-1]["cursors"][site]
-    for file, spans in by_file.items():
-        spans.sort()
-        assert spans[0][0] == 0, f"{file}: rows before {spans[0][0]} never trained"
-        for (_, end), (start, _) in itertools.pairwise(spans):
-            assert end == start, f"{file}: rows {end}..{start} skipped or trained twice"
-        if Path(file).name != cursor["file"]:
-            rows = len(read_texts(file, text_column=text_column))
-            assert spans[-1][1] == rows, f"{file}: finished file not fully trained"
-        else:
-            assert spans[-1][1] == cursor["row"]
+    by_name: dict[str, list] = {}
+    for r in ranges:
+        start = (r["start_row"], r.get("start_token", 0))
+        end = (r["end_row"], 0) if "end_token" not in r else (r["end_row"] - 1, r["end_token"])
+        by_name.setdefault(Path(r["file"]).name, []).append((start, end))
+    for file in increment_files(location):
+        spans = sorted(by_name.pop(file.name, []))
+        if file.name in damaged:
+            continue
+        if cursor["file"] is None or file.name > cursor["file"]:
+            assert not spans, f"{file}: trained past the cursor"
+            continue
+        rows = len(read_texts(file, text_column=text_column))
+        position = (0, 0)
+        for start, end in spans:
+            assert start == position, f"{file}: rows from {position} to {start} skipped or " \
+                                      "trained twice"
+            position = end
+        done = (cursor["row"], cursor.get("token", 0)) if file.name == cursor["file"] else (rows, 0)
+        assert position == done, f"{file}: trained up to {position}, expected {done}"
+    assert not by_name, f"ranges of files the site does not hold: {sorted(by_name)}"
     return ranges

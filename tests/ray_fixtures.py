@@ -43,22 +43,34 @@ def notes_site(demo_root) -> Path:
     return folder
 
 
-EXPECTED_METRICS = {"ray_tributary_round", "ray_tributary_eval_perplexity",
-                    "ray_tributary_tokens_total", "ray_tributary_train_loss",
+# Every metric a plain run exports (RayMetrics); the failure and quarantine counters are
+# served once something fails, and are checked by the chaos tests that make that happen.
+EXPECTED_METRICS = {"ray_tributary_round", "ray_tributary_version",
+                    "ray_tributary_eval_perplexity", "ray_tributary_tokens_total",
+                    "ray_tributary_train_loss", "ray_tributary_tokens_per_second",
                     "ray_tributary_merge_seconds", "ray_tributary_forgetting",
                     "ray_tributary_backward_transfer", "ray_tributary_newest_gain",
                     "ray_tributary_learning_rate", "ray_tributary_bytes_total",
                     "ray_tributary_round_overhead_seconds"}
+ON_FAILURE_METRICS = {"ray_tributary_worker_failures_total",
+                      "ray_tributary_quarantined_files_total"}
 
 
-def served_metrics(url: str, *, run: str) -> set[str]:
-    """Names of the tributary_ metrics of `run` that Ray's Prometheus endpoint serves now."""
-    try:
-        text = requests.get(url, timeout=2).text
-    except requests.RequestException:
-        return set()
-    return {line.split("{")[0] for line in text.splitlines()
-            if line.startswith("ray_tributary_") and f'run="{run}"' in line}
+def served_metrics(url: str, *, run: str, wait_for: set[str] = frozenset(),
+                   timeout_s: float = 60) -> set[str]:
+    """Names of the tributary_ metrics of `run` that Ray's Prometheus endpoint serves now
+    (waiting up to `timeout_s` for the ones in `wait_for`: the export interval lags)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            text = requests.get(url, timeout=2).text
+        except requests.RequestException:
+            text = ""
+        names = {line.split("{")[0] for line in text.splitlines()
+                 if line.startswith("ray_tributary_") and f'run="{run}"' in line}
+        if wait_for <= names or time.monotonic() > deadline:
+            return names
+        time.sleep(1)
 
 
 @pytest.fixture(scope="session")
@@ -74,13 +86,11 @@ def two_rounds(ray_cluster, demo_root, notes_site, tmp_path_factory):
     while thread.is_alive():
         seen["actors"] |= {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                            if a["namespace"] == "tributary"}
-        seen["metrics"] |= served_metrics(url, run=run_dir.name)
+        seen["metrics"] |= served_metrics(url, run=run_dir.name, timeout_s=0)
         time.sleep(0.5)
     seen["metrics_during_run"] = set(seen["metrics"])
-    deadline = time.monotonic() + 60  # the export interval can lag the short test run
-    while not EXPECTED_METRICS <= seen["metrics"] and time.monotonic() < deadline:
-        seen["metrics"] |= served_metrics(url, run=run_dir.name)
-        time.sleep(1)
+    # The export interval can lag the short test run.
+    seen["metrics"] |= served_metrics(url, run=run_dir.name, wait_for=EXPECTED_METRICS)
     thread.join()
     assert "result" in seen, "run_training raised; see the log above"
     return run_dir, seen

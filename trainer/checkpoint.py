@@ -52,6 +52,7 @@ def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenize
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(versions)
+    kill_point("renamed", manifest.get("round", 0))  # in place, `latest` not yet moved
     if not rejected:
         point_latest(run_dir, version_name(number))
     return final
@@ -117,6 +118,14 @@ def write_json(path: Path, data: dict) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def append_lines(path: Path, records: list[dict]) -> None:
+    """Append JSON lines durably (a record log: each line whole or, after a crash, torn last)."""
+    with open(path, "a") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in records)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def sha256_file(path: Path) -> str:

@@ -22,12 +22,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import yaml
 
+from trainer.quality import GATE_BASELINES
 from trainer.strategies import STRATEGIES
 from workers.compression import COMPRESSIONS
 from workers.lora import LoraSpec
 from workers.replay import BALANCE_MODES
 from workers.schedule import SCHEDULE_KINDS, LrSchedule
-from workers.storage import is_uri, locate
+from workers.storage import is_uri, locate, redact
 from workers.types import EarlyStopping
 
 BUILTIN_MODELS = ("smollm2", "random")
@@ -95,6 +96,9 @@ class EvalSetConfig:
     max_tokens: int = 4096
     # A protected set may not regress past quality.max_regression, or the version is rejected.
     protected: bool = False
+    # What a protected set is judged against: the best accepted version so far ("best"), or
+    # the start version ("start").
+    gate_against: str = "best"
     # Held-out data of the newest increments: its improvement is reported as the newest gain;
     # every other set counts towards backward transfer.
     newest: bool = False
@@ -167,7 +171,8 @@ class MergeConfig:
 
 @dataclass(frozen=True)
 class QualityConfig:
-    # Largest relative perplexity rise of a protected eval set over the last accepted version.
+    # Largest relative perplexity rise of a protected eval set over its baseline (the best
+    # accepted version so far, or the start: eval[].gate_against).
     max_regression: float = 0.05
 
 
@@ -369,6 +374,8 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
             need(_safe_name(entry.name), f"{group}[{i}].name", "use letters, digits, '-', '_' only")
     for i, entry in enumerate(config.eval):
         need(entry.max_tokens > 0, f"eval[{i}].max_tokens", "must be greater than 0")
+        need(entry.gate_against in GATE_BASELINES, f"eval[{i}].gate_against",
+             f"must be one of {GATE_BASELINES}, found {entry.gate_against!r}")
     w = config.worker
     need(w.local_steps >= 1, "worker.local_steps", "must be at least 1")
     need(w.batch_size >= 1, "worker.batch_size", "must be at least 1")
@@ -541,4 +548,27 @@ def dump_config(config: Config, path: Path) -> None:
 
 
 def config_text(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The config as YAML, with credentials taken out of every URI (they reach a run through
+    its environment, never through a file or a job field)."""
+    return yaml.safe_dump(_redacted(config.to_dict()), sort_keys=False)
+
+
+def credential_keys(config: Config) -> list[str]:
+    """Dotted keys whose value is a URI holding credentials."""
+    return [key for key, value in _uri_values(config.to_dict(), "") if redact(value) != value]
+
+
+def _uri_values(node: Any, prefix: str) -> list[tuple[str, str]]:
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _uri_values(v, _join(prefix, k))]
+    if isinstance(node, list):
+        return [kv for i, v in enumerate(node) for kv in _uri_values(v, f"{prefix}[{i}]")]
+    return [(prefix, node)] if isinstance(node, str) and is_uri(node) else []
+
+
+def _redacted(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _redacted(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redacted(v) for v in node]
+    return redact(node) if isinstance(node, str) else node

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from cluster.connect import connect
 from cluster.remote import RemoteMethod
 from trainer import checkpoint
-from trainer.config import Config, deepspeed_dict, dump_config
+from trainer.config import Config, credential_keys, deepspeed_dict, dump_config
 from trainer.evaluate import load_eval_set, perplexity
 from trainer.faults import kill_point
 from trainer.metrics import MetricsLog
@@ -32,14 +32,14 @@ from trainer.sites import SiteWorkers, all_names, start_site, wait_for_name
 from trainer.strategies import build_strategy
 from trainer.table import RoundTable
 from trainer.threads import Background, StopSignal
-from trainer.validate import validate_updates
+from trainer.validate import report_problem, validate_updates
 from workers.compression import unpack_delta
-from workers.increments import FORMATS
+from workers.increments import FORMATS, increment_files
 from workers.lora import is_adapter, is_trained
 from workers.replay import ReplayPolicy, ReplayStore
-from workers.storage import is_uri, join
+from workers.storage import base_name, is_uri, join, redact
 from workers.types import Cursor, GroupSpec, NoData, SiteSpec, TrainSpec, WorkerUpdate
-from workers.worker import Worker
+from workers.worker import Worker, new_token_budget
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class RunState:
     exhausted: set[str] = field(default_factory=set)  # no rows left
     down: set[str] = field(default_factory=set)  # failed too many rounds in a row
     missed: dict[str, int] = field(default_factory=dict)  # rounds failed in a row, per site
+    skipped: dict[str, set[str]] = field(default_factory=dict)  # site -> damaged file names
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class RoundResult:
     failures: dict[str, str]  # site -> why no update came (dead actor, error, deadline)
     idle: list[str]  # sites with no rows left
     rejected: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
-    quarantined: list[dict] = field(default_factory=list)  # bad increment files set aside
+    quarantined: list[dict] = field(default_factory=list)  # damaged files found (skipped)
+    unavailable: dict[str, str] = field(default_factory=dict)  # site -> storage fault (sat out)
 
 
 class Coordinator:
@@ -108,7 +110,7 @@ class Coordinator:
         if resume:
             self.strategy.load_state_dict(
                 checkpoint.load_outer_state(checkpoint.latest_version(self.run_dir)))
-        self.protected = [e.name for e in config.eval if e.protected]
+        self.protected = {e.name: e.gate_against for e in config.eval if e.protected}
         self.eval_sets = [load_eval_set(e, tokenizer=self.tokenizer, seq_len=config.worker.seq_len)
                           for e in config.eval]
         self.metrics = MetricsLog(self.run_dir)
@@ -158,7 +160,7 @@ class Coordinator:
         return any(s.watch and s.name not in self.state.down for s in self.config.sites)
 
     def _user_run_dir(self) -> str:
-        return self.mirror.uri if self.mirror is not None else str(self.run_dir)
+        return redact(self.mirror.uri) if self.mirror is not None else str(self.run_dir)
 
     def run_round(self, round_index: int) -> str:
         """One round: "merged"; "failed" if it gathered too few valid updates, or "idle" if
@@ -169,9 +171,10 @@ class Coordinator:
         bar = tqdm(total=len(self.config.sites) + 1, desc=f"round {round_index}", leave=False)
         weights_ref = ray.put(self._broadcast())
         self.parts = {}
-        result = self._validate(self._collect(round_index, weights_ref, bar))
+        result = self._validate(self._collect(round_index, weights_ref, bar),
+                                round_index=round_index)
         self._count_misses(result)
-        if not result.updates and not result.failures and not result.rejected:
+        if not (result.updates or result.failures or result.rejected or result.unavailable):
             bar.close()
             return "idle"
         # Sites that sat the round out (watched, nothing new) do not count towards the quorum.
@@ -194,7 +197,7 @@ class Coordinator:
         # The gate decides what the next round trains on, so a gated run evaluates now;
         # otherwise evaluation waits for the background (run.overlap).
         evals = self._evaluate() if self.protected or not self.config.run.overlap else None
-        gate = gate_problems(evals, self.history[-1], protected=self.protected,
+        gate = gate_problems(evals, self.history, protected=self.protected,
                              max_regression=self.config.quality.max_regression) if evals else []
         self.state.round = round_index
         self._advance_cursors(result)  # a rejected candidate still consumed its rows
@@ -252,7 +255,8 @@ class Coordinator:
                 bar.update(1)
                 continue
             args = {"round_index": round_index, "global_weights": weights_ref,
-                    "cursor": self.state.cursors[site.name]}
+                    "cursor": self.state.cursors[site.name],
+                    "skip": tuple(sorted(self.state.skipped.get(site.name, ())))}
             if self.lora:
                 args["base_weights"] = self._base_ref()
             pending[self._train(workers.primary, site.name, **args)] = site.name
@@ -273,7 +277,7 @@ class Coordinator:
         return refs[0]
 
     def _gather(self, round_index: int, pending: dict, failures: dict, bar: tqdm) -> RoundResult:
-        updates, idle, quarantined = [], [], []
+        updates, idle, quarantined, unavailable = [], [], [], {}
         deadline = time.monotonic() + self.config.merge.round_timeout_s
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1,
@@ -289,8 +293,10 @@ class Coordinator:
                 failures[site] = _reason(exc)
                 self._drop_actor(site)
                 continue
-            quarantined.extend(answer.quarantined)
-            if isinstance(answer, NoData):
+            quarantined.extend(self._note_damaged(site, answer.quarantined))
+            if isinstance(answer, NoData) and answer.unavailable:
+                unavailable[site] = answer.unavailable
+            elif isinstance(answer, NoData):
                 idle.append(site)
             elif answer.round == round_index:
                 updates.append(dataclasses.replace(answer, delta=unpack_delta(answer.delta)))
@@ -303,7 +309,19 @@ class Coordinator:
             if site not in watched:
                 self.state.exhausted.add(site)
         return RoundResult(sorted(updates, key=lambda u: u.worker_id), failures, idle,
-                           quarantined=quarantined)
+                           quarantined=quarantined, unavailable=unavailable)
+
+    def _note_damaged(self, site: str, entries: tuple[dict, ...]) -> list[dict]:
+        """Record damaged files the site met (RUN_DIR/quarantine/<site>.jsonl) and skip them
+        from now on; returns the ones not recorded before. The files stay where they are."""
+        known = self.state.skipped.setdefault(site, set())
+        fresh = [e for e in entries if e["name"] not in known]
+        if fresh:
+            folder = self.run_dir / "quarantine"
+            folder.mkdir(parents=True, exist_ok=True)
+            checkpoint.append_lines(folder / f"{site}.jsonl", fresh)
+        known.update(e["name"] for e in fresh)
+        return fresh
 
     def _merge(self, updates: list[WorkerUpdate]) -> None:
         """The strategy's outer step (merge.strategy) on the round's deltas, in place."""
@@ -332,26 +350,47 @@ class Coordinator:
         for update in result.updates:
             self.state.cursors[update.worker_id] = update.cursor
 
-    def _validate(self, result: RoundResult) -> RoundResult:
+    def _validate(self, result: RoundResult, *, round_index: int) -> RoundResult:
+        """Refuse updates whose self-reports do not fit the round's plan, then those whose
+        deltas are not finite, have the wrong layout or an outsized norm."""
+        bounded, rejected = [], {}
+        for update in result.updates:
+            problem = self._report_problem(update, round_index=round_index)
+            if problem:
+                rejected[update.worker_id] = problem
+            else:
+                bounded.append(update)
         shapes = {name: tuple(t.shape) for name, t in self.global_weights.items()}
         stats = None
         if self.sharded is not None:  # inspected slice by slice on the reducers
             stats = self.sharded.stats({u.worker_id: self.parts[u.worker_id]
-                                        for u in result.updates if u.weight > 0})
-        accepted, rejected = validate_updates(
-            result.updates, shapes=shapes, max_norm_ratio=self.config.merge.max_norm_ratio,
+                                        for u in bounded if u.weight > 0})
+        accepted, refused = validate_updates(
+            bounded, shapes=shapes, max_norm_ratio=self.config.merge.max_norm_ratio,
             stats=stats)
+        rejected.update(refused)
         for site, reason in rejected.items():
             log.warning("round update of site %s rejected: %s; its rows stay unconsumed",
                         site, reason)
         return dataclasses.replace(result, updates=accepted, rejected=rejected)
+
+    def _report_problem(self, update: WorkerUpdate, *, round_index: int) -> str | None:
+        """What a site claims (rows, cursor, tokens, weight) checked against what the
+        coordinator planned for it: no site can claim more than its round allowed."""
+        site = next(s for s in self.config.sites if s.name == update.worker_id)
+        train = self._train_spec()
+        return report_problem(
+            update, previous=self.state.cursors[site.name],
+            budget=new_token_budget(train, round_index=round_index),
+            local_steps=train.local_steps, max_epochs=train.early_stopping.max_epochs,
+            listed=_listed_names(site.path), shared_sequences=self.config.replay.scope == "shared")
 
     def _count_misses(self, result: RoundResult) -> None:
         """Track sites that fail round after round; past the limit they are reported and
         left out (until `tributary resume`) instead of being restarted every round."""
         for update in result.updates:
             self.state.missed[update.worker_id] = 0
-        for site in [*result.failures, *result.rejected]:
+        for site in [*result.failures, *result.rejected, *result.unavailable]:
             self.state.missed[site] = self.state.missed.get(site, 0) + 1
             if self.state.missed[site] > self.config.worker.max_missed_rounds:
                 self.state.down.add(site)
@@ -371,7 +410,7 @@ class Coordinator:
                 self._drop_actor(update.worker_id)
 
     def _round_failed(self, round_index: int, result: RoundResult) -> None:
-        reasons = {**result.failures, **result.rejected}
+        reasons = {**result.failures, **result.rejected, **result.unavailable}
         text = "; ".join(f"{site}: {why}" for site, why in reasons.items()) or "no updates"
         log.warning("round %d got %d valid update(s), needs merge.min_workers=%d (%s); "
                     "retrying it", round_index, len(result.updates),
@@ -452,8 +491,10 @@ class Coordinator:
                                  newest=[e.name for e in self.config.eval if e.newest]),
             "failures": result.failures,
             "rejected": result.rejected,
+            "unavailable": result.unavailable,
             "quarantined": result.quarantined,
             "cursors": {name: c.to_dict() for name, c in state.cursors.items()},
+            "skipped": {name: sorted(files) for name, files in sorted(state.skipped.items())},
             "exhausted": sorted(state.exhausted),
             "down": sorted(state.down),
             "replay": str(replay_dir.relative_to(self.run_dir)),
@@ -469,6 +510,7 @@ class Coordinator:
             "workers_failed": len(result.failures) + len(result.rejected),
             "workers_idle": result.idle, "failures": result.failures,
             "rejected": result.rejected, "quarantined": result.quarantined,
+            "unavailable": result.unavailable,
             "new_tokens": {s: m["new_tokens"] for s, m in by_site.items()},
             "replay_tokens": {s: m["replay_tokens"] for s, m in by_site.items()},
             "train_loss": {s: m["loss"] for s, m in by_site.items()},
@@ -509,8 +551,7 @@ class Coordinator:
         if site_name in self.actors:
             return self.actors[site_name]
         site = next(s for s in self.config.sites if s.name == site_name)
-        train = train_spec(self.config, local_replay_capacity=self._replay_capacity()
-                           if self.config.replay.scope == "site" else 0)
+        train = self._train_spec()
         folder = self.run_dir / "sites" / site.name
 
         def kwargs(group: GroupSpec | None) -> dict:
@@ -525,13 +566,8 @@ class Coordinator:
                 "replay": RemoteMethod(self.replay, "sample")
                 if self.config.replay.scope == "shared" else None,
                 "state_dir": str(folder / state),
-                # Only rank 0 moves a bad file aside; the others skip the same rows.
-                "quarantine_dir": str(self.run_dir / "quarantine" / site.name)
-                if rank == 0 else None,
-                # run.dir is a URI: committed state and quarantined files are published there.
-                "state_uri": remote("sites", site.name, state) if remote else None,
-                "quarantine_uri": remote("quarantine", site.name) if remote and rank == 0
-                else None}
+                # run.dir is a URI: committed state is published there.
+                "state_uri": remote("sites", site.name, state) if remote else None}
 
         w = self.config.worker
         workers = start_site(worker_cls=self.worker_cls, site=site.name, size=site.num_workers,
@@ -563,6 +599,10 @@ class Coordinator:
 
     # ------------------------------------------------------------------ replay and resume
 
+    def _train_spec(self) -> TrainSpec:
+        return train_spec(self.config, local_replay_capacity=self._replay_capacity()
+                          if self.config.replay.scope == "site" else 0)
+
     def _replay_capacity(self) -> int:
         """Sequences each site may hold: replay.capacity_tokens split evenly across sites."""
         return self.config.replay.capacity_tokens // (
@@ -589,7 +629,8 @@ class Coordinator:
             round=newest["round"], version=newest["version"], accepted=accepted,
             cursors={s.name: Cursor.from_dict(newest["cursors"].get(s.name, {}))
                      for s in self.config.sites},
-            exhausted=set(newest.get("exhausted", [])))
+            exhausted=set(newest.get("exhausted", [])),
+            skipped={site: set(names) for site, names in newest.get("skipped", {}).items()})
         self.history = [{k: v["perplexity"] for k, v in m["eval"].items()} for m in manifests
                         if m.get("status") != "rejected"]
         model = run_model(self.config.model, tokenizer=self.tokenizer,
@@ -633,12 +674,21 @@ def _reason(exc: BaseException) -> str:
 
 
 def _file_path(site, name: str) -> str:
-    """The manifest's name for a file of the site: its path or URI (the site's path itself
-    when the site is that one file)."""
-    base = site.path.rstrip("/")
-    if PurePosixPath(base).name == name and PurePosixPath(base).suffix in FORMATS:
+    """The manifest's name for a file of the site: its path or URI without credentials (the
+    site's path itself when the site is that one file)."""
+    base = redact(site.path)
+    if base_name(base) == name and PurePosixPath(name).suffix in FORMATS:
         return base
-    return f"{base}/{name}" if is_uri(base) else str(Path(base) / name)
+    return join(base, name)
+
+
+def _listed_names(location: str) -> set[str] | None:
+    """The site's file names as the coordinator sees them; None where it cannot list them (a
+    folder local to the site's node, storage that is down): that check is then skipped."""
+    try:
+        return {f.name for f in increment_files(location)}
+    except (OSError, ValueError):
+        return None
 
 
 def run_training(config: Config, *, resume: bool = False, worker_cls: type = Worker) -> Path:
@@ -650,6 +700,10 @@ def run_training(config: Config, *, resume: bool = False, worker_cls: type = Wor
         raise RunError(f"{run_dir} already holds a run; use `tributary resume {run_dir}` "
                        "or choose another run.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
+    for key in credential_keys(config):
+        log.warning("%s holds credentials: this run uses them, but they are not written to "
+                    "config.yaml, manifests or logs; for `tributary resume`, give them through "
+                    "the environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)", key)
     dump_config(config if mirror is None else _with_dir(config, mirror.uri),
                 run_dir / "config.yaml")
     started = connect(address=config.cluster.address, num_cpus=config.cluster.num_cpus,
@@ -675,8 +729,9 @@ def _staging(config: Config, *, resume: bool) -> tuple[Config, Mirror | None]:
     if resume:
         mirror.pull()
     elif mirror.exists():
-        raise RunError(f"{config.run.dir} already holds a run; use `tributary resume "
-                       f"{config.run.dir}` or choose another run.dir")
+        shown = redact(config.run.dir)
+        raise RunError(f"{shown} already holds a run; use `tributary resume {shown}` or "
+                       "choose another run.dir")
     else:
         shutil.rmtree(mirror.local, ignore_errors=True)  # a stale copy of an earlier attempt
     return _with_dir(config, str(mirror.local)), mirror

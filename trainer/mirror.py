@@ -13,38 +13,45 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
 from trainer import checkpoint
+from workers.retry import retrying
 from workers.storage import (
+    base_name,
     delete_tree,
     download_tree,
     join,
     list_names,
     locate,
     read_text,
+    redact,
     upload_tree,
     write_text,
 )
 
 STAGING_ENV = "TRIBUTARY_STAGING_DIR"  # default ~/.cache/tributary/staging
 LATEST_FILE = "LATEST"
+QUARANTINE = "quarantine"  # records of damaged input files (the files stay in place)
+VERSION_NAME = re.compile(r"v\d{4,}")
+PUBLISH_ATTEMPTS = 8  # about two minutes of backoff before a publishing fault stops the run
 
 
 def staging_dir(uri: str) -> Path:
     """The local working copy of a URI run: one folder per URI, named like the run (so the
     `run` tag of metrics is the same)."""
     root = Path(os.environ.get(STAGING_ENV, "~/.cache/tributary/staging")).expanduser()
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    return root / digest / uri.rstrip("/").rsplit("/", 1)[-1]
+    digest = hashlib.sha256(redact(uri).encode()).hexdigest()[:12]
+    return root / digest / base_name(uri.rstrip("/"))
 
 
 class Mirror:
     def __init__(self, uri: str, local: Path) -> None:
-        self.uri = uri.rstrip("/")
+        self.uri = uri  # may hold credentials: use it, never print or write it (redact)
         self.local = local
 
     def exists(self) -> bool:
@@ -52,7 +59,13 @@ class Mirror:
         return bool(list_names(join(self.uri, checkpoint.VERSIONS)))
 
     def publish(self, number: int, *, rejected: bool, replay_dir: Path) -> None:
-        """Upload version `number`, then the run's files, then move LATEST."""
+        """Upload version `number`, then the run's files, then move LATEST. Storage faults
+        are retried for a while (the version is safe in staging meanwhile)."""
+        retrying(lambda: self._publish(number, rejected=rejected, replay_dir=replay_dir),
+                 what=f"publishing v{number:04d} to {redact(self.uri)}",
+                 attempts=PUBLISH_ATTEMPTS, backoff_s=1.0)
+
+    def _publish(self, number: int, *, rejected: bool, replay_dir: Path) -> None:
         name = checkpoint.version_name(number)
         parts = [checkpoint.VERSIONS, checkpoint.REJECTED] if rejected else [checkpoint.VERSIONS]
         upload_tree(self.local.joinpath(*parts, name), join(self.uri, *parts, name))
@@ -61,6 +74,8 @@ class Mirror:
         for file in ("metrics.jsonl", "config.yaml"):
             if (self.local / file).is_file():
                 write_text(join(self.uri, file), (self.local / file).read_text())
+        if (self.local / QUARANTINE).is_dir():
+            upload_tree(self.local / QUARANTINE, join(self.uri, QUARANTINE))
         if not rejected:
             write_text(join(self.uri, checkpoint.VERSIONS, LATEST_FILE), name + "\n")
 
@@ -84,9 +99,12 @@ class Mirror:
                 (self.local / file).write_text(text)
         latest = (read_text(join(self.uri, checkpoint.VERSIONS, LATEST_FILE)) or "").strip()
         if not latest:
-            raise FileNotFoundError(f"{self.uri}: no versions/{LATEST_FILE}; nothing to resume")
+            raise FileNotFoundError(f"{redact(self.uri)}: no versions/{LATEST_FILE}; nothing "
+                                    "to resume")
+        _check_version_name(latest, where=f"versions/{LATEST_FILE}")
         for parts in ([checkpoint.VERSIONS], [checkpoint.VERSIONS, checkpoint.REJECTED]):
-            for name in [n for n in list_names(join(self.uri, *parts)) if n.startswith("v")]:
+            for name in [n for n in list_names(join(self.uri, *parts))
+                         if VERSION_NAME.fullmatch(n)]:
                 target = self.local.joinpath(*parts, name)
                 target.mkdir(parents=True)
                 if name == latest and len(parts) == 1:
@@ -102,7 +120,18 @@ class Mirror:
         manifests = checkpoint.all_manifests(self.local, include_rejected=True)
         replay = max(manifests, key=lambda m: m.get("version", -1)).get("replay")
         if replay:
-            download_tree(join(self.uri, *Path(replay).parts), self.local / replay)
+            parts = PurePosixPath(replay).parts
+            # A manifest read from a bucket is input: its path must stay in replay/vNNNN.
+            if len(parts) != 2 or parts[0] != "replay" or not VERSION_NAME.fullmatch(parts[1]):
+                raise ValueError(f"{redact(self.uri)}: a manifest names replay folder "
+                                 f"{replay!r}; expected replay/vNNNN. Refusing to use it.")
+            download_tree(join(self.uri, *parts), self.local.joinpath(*parts))
+
+
+def _check_version_name(name: str, *, where: str) -> None:
+    if not VERSION_NAME.fullmatch(name):
+        raise ValueError(f"{where} holds {name!r}, not a version name like v0003; refusing to "
+                         "use it (was the bucket written by something else?)")
 
 
 def _delete(uri: str) -> None:
@@ -117,5 +146,5 @@ def _delete(uri: str) -> None:
 def read_remote_config(uri: str) -> str:
     text = read_text(join(uri, "config.yaml"))
     if text is None:
-        raise FileNotFoundError(f"{uri}/config.yaml not found: is this a Tributary run?")
+        raise FileNotFoundError(f"{redact(uri)}/config.yaml not found: is this a Tributary run?")
     return text

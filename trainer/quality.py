@@ -28,16 +28,26 @@ def transfer(start: Mapping[str, float], current: Mapping[str, float], *,
             "newest_gain": sum(new) / len(new) if new else None}
 
 
-def gate_problems(current: Mapping[str, float], accepted: Mapping[str, float], *,
-                  protected: Sequence[str], max_regression: float) -> list[str]:
+GATE_BASELINES = ("best", "start")
+
+
+def gate_problems(current: Mapping[str, float], accepted: Sequence[Mapping[str, float]], *,
+                  protected: Mapping[str, str], max_regression: float) -> list[str]:
     """Why a candidate version must be rejected: each protected set whose perplexity rose by
-    more than `max_regression` (relative) over the last accepted version. Empty: accept."""
+    more than `max_regression` (relative) over its baseline — the best accepted version so far
+    ("best"), or the start version ("start"), chosen per set in `protected` {name: baseline}.
+    Judging against the best (not the last) catches a slow drift of small regressions, each
+    within the limit. `accepted` are the accepted versions' results, oldest first. Empty:
+    accept."""
     problems = []
-    for name in protected:
-        if name not in accepted or name not in current:
+    for name, baseline in protected.items():
+        seen = [a[name] for a in accepted if name in a]
+        if not seen or name not in current:
             continue
-        rise = current[name] / accepted[name] - 1.0
+        reference = seen[0] if baseline == "start" else min(seen)
+        rise = current[name] / reference - 1.0
         if not rise <= max_regression:  # also catches NaN
-            problems.append(f"{name}: perplexity {accepted[name]:.4g} -> {current[name]:.4g} "
-                            f"(+{rise:.1%}, over quality.max_regression={max_regression:.1%})")
+            problems.append(f"{name}: perplexity {current[name]:.4g} is +{rise:.1%} over the "
+                            f"{baseline} accepted version's {reference:.4g} (over "
+                            f"quality.max_regression={max_regression:.1%})")
     return problems

@@ -1,4 +1,5 @@
-"""Update validation before merging: layout, finiteness, and a norm bound relative to the others.
+"""Update validation before merging: the site's self-report against its round's plan, then
+layout, finiteness, and a norm bound relative to the others.
 
 A rejected update is never merged; its site's rows stay unconsumed and are trained again.
 """
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.types import WorkerUpdate
+from workers.increments import cursor_after
+from workers.packing import real_tokens
+from workers.types import Cursor, RowRange, WorkerUpdate
 
 
 @dataclass(frozen=True)
@@ -77,4 +80,57 @@ def _finite_problem(delta: Mapping[str, np.ndarray]) -> str | None:
     for name, array in delta.items():
         if not np.isfinite(array).all():
             return f"delta tensor {name!r} holds NaN or Inf"
+    return None
+
+
+def report_problem(update: WorkerUpdate, *, previous: Cursor, budget: int, local_steps: int,
+                   max_epochs: int, listed: set[str] | None, shared_sequences: bool
+                   ) -> str | None:
+    """Why a site's self-report does not fit its round's plan (None: it fits).
+
+    The rows must continue exactly where the site's cursor stood and only move forward,
+    through files the site can list (when the coordinator can list them too); the new cursor
+    must be where those rows end; the new tokens may not exceed the planned `budget`, nor the
+    passes `max_epochs`; the merge weight must be the new tokens × the passes; and the new
+    sequences, when they travel (shared replay), must hold exactly the tokens claimed."""
+    m = update.metrics
+    problem = _rows_problem(update.consumed, previous, listed)
+    if problem:
+        return problem
+    expected = cursor_after(update.consumed, previous, steps=m.get("steps", 0))
+    if update.cursor != expected:
+        return f"cursor {update.cursor.to_dict()} is not where its rows end ({expected.to_dict()})"
+    new, epochs, steps = m.get("new_tokens", 0), m.get("epochs", 1), m.get("steps", 0)
+    if not 0 <= new <= budget:
+        return f"claims {new} new tokens; its round was planned for at most {budget}"
+    if not 0 <= epochs <= max_epochs or (new and not epochs) or not (
+            0 <= steps <= local_steps * epochs):
+        return (f"claims {steps} steps in {epochs} passes; the plan allows {local_steps} steps "
+                f"a pass and {max_epochs} passes")
+    if update.weight != new * epochs:
+        return f"merge weight {update.weight:g} is not its new tokens × passes ({new} × {epochs})"
+    if shared_sequences and real_tokens(update.sequences) != new:
+        return (f"claims {new} new tokens but sent sequences holding "
+                f"{real_tokens(update.sequences)}")
+    return None
+
+
+def _rows_problem(ranges: Sequence[RowRange], previous: Cursor, listed: set[str] | None
+                  ) -> str | None:
+    if not ranges:
+        return "an update without rows"
+    position = (previous.file, previous.row, previous.token)
+    for r in ranges:
+        if listed is not None and r.file not in listed:
+            return f"claims rows of {r.file!r}, which is not among the site's files"
+        start = (r.file, r.start_row, r.start_token or 0)
+        new_file = position[0] is None or r.file > position[0]
+        if start != position and not (new_file and start[1:] == (0, 0)):
+            return (f"rows {r.to_dict()} do not continue from {position} (a cursor only moves "
+                    "forward, without gaps)")
+        end = (r.file, r.end_row, 0) if r.end_token is None else (r.file, r.end_row - 1,
+                                                                  r.end_token)
+        if end[1:] <= start[1:]:
+            return f"an empty or backward range {r.to_dict()}"
+        position = end
     return None

@@ -1,7 +1,8 @@
 """Tokenize text rows and pack them into fixed-length sequences, held as Arrow tables.
 
 Rows are joined with the tokenizer's EOS token and cut into `seq_len` pieces; the last
-piece is right-padded. Each table has `input_ids` (list<int32>, always `seq_len` long) and
+piece is right-padded. A long row may be split between rounds: the worker then packs the part
+of the row's tokens (and its EOS) that the round takes. Each table has `input_ids` (list<int32>, always `seq_len` long) and
 `length` (the number of real, non-pad tokens), so token counts are exact.
 """
 
@@ -26,7 +27,13 @@ def pack(token_lists: list[list[int]], *, seq_len: int, eos_id: int, pad_id: int
     for ids in token_lists:
         stream.extend(ids)
         stream.append(eos_id)
-    if not token_lists:
+    return pack_stream(stream, seq_len=seq_len, pad_id=pad_id)
+
+
+def pack_stream(stream: list[int], *, seq_len: int, pad_id: int) -> pa.Table:
+    """Cut a token stream (documents already joined by EOS) into seq_len sequences; the last
+    one is right-padded."""
+    if not stream:
         return empty_sequences()
     count = -(-len(stream) // seq_len)
     padded = np.full(count * seq_len, pad_id, dtype=np.int32)

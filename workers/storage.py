@@ -4,14 +4,41 @@ folder or a bucket prefix."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
+
+# Query parameters that carry credentials (signed URLs, tokens): never written anywhere.
+SECRET_WORDS = ("key", "secret", "token", "signature", "credential", "password", "sig")
 
 
 def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
+
+
+def redact(location: str | Path) -> str:
+    """The location without credentials (`s3://KEY:SECRET@bucket/...`, signed query
+    strings): what Tributary writes to configs, manifests, logs and job fields. Unchanged when
+    it holds none. Credentials reach Tributary through the environment instead."""
+    text = str(location)
+    if not is_uri(text):
+        return text
+    parts = urlsplit(text)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    kept = [item for item in parts.query.split("&") if item and not _secret(item)]
+    query = "&".join(kept)
+    if netloc == parts.netloc and query == parts.query:
+        return text
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _secret(item: str) -> bool:
+    name = item.split("=", 1)[0].lower()
+    return any(word in name for word in SECRET_WORDS)
 
 
 def locate(location: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -23,7 +50,8 @@ def locate(location: str | Path) -> tuple[pafs.FileSystem, str]:
 
 @dataclass(frozen=True)
 class DataFile:
-    """One file on some filesystem; `str()` is the name users wrote (path or URI)."""
+    """One file on some filesystem; `str()` is the name users wrote (path or URI), without
+    credentials."""
 
     filesystem: pafs.FileSystem
     path: str
@@ -41,15 +69,36 @@ class DataFile:
     def is_local(self) -> bool:
         return isinstance(self.filesystem, pafs.LocalFileSystem)
 
-    def size(self) -> int:
+    def info(self) -> pafs.FileInfo:
         info = self.filesystem.get_file_info(self.path)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(self.uri)
-        return info.size
+        return info
 
-    def read_bytes(self) -> bytes:
-        with self.filesystem.open_input_stream(self.path) as stream:
-            return stream.read()
+    def size(self) -> int:
+        return self.info().size
+
+    def open(self):
+        """A sequential input stream (read in blocks: memory does not grow with the file)."""
+        return self.filesystem.open_input_stream(self.path)
+
+    def open_random(self):
+        """A random-access file (Parquet reads its footer first)."""
+        return self.filesystem.open_input_file(self.path)
+
+    def sha256(self, *, block: int = 1 << 20) -> str:
+        digest = hashlib.sha256()
+        with self.open() as stream:
+            while chunk := stream.read(block):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def escapes(self, folder: str) -> bool:
+        """A local symlink whose target lies outside `folder` (the site's own files only)."""
+        if not self.is_local or not os.path.islink(self.path):
+            return False
+        target, root = os.path.realpath(self.path), os.path.realpath(folder)
+        return os.path.commonpath([target, root]) != root
 
     def exists(self) -> bool:
         return self.filesystem.get_file_info(self.path).type == pafs.FileType.File
@@ -62,7 +111,7 @@ def data_file(location: str | Path | DataFile) -> DataFile:
     if isinstance(location, DataFile):
         return location
     filesystem, path = locate(location)
-    return DataFile(filesystem, path, str(location))
+    return DataFile(filesystem, path, redact(location))
 
 
 def list_files(location: str | Path, *, suffixes: set[str],
@@ -73,11 +122,11 @@ def list_files(location: str | Path, *, suffixes: set[str],
     filesystem, path = locate(location)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.File:
-        return [DataFile(filesystem, path, str(location))]
+        return [DataFile(filesystem, path, redact(location))]
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{location}: no such file or folder")
+        raise FileNotFoundError(f"{redact(location)}: no such file or folder")
     entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
-    base = str(location).rstrip("/")
+    base = redact(location).rstrip("/")
     files = [DataFile(filesystem, e.path, _child(base, e.base_name)) for e in entries
              if e.type == pafs.FileType.File and not e.base_name.startswith(".")
              and PurePosixPath(e.base_name).suffix in suffixes
@@ -87,7 +136,17 @@ def list_files(location: str | Path, *, suffixes: set[str],
 
 
 def _child(base: str, name: str) -> str:
-    return f"{base}/{name}" if is_uri(base) else str(Path(base) / name)
+    """`base/name`; a URI keeps its query string (`?endpoint_override=...`) at the end."""
+    if not is_uri(base):
+        return str(Path(base) / name)
+    path, mark, query = base.partition("?")
+    return f"{path.rstrip('/')}/{name}{mark}{query}"
+
+
+def base_name(location: str | Path) -> str:
+    """The last path segment of a path or URI (a URI's query string left out)."""
+    return PurePosixPath(urlsplit(str(location)).path if is_uri(location)
+                         else str(location)).name
 
 
 def join(base: str, *names: str) -> str:

@@ -15,19 +15,30 @@ from workers.schedule import LrSchedule
 
 @dataclass(frozen=True)
 class RowRange:
-    """Rows [start_row, end_row) of one increment file."""
+    """Rows [start_row, end_row) of one increment file. A range that starts inside its first
+    row carries `start_token` (the first token of that row it covers); one that ends inside
+    its last row carries `end_token` (the first token of that row it does not cover). Token
+    offsets count the row's tokens followed by its end-of-text separator."""
 
     file: str
     start_row: int
     end_row: int
+    start_token: int | None = None
+    end_token: int | None = None
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "start_row": self.start_row, "end_row": self.end_row}
+        data = {"file": self.file, "start_row": self.start_row, "end_row": self.end_row}
+        if self.start_token is not None:
+            data["start_token"] = self.start_token
+        if self.end_token is not None:
+            data["end_token"] = self.end_token
+        return data
 
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where a site continues: the last file consumed (within the site) and the next row.
+    """Where a site continues: the last file consumed (within the site), the next row, and the
+    next token of that row (0: the row has not been started).
 
     `file=None` means nothing has been consumed yet. `steps` counts the optimizer steps taken
     since the site's current increment (`file`) began and `run_steps` since the run began: the
@@ -38,15 +49,17 @@ class Cursor:
     row: int = 0
     steps: int = 0
     run_steps: int = 0
+    token: int = 0
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "row": self.row, "steps": self.steps,
+        return {"file": self.file, "row": self.row, "token": self.token, "steps": self.steps,
                 "run_steps": self.run_steps}
 
     @classmethod
     def from_dict(cls, data: dict) -> Cursor:
         return cls(file=data.get("file"), row=int(data.get("row", 0)),
-                   steps=int(data.get("steps", 0)), run_steps=int(data.get("run_steps", 0)))
+                   token=int(data.get("token", 0)), steps=int(data.get("steps", 0)),
+                   run_steps=int(data.get("run_steps", 0)))
 
 
 @dataclass(frozen=True)
@@ -127,13 +140,15 @@ class WorkerUpdate:
     cursor: Cursor
     sequences: pa.Table
     metrics: dict = field(default_factory=dict)
-    quarantined: tuple[dict, ...] = ()  # {file, reason} of increment files set aside
+    quarantined: tuple[dict, ...] = ()  # records of damaged increment files (skipped)
 
 
 @dataclass(frozen=True)
 class NoData:
-    """A worker's answer when its site has no unconsumed rows left."""
+    """A worker's answer when its site has no unconsumed rows left, or (`unavailable` says
+    why) when its storage kept failing: then it sits the round out and reads the rows later."""
 
     worker_id: str
     round: int
     quarantined: tuple[dict, ...] = ()
+    unavailable: str | None = None

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 
 from cluster.resources import current_node
 from workers import engine as ds
+from workers import rng
 from workers.compression import Packed, pack_delta, payload_bytes, split_payload
 from workers.fsio import fsync_dir, fsync_tree
 from workers.increments import (
@@ -37,8 +37,9 @@ from workers.increments import (
 )
 from workers.lora import apply_lora, is_trained
 from workers.model import build_model, mean_nll
-from workers.packing import batch_tensors, empty_sequences, pack, real_tokens, to_arrays
+from workers.packing import batch_tensors, empty_sequences, pack_stream, real_tokens, to_arrays
 from workers.replay import ReplayStore, ratio_at, site_key
+from workers.retry import StorageUnavailable
 from workers.schedule import lr_at
 from workers.storage import (
     DataFile,
@@ -73,8 +74,7 @@ STATE_DONE = "_COMPLETE"  # marks a fully uploaded state (run.dir on an object s
 class Worker:
     def __init__(self, *, site: SiteSpec, model_config: dict, tokenizer, train: TrainSpec,
                  replay: ReplaySampler | None = None, state_dir: str | None = None,
-                 quarantine_dir: str | None = None, group: GroupSpec | None = None,
-                 state_uri: str | None = None, quarantine_uri: str | None = None) -> None:
+                 group: GroupSpec | None = None, state_uri: str | None = None) -> None:
         self.site = site
         self.group = group or GroupSpec(rank=0, size=1, master_addr="127.0.0.1", master_port=0)
         self.train = train
@@ -87,10 +87,10 @@ class Worker:
             self.replay = self.local_replay.sample
         self.pending: pa.Table | None = None  # this round's sequences, kept until commit
         self.state_dir = Path(state_dir) if state_dir else None
-        # A run.dir on an object store: committed state and quarantined files go there too.
-        self.state_uri, self.quarantine_uri = state_uri, quarantine_uri
-        self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else None
-        self.quarantined: list[dict] = []  # bad files met during the current round
+        self.state_uri = state_uri  # a run.dir on an object store: committed state goes there
+        self.quarantined: list[dict] = []  # damaged files met during the current round
+        # The last row a round stopped inside, tokenized: the next round continues it.
+        self.open_row: tuple[str, int, list[int]] | None = None
         if self.group.size == 1:
             ds.init_single_rank_group()
         else:
@@ -112,6 +112,8 @@ class Worker:
         # Error feedback: what compression has not yet delivered (committed / this round's).
         self.residual: dict[str, np.ndarray] | None = None
         self.pending_residual: dict[str, np.ndarray] | None = None
+        # The generators as a fresh worker has them: restored for a site with no saved state.
+        self.initial_rng = rng.capture()
 
     def ready(self) -> dict:
         return {"site": self.site.name, "host": socket.gethostname(), "pid": os.getpid(),
@@ -120,15 +122,24 @@ class Worker:
     # ------------------------------------------------------------------ one round
 
     def train_round(self, *, round_index: int, global_weights: dict, cursor: Cursor,
-                    base_weights: dict | None = None) -> WorkerUpdate | NoData:
+                    base_weights: dict | None = None, skip: tuple[str, ...] = ()
+                    ) -> WorkerUpdate | NoData:
         """`global_weights` are the tensors the run federates (all of them, or a LoRA
-        adapter); `base_weights` the frozen rest, loaded once."""
+        adapter); `base_weights` the frozen rest, loaded once; `skip` the site's files
+        recorded as damaged (never read again)."""
         if self.dirty:  # the last round trained here was not accepted: undo its state
             self.restore(round_index=self.committed_round)
         self.pending, self.quarantined = None, []
         replay_per_batch = self._replay_per_batch(round_index)
         new_per_batch = self.train.batch_size - replay_per_batch
-        ranges, sequences = self._read_new(cursor, need=self.train.local_steps * new_per_batch)
+        budget = new_token_budget(self.train, round_index=round_index,
+                                  replay=self.replay is not None)
+        try:
+            ranges, sequences = self._read_new(cursor, tokens=budget, skip=frozenset(skip))
+        except StorageUnavailable as exc:  # not the data's fault: sit out, read it later
+            log.warning("site %s sits round %d out: %s", self.site.name, round_index, exc)
+            return NoData(worker_id=self.site.name, round=round_index,
+                          quarantined=tuple(self.quarantined), unavailable=str(exc))
         if not ranges:
             return NoData(worker_id=self.site.name, round=round_index,
                           quarantined=tuple(self.quarantined))
@@ -163,13 +174,11 @@ class Worker:
         return received
 
     def train_round_split(self, *, shards: list[list[str]], round_index: int,
-                          global_weights: dict, cursor: Cursor,
-                          base_weights: dict | None = None) -> tuple:
+                          global_weights: dict, cursor: Cursor, **extra) -> tuple:
         """`train_round` with the delta cut into `shards` (lists of tensor names). The
         coordinator calls it with Ray's num_returns=len(shards) + 1, so each slice is its own
         object that a reducer reads where it lies; the coordinator fetches only the first
         value, the update without its delta."""
-        extra = {"base_weights": base_weights} if base_weights is not None else {}
         answer = self.train_round(round_index=round_index, global_weights=global_weights,
                                   cursor=cursor, **extra)
         if isinstance(answer, NoData) or not answer.delta:
@@ -201,52 +210,68 @@ class Worker:
                      / trained.seconds if trained.seconds else 0.0})
 
     def _replay_per_batch(self, round_index: int) -> int:
-        ratio = ratio_at(self.train.replay_ratio, self.train.replay_schedule,
-                         round_index=round_index)
-        if self.replay is None or ratio <= 0:
-            return 0
-        # The config check keeps this in [1, batch_size - 1]: every batch has new data.
-        return round(ratio * self.train.batch_size)
+        return replay_per_batch(self.train, round_index=round_index,
+                                replay=self.replay is not None)
 
-    def _read_new(self, cursor: Cursor, *, need: int) -> tuple[list[RowRange], pa.Table]:
-        """Whole rows from the cursor until `need` sequences are filled (rows are never split)."""
-        tok, spec = self.tokenizer, self.train
-        budget = need * spec.seq_len
-        files = increment_files(self.site.path, settle_s=self.site.settle_s)
-        ranges, token_lists, total = [], [], 0
-        rows = iter_rows(files, cursor, text_column=self.site.text_column,
-                         max_row_chars=spec.max_row_chars, on_bad_file=self._quarantine)
+    def _read_new(self, cursor: Cursor, *, tokens: int, skip: frozenset[str]
+                  ) -> tuple[list[RowRange], pa.Table]:
+        """Exactly `tokens` tokens from the cursor on (fewer only when the site runs out):
+        a row that does not fit is split, and the next round continues inside it."""
+        tok = self.tokenizer
+        stream: list[int] = []
+        ranges = []
+        rows = iter_rows(self._files(skip), cursor, text_column=self.site.text_column,
+                         max_row_chars=self.train.max_row_chars, skip=skip,
+                         on_bad_file=self._quarantine)
         for row_range, text in rows:
-            if total >= budget:
+            if len(stream) >= tokens:
                 break
-            ranges.append(row_range)
-            if text.strip():  # a blank row is consumed, but adds no tokens
-                ids = tok(text, add_special_tokens=False)["input_ids"]
-                token_lists.append(ids)
-                total += len(ids) + 1
-        if not token_lists:
-            return ranges, empty_sequences()
+            if not text.strip():  # a blank row is consumed, but adds no tokens
+                ranges.append(row_range)
+                continue
+            ids = self._row_tokens(row_range, text)
+            start = cursor.token if (row_range.file, row_range.start_row) == (
+                cursor.file, cursor.row) else 0
+            end = min(len(ids), start + tokens - len(stream))
+            stream.extend(ids[start:end])
+            ranges.append(dataclasses.replace(row_range, start_token=start or None,
+                                              end_token=end if end < len(ids) else None))
+            self.open_row = (row_range.file, row_range.start_row, ids) if end < len(ids) else None
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return ranges, pack(token_lists, seq_len=spec.seq_len, eos_id=tok.eos_token_id, pad_id=pad)
+        return ranges, pack_stream(stream, seq_len=self.train.seq_len, pad_id=pad)
+
+    def _files(self, skip: frozenset[str]) -> list[DataFile]:
+        """The site's files; one that is a link leading out of the site's folder is refused
+        (recorded like a damaged file): a site trains on its own files only."""
+        files = increment_files(self.site.path, settle_s=self.site.settle_s)
+        for file in files:
+            if file.name not in skip and file.escapes(self.site.path):
+                self._quarantine(file, f"{file}: a symbolic link that leads out of the site's "
+                                       "folder; copy the file in instead")
+        return [f for f in files if f.name not in {q["name"] for q in self.quarantined}]
+
+    def _row_tokens(self, row_range: RowRange, text: str) -> list[int]:
+        """The row's tokens and its EOS separator (a row split last round is not tokenized
+        again)."""
+        if self.open_row is not None and self.open_row[:2] == (row_range.file,
+                                                                  row_range.start_row):
+            return self.open_row[2]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [*ids, self.tokenizer.eos_token_id]
 
     def _quarantine(self, path: DataFile, reason: str) -> None:
-        """Set a bad increment file aside with a reason file; the site goes on with the next."""
-        log.error("site %s: %s; moving it to quarantine", self.site.name, reason)
-        entry = {"file": str(path), "reason": reason}
-        if self.quarantine_dir is not None and path.exists():
-            self.quarantine_dir.mkdir(parents=True, exist_ok=True)
-            target = self.quarantine_dir / path.name
-            if path.is_local:
-                shutil.move(path.path, target)
-            else:  # from a bucket or HDFS: copy it here, then remove it there
-                pafs.copy_files(path.path, str(target), source_filesystem=path.filesystem,
-                                destination_filesystem=pafs.LocalFileSystem())
-                path.filesystem.delete_file(path.path)
-            target.with_name(target.name + ".reason.txt").write_text(reason + "\n")
-            entry["moved_to"] = str(target)
-            if self.quarantine_uri is not None:
-                upload_tree(self.quarantine_dir, self.quarantine_uri)
-                entry["moved_to"] = join(self.quarantine_uri, path.name)
+        """Record a damaged increment file; it is skipped, never moved or changed."""
+        log.error("site %s: %s; skipping the file (it stays where it is)", self.site.name,
+                  reason)
+        entry = {"site": self.site.name, "file": str(path), "name": path.name,
+                 "reason": reason, "size": None, "mtime": None, "sha256": None}
+        try:
+            info = path.info()
+            entry["size"] = info.size
+            entry["mtime"] = info.mtime.timestamp() if info.mtime else None
+            entry["sha256"] = path.sha256()
+        except OSError:
+            pass  # unreadable bytes: recorded without their digest
         self.quarantined.append(entry)
 
     def _sample_replay(self, count: int, round_index: int) -> pa.Table:
@@ -370,6 +395,7 @@ class Worker:
             tmp = self.state_dir / f".tmp-round-{round_index:04d}"
             shutil.rmtree(tmp, ignore_errors=True)
             ds.save_optimizer_state(self.engine.optimizer, tmp)
+            rng.save(rng.capture(), tmp)  # what the site's next round starts drawing from
             if self.local_replay is not None:
                 self.local_replay.save(str(tmp / "replay"))
             if self.residual is not None:
@@ -419,6 +445,7 @@ class Worker:
         else:
             self.engine.optimizer.state.clear()  # a fresh AdamW: no moments yet
             self.committed_round = 0
+        rng.restore((rng.load(saved[-1]) if saved else None) or self.initial_rng)
         if self.local_replay is not None:
             self.local_replay.sites = {}
             if saved and (saved[-1] / "replay").is_dir():
@@ -428,6 +455,23 @@ class Worker:
             self.residual = {k: v.numpy() for k, v in load_file(str(saved[-1] / RESIDUAL)).items()}
         self.dirty, self.pending = False, None
         return self.committed_round
+
+
+def replay_per_batch(train: TrainSpec, *, round_index: int, replay: bool = True) -> int:
+    """Replay sequences in each batch of a round (0 without a replay source)."""
+    ratio = ratio_at(train.replay_ratio, train.replay_schedule, round_index=round_index)
+    if not replay or ratio <= 0:
+        return 0
+    # The config check keeps this in [1, batch_size - 1]: every batch has new data.
+    return round(ratio * train.batch_size)
+
+
+def new_token_budget(train: TrainSpec, *, round_index: int, replay: bool = True) -> int:
+    """New tokens one pass of a round takes: local_steps batches of their new share. The
+    coordinator holds a site's self-reported weight to this (× the passes allowed)."""
+    new_per_batch = train.batch_size - replay_per_batch(train, round_index=round_index,
+                                                        replay=replay)
+    return train.local_steps * new_per_batch * train.seq_len
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""Chaos: a site folder full of damaged increment files. Each is quarantined with a reason,
-the site goes on with its next file, and every good row is trained exactly once."""
+"""Chaos: a site folder full of damaged increment files. Each is recorded with a reason and
+skipped, never moved or changed; the site goes on with its next file, and every good row is
+trained exactly once."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pyarrow as pa
@@ -10,14 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import assert_rows_exactly_once, tiny_config
+from tests.ray_fixtures import served_metrics
 from trainer.checkpoint import all_manifests
 from trainer.coordinator import run_training
 
 pytestmark = pytest.mark.integration
 
 
-def test_bad_files_are_quarantined_and_the_run_goes_on(ray_cluster, demo_root, notes_site,
-                                                       tmp_path):
+def digests(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_bad_files_are_recorded_skipped_and_left_untouched(ray_cluster, demo_root, notes_site,
+                                                           tmp_path):
     site = tmp_path / "mixed"
     site.mkdir()
     lines = (notes_site / "part-0.jsonl").read_text().splitlines()
@@ -29,28 +36,41 @@ def test_bad_files_are_quarantined_and_the_run_goes_on(ray_cluster, demo_root, n
     pq.write_table(pa.table({"body": [1, 2, 3]}), site / "05-numbers.parquet")
     (site / "06-latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (site / "07-huge.jsonl").write_text(json.dumps({"body": "word " * 4_000_000}) + "\n")
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text(json.dumps({"body": "not this site's data"}) + "\n")
+    (site / "075-link.jsonl").symlink_to(outside)
     (site / "08-good.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in good[4:]))
+    before = digests(site)
 
     run_dir = tmp_path / "run"
     config = tiny_config(demo_root, site, run_dir, rounds=3, **{"worker.local_steps": 4})
     run_training(config)
 
-    quarantine = run_dir / "quarantine" / "notes"
+    assert digests(site) == before  # nothing moved, renamed, deleted or rewritten
     bad = ["02-corrupt.parquet", "03-empty.jsonl", "04-nocolumn.jsonl", "05-numbers.parquet",
-           "06-latin1.txt", "07-huge.jsonl"]
-    assert sorted(p.name for p in quarantine.iterdir() if not p.name.endswith(".reason.txt")) == bad
-    reasons = {name: (quarantine / f"{name}.reason.txt").read_text() for name in bad}
+           "06-latin1.txt", "07-huge.jsonl", "075-link.jsonl"]
+    records = [json.loads(line) for line in
+               (run_dir / "quarantine" / "notes.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in records) == sorted(bad)  # each recorded once
+    reasons = {r["name"]: r["reason"] for r in records}
     assert "empty file" in reasons["03-empty.jsonl"]
     assert "no column 'body'" in reasons["04-nocolumn.jsonl"]
     assert "expected strings" in reasons["05-numbers.parquet"]
     assert "not UTF-8" in reasons["06-latin1.txt"]
     assert "max_row_chars" in reasons["07-huge.jsonl"]
-    assert sorted(p.name for p in site.iterdir()) == ["01-good.jsonl", "08-good.jsonl"]
+    assert "leads out of the site's folder" in reasons["075-link.jsonl"]
+    for record in records:  # enough to find the very file later
+        assert record["size"] == (site / record["name"]).stat().st_size
+        assert record["sha256"] == before[record["name"]] and record["mtime"] > 0
 
     manifests = all_manifests(run_dir)
     assert manifests[-1]["round"] == 3
-    recorded = sorted(q["file"].rsplit("/", 1)[-1] for m in manifests for q in m["quarantined"])
-    assert recorded == bad
+    recorded = sorted(q["name"] for m in manifests for q in m["quarantined"])
+    assert recorded == sorted(bad)
+    assert manifests[-1]["skipped"]["notes"] == sorted(bad)
     ranges = assert_rows_exactly_once(run_dir, "notes", text_column="body")
     trained = {r["file"].rsplit("/", 1)[-1]: r["end_row"] for r in ranges}
     assert trained.get("01-good.jsonl") == 4 and "08-good.jsonl" in trained
+    served = served_metrics(f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics",
+                            run=run_dir.name, wait_for={"ray_tributary_quarantined_files_total"})
+    assert "ray_tributary_quarantined_files_total" in served

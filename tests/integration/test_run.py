@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import assert_rows_exactly_once, tiny_config
-from tests.ray_fixtures import EXPECTED_METRICS
+from tests.ray_fixtures import EXPECTED_METRICS, ON_FAILURE_METRICS
 from trainer.checkpoint import all_manifests, sha256_file
 from trainer.coordinator import run_training
-from trainer.metrics import read_metrics
+from trainer.metrics import RayMetrics, read_metrics
 from workers.increments import increment_files
 
 pytestmark = pytest.mark.integration
@@ -88,6 +88,9 @@ def test_workers_are_named_actors_and_ray_metrics_are_served(two_rounds):
     assert seen["metrics_during_run"], "no tributary_ metric was served while the run ran"
     missing = EXPECTED_METRICS - seen["metrics"]
     assert not missing, f"not served: {missing}; served: {seen['metrics']}"
+    # The lists above name every metric Tributary defines, none left out.
+    defined = {f"ray_{metric._name}" for metric in vars(RayMetrics(run="probe")).values()}
+    assert defined == EXPECTED_METRICS | ON_FAILURE_METRICS
 
 
 def test_latest_loads_with_plain_transformers_and_generates(two_rounds):

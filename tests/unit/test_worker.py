@@ -12,7 +12,7 @@ from workers.compression import Packed, unpack_delta
 from workers.increments import increment_step
 from workers.replay import ReplayStore
 from workers.schedule import LrSchedule, lr_at
-from workers.types import Cursor, EarlyStopping, NoData, SiteSpec, TrainSpec
+from workers.types import Cursor, EarlyStopping, NoData, RowRange, SiteSpec, TrainSpec
 from workers.worker import Worker
 
 ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -47,11 +47,12 @@ def test_round_returns_delta_weight_and_exact_rows(setup, demo_root, tmp_path):
     assert max(np.abs(d).max() for d in update.delta.values()) > 0
     assert update.weight == update.metrics["new_tokens"] == int(
         np.asarray(update.sequences.column("length")).sum())
-    first = update.consumed[0]
-    assert (first.file, first.start_row) == ("01-text.jsonl", 0)
-    steps = update.metrics["steps"]  # the LR schedule's position advances with the rows
-    assert update.cursor == Cursor(update.consumed[-1].file, update.consumed[-1].end_row,
-                                   steps=steps, run_steps=steps)
+    # Exactly local_steps (2) batches of 2 × 32 tokens: the first module's source is longer,
+    # so the round ends inside row 0 and the cursor points at the next token of that row.
+    assert update.metrics["steps"] == 2 and update.weight == 2 * 2 * 32
+    assert update.consumed == (RowRange("01-text.jsonl", 0, 1, end_token=128),)
+    # The LR schedule's position advances with the rows.
+    assert update.cursor == Cursor("01-text.jsonl", 0, token=128, steps=2, run_steps=2)
     assert update.metrics["replay_tokens"] == 0  # no replay source given
     assert not (tmp_path / "state" / "round-0001").exists()  # nothing persists before commit
     worker.commit(round_index=1)
@@ -160,3 +161,40 @@ def test_int8_delta_is_a_quarter_of_the_bytes_and_its_residual_is_kept(
     fresh = make_worker(setup, demo_root, tmp_path, compression="int8")  # a restarted actor
     fresh.restore(round_index=1)
     assert all(np.array_equal(kept[k], fresh.residual[k]) for k in kept)
+
+
+def test_long_rows_are_split_so_every_round_trains_local_steps(setup, demo_root, tmp_path):
+    """Rows of ~40k characters (real speeches run together): each round takes exactly
+    local_steps batches, ends inside a row, and the next round continues at the next token;
+    the rounds' tokens, in order, are every row's tokens and separator exactly once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer = setup[0]
+    texts = pq.read_table(demo_root / "data" / "demo" / "speeches" / "1800s.parquet")
+    paragraphs = texts.column("text").to_pylist()
+    rows = ["\n".join(paragraphs[i * 60:(i + 1) * 60])[:40_000] for i in range(2)]
+    site = tmp_path / "books"
+    site.mkdir()
+    pq.write_table(pa.table({"text": rows}), site / "books.parquet")
+    tokenizer_ids = [[*tokenizer(t, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+                     for t in rows]
+    worker = make_worker(setup, demo_root, tmp_path, replay_ratio=0.0, local_steps=4,
+                         batch_size=2, seq_len=128)
+    worker.site = SiteSpec("books", str(site))
+    cursor, stream, steps, ranges = Cursor(), [], [], []
+    for round_index in range(1, 200):
+        update = worker.train_round(round_index=round_index, global_weights=setup[2],
+                                    cursor=cursor)
+        if isinstance(update, NoData):
+            break
+        worker.commit(round_index=round_index)
+        steps.append(update.metrics["steps"])
+        ranges.extend(update.consumed)
+        ids, lengths = update.sequences.column("input_ids"), update.sequences.column("length")
+        stream += [t for seq, n in zip(ids.to_pylist(), lengths.to_pylist()) for t in seq[:n]]
+        cursor = update.cursor
+    assert stream == tokenizer_ids[0] + tokenizer_ids[1]
+    assert set(steps[:-1]) == {4} and 1 <= steps[-1] <= 4  # only the last round runs short
+    assert len(steps) == -(-len(stream) // (4 * 2 * 128))
+    assert any(r.start_token for r in ranges) and any(r.end_token for r in ranges)
