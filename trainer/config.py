@@ -32,6 +32,8 @@ from workers.storage import is_uri, locate, redact
 from workers.types import EarlyStopping
 
 BUILTIN_MODELS = ("smollm2", "random")
+# model.architecture keys that come from the tokenizer, never from the config.
+SET_FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
 BUILTIN_TOKENIZERS = ("smollm2", "gpt2")
 # fp32, no ZeRO partitioning: right for one CPU or GPU per worker; see configs/deepspeed/.
 DEFAULT_DEEPSPEED = {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0,
@@ -399,8 +401,47 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
     need(w.max_row_chars >= 1, "worker.max_row_chars", "must be at least 1")
     need(config.quality.max_regression >= 0, "quality.max_regression", "must not be negative")
     _check_lora(config.model.lora, problems)
+    _check_overlaps(config, problems, check_files=check_files)
+    for key in sorted(set(config.model.architecture) & SET_FROM_TOKENIZER):
+        problems.append(f"model.architecture.{key}: Tributary sets this from the tokenizer "
+                        "(model.tokenizer); remove it")
     if check_files:
         _check_model(config.model, problems)
+
+
+def _check_overlaps(config: Config, problems: list[str], *, check_files: bool) -> None:
+    """Places that must not overlap: a site read twice, a run writing into a site's data, an
+    eval set that a site would train on; and links that lead out of a site's folder."""
+    sites = [(f"sites[{i}]", _place(s.path)) for i, s in enumerate(config.sites)]
+    for index, (key, place) in enumerate(sites):
+        for other_key, other in sites[:index]:
+            if _within(place, other) or _within(other, place):
+                problems.append(f"{key}.path: overlaps {other_key}.path ({other}); every row "
+                                "would be trained by two sites")
+        if _within(_place(config.run.dir), place):
+            problems.append(f"run.dir: inside {key}.path ({place}); a run never writes into a "
+                            "site's data: choose a folder outside it")
+        for i, entry in enumerate(config.eval):
+            if _within(_place(entry.path), place):
+                problems.append(f"eval[{i}].path: inside {key}.path ({place}); held-out data "
+                                "would be trained on: move the eval set out of the site's folder")
+        if check_files and not is_uri(place) and Path(place).is_dir():
+            for link in sorted(Path(place).iterdir()):
+                target = link.resolve()
+                if link.is_symlink() and not _within(str(target), place):
+                    problems.append(f"{key}.path: {link.name} is a symbolic link to {target}, "
+                                    "outside the site's folder; copy the file in instead")
+
+
+def _place(location: str) -> str:
+    """A path or URI in a form that compares (absolute, no credentials, no trailing slash)."""
+    if is_uri(location):
+        return redact(location).split("?", 1)[0].rstrip("/")
+    return str(Path(location).expanduser().resolve())
+
+
+def _within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
 def _check_replay(config: Config, problems: list[str]) -> None:

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import ray
 
+log = logging.getLogger(__name__)
 
 class RayMetrics:
     """The `tributary_*` metrics; every one carries a `run` tag (the run folder's name) so
@@ -119,7 +121,20 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl. A torn last line (a kill or a full disk mid-write) is
+    left out with a warning — resume rewrites the file without it; a bad line elsewhere is
+    an error naming it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON ({exc}); fix or remove "
+                                 "that line") from exc
+            log.warning("%s: the last line is torn (%s); leaving it out", path, exc)
+    return records

@@ -182,3 +182,38 @@ def test_uri_paths_are_kept_as_they_are(tmp_path):
     assert config.sites[0].path == f"file://{tmp_path}"
     with pytest.raises(ConfigError, match=r"sites\[0\].path: file:///nowhere does not exist"):
         config_from_dict({**raw, "sites": [{"name": "a", "path": "file:///nowhere"}]})
+
+
+def test_overlapping_places_are_refused(tmp_path):
+    raw = minimal(tmp_path)
+    site = tmp_path / "site"
+    (site / "sub").mkdir()
+    (site / "held.txt").write_text("held-out text")
+    raw["sites"].append({"name": "b", "path": str(site / "sub")})
+    raw["run"]["dir"] = str(site / "run")
+    raw["eval"] = [{"name": "e", "path": str(site / "held.txt")}]
+    problems = problems_of(raw)
+    assert any(p.startswith("sites[1].path: overlaps sites[0].path") for p in problems)
+    assert any(p.startswith("run.dir: inside sites[0].path") for p in problems)
+    assert any(p.startswith("eval[0].path: inside sites[0].path") and "trained on" in p
+               for p in problems)
+
+
+def test_a_link_leading_out_of_a_site_folder_is_refused(tmp_path):
+    raw = minimal(tmp_path)
+    outside = tmp_path / "private.jsonl"
+    outside.write_text('{"text": "x"}\n')
+    (tmp_path / "site" / "inside.jsonl").symlink_to(outside)
+    (tmp_path / "site" / "fine.jsonl").write_text('{"text": "y"}\n')
+    (tmp_path / "site" / "also-fine.jsonl").symlink_to(tmp_path / "site" / "fine.jsonl")
+    (problem,) = problems_of(raw)
+    assert problem.startswith("sites[0].path: inside.jsonl is a symbolic link to")
+    assert "outside the site's folder" in problem
+
+
+def test_architecture_keys_tributary_sets_itself_are_a_config_error(tmp_path):
+    raw = minimal(tmp_path)
+    raw["model"]["architecture"]["vocab_size"] = 100
+    expected = ("model.architecture.vocab_size: Tributary sets this from the tokenizer "
+                "(model.tokenizer); remove it")
+    assert problems_of(raw) == [expected]

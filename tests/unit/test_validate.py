@@ -47,3 +47,61 @@ def test_outsized_norm_is_rejected_against_the_median_of_the_others():
 
 def test_delta_norm():
     assert abs(delta_norm({"x": np.array([3.0, 4.0], np.float32)}) - 5.0) < 1e-6
+
+
+# ---------------------------------------------------------------- self-reports against the plan
+
+
+def honest(**changes) -> WorkerUpdate:
+    """A report of 3 steps on 600 new tokens, continuing at row 4 token 50 of b.jsonl and
+    crossing into c.jsonl."""
+    from workers.increments import cursor_after
+    from workers.packing import pack_stream
+    from workers.types import RowRange
+
+    consumed = (RowRange("b.jsonl", 4, 9, start_token=50), RowRange("c.jsonl", 0, 2,
+                                                                    end_token=7))
+    previous = Cursor("b.jsonl", 4, token=50, steps=5, run_steps=20)
+    sequences = pack_stream(list(range(600)), seq_len=64, pad_id=0)
+    fields = {"worker_id": "a", "round": 3, "delta": {}, "weight": 600.0, "consumed": consumed,
+              "sequences": sequences, "metrics": {"new_tokens": 600, "epochs": 1, "steps": 3}}
+    fields.update(changes)
+    fields.setdefault("cursor", cursor_after(fields["consumed"], previous,
+                                             steps=fields["metrics"]["steps"]))
+    return WorkerUpdate(**fields)
+
+
+def problem(update: WorkerUpdate, **plan) -> str | None:
+    from trainer.validate import report_problem
+
+    settings = {"previous": Cursor("b.jsonl", 4, token=50, steps=5, run_steps=20),
+                "budget": 768, "local_steps": 3, "max_epochs": 1,
+                "listed": {"a.jsonl", "b.jsonl", "c.jsonl"}, "shared_sequences": True}
+    settings.update(plan)
+    return report_problem(update, **settings)
+
+
+def test_an_honest_report_fits_its_plan():
+    assert problem(honest()) is None
+    assert problem(honest(), listed=None) is None  # the coordinator cannot list: not checked
+
+
+def test_reports_that_claim_more_than_the_plan_are_refused():
+    from workers.types import RowRange
+
+    inflated = honest(weight=60_000.0, metrics={"new_tokens": 60_000, "epochs": 1, "steps": 3})
+    assert "planned for at most 768" in problem(inflated)
+    assert "not its new tokens × passes" in problem(honest(weight=6000.0))
+    extra_passes = honest(weight=1200.0, metrics={"new_tokens": 600, "epochs": 2, "steps": 6})
+    assert "passes" in problem(extra_passes)
+    lying = honest(metrics={"new_tokens": 700, "epochs": 1, "steps": 3}, weight=700.0)
+    assert "sent sequences holding 600" in problem(lying)
+    assert problem(lying, shared_sequences=False) is None  # site replay: nothing to count
+    backwards = honest(consumed=(RowRange("a.jsonl", 0, 3),))
+    assert "do not continue from" in problem(backwards)
+    gap = honest(consumed=(RowRange("b.jsonl", 6, 9),))
+    assert "do not continue from" in problem(gap)
+    unknown = honest(consumed=(RowRange("b.jsonl", 4, 9, start_token=50),
+                               RowRange("z.jsonl", 0, 2)))
+    assert "not among the site's files" in problem(unknown)
+    assert "is not where its rows end" in problem(honest(cursor=Cursor("c.jsonl", 40)))
