@@ -6,7 +6,9 @@
 Two Workers (the plain class a Ray actor wraps) train one round each of `--steps` steps on
 the demo's speeches and code sites with configs/deepspeed/gpu.json (bf16, ZeRO-2) on CUDA, or
 cpu.json on CPU. Checked: every loss and delta value is finite; the merge of the two deltas
-computed on the device equals trainer.merge.weighted_average on CPU within fp32 rounding.
+computed on the device equals Σ wᵢ·Δᵢ / Σ wᵢ computed apart in float64 NumPy, and (on CUDA)
+trainer.merge.weighted_average on CPU, within fp32 rounding. The float64 reference is what
+makes the CPU twin a check: there the device is the CPU, so device and CPU merge are one path.
 Printed: tokens/s per worker, and MFU = 6 · parameters · tokens/s / the device's peak bf16
 FLOP/s (dense; --peak-tflops overrides the table). Exit status 0 only if every check passed.
 """
@@ -64,18 +66,36 @@ def train_sites(*, device: str, model_name: str, steps: int, batch: int, seq_len
     return weights, updates, sum(a.size for a in weights.values()), name
 
 
-def merge_matches(updates, *, device: str) -> float:
-    """Largest |device merge − CPU merge| over every value, relative to the delta's scale."""
+def reference_merge(updates) -> dict:
+    """Σ wᵢ·Δᵢ / Σ wᵢ in float64 NumPy, written apart from trainer.merge so that a broken
+    merge cannot agree with itself."""
+    import numpy as np
+
+    total = sum(float(u.weight) for u in updates)
+    return {key: sum(float(u.weight) * u.delta[key].astype(np.float64) for u in updates) / total
+            for key in updates[0].delta}
+
+
+def merge_errors(updates, *, device: str) -> dict[str, float]:
+    """Largest |device merge − reference| over every value, relative to the merge's scale:
+    against the float64 reference, and against the CPU merge when the device is not the CPU."""
     import torch
 
     from trainer.merge import weighted_average
 
     pairs = [({k: torch.from_numpy(v) for k, v in u.delta.items()}, u.weight) for u in updates]
-    on_cpu = weighted_average(pairs)
     on_device = weighted_average([({k: v.to(device) for k, v in d.items()}, w)
                                   for d, w in pairs])
-    scale = max(float(t.abs().max()) for t in on_cpu.values()) or 1.0
-    return max(float((on_device[k].cpu() - on_cpu[k]).abs().max()) for k in on_cpu) / scale
+    on_device = {k: v.cpu().double().numpy() for k, v in on_device.items()}
+    references = {"float64 reference": reference_merge(updates)}
+    if device != "cpu":
+        references["CPU"] = {k: v.double().numpy() for k, v in weighted_average(pairs).items()}
+    errors = {}
+    for label, reference in references.items():
+        scale = max(float(abs(a).max()) for a in reference.values()) or 1.0
+        errors[label] = max(float(abs(on_device[k] - a).max()) for k, a in reference.items()) \
+            / scale
+    return errors
 
 
 def main() -> int:
@@ -110,9 +130,9 @@ def main() -> int:
         finite = math.isfinite(losses) and all(np.isfinite(d).all() for d in update.delta.values())
         if not finite:
             problems.append(f"{update.worker_id}: non-finite loss or delta")
-    error = merge_matches(updates, device=args.device)
-    if error > 1e-6:
-        problems.append(f"device merge differs from the CPU merge by {error:.3g} (relative)")
+    errors = merge_errors(updates, device=args.device)
+    problems += [f"device merge differs from the {label} merge by {error:.3g} (relative)"
+                 for label, error in errors.items() if not error <= 1e-6]
     peak = peak_tflops(name, args.peak_tflops)
     print(f"device: {name}; model: {args.model} ({params / 1e6:.1f} M parameters); "
           f"{args.steps} steps × {args.batch} × {args.seq_len} tokens per site")
@@ -121,7 +141,8 @@ def main() -> int:
         mfu = f"{6 * params * rate / (peak * 1e12):.3f}" if peak else "n/a (unknown peak)"
         print(f"  {update.worker_id}: loss {update.metrics['loss']:.3f}, {rate:,.0f} tokens/s, "
               f"MFU {mfu}")
-    print(f"merge on {args.device} vs CPU: max relative difference {error:.2e}")
+    for label, error in errors.items():
+        print(f"merge on {args.device} vs {label}: max relative difference {error:.2e}")
     print("PASS" if not problems else "FAIL: " + "; ".join(problems))
     return 0 if not problems else 1
 

@@ -7,12 +7,19 @@ import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import trainer.merge
 
 REPO = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)
 peak_tflops = gpu_check.peak_tflops
+merge_errors = gpu_check.merge_errors
 
 
 def test_cpu_twin_trains_both_sites_and_merges_like_cpu():
@@ -23,6 +30,9 @@ def test_cpu_twin_trains_both_sites_and_merges_like_cpu():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[-1] == "PASS"
+    # On CPU the device merge IS the CPU merge: only the float64 reference makes this a check.
+    assert any(line.startswith("merge on cpu vs float64 reference: max relative difference")
+               for line in lines), done.stdout
     sites = [line for line in lines if line.startswith("  ")]
     assert [s.split(":")[0].strip() for s in sites] == ["speeches", "code"]
     assert all("tokens/s" in s for s in sites)
@@ -33,3 +43,21 @@ def test_peak_table_and_override():
     assert peak_tflops("NVIDIA A100-SXM4-80GB", None) == 312.0
     assert peak_tflops("cpu", None) is None
     assert peak_tflops("NVIDIA H200", 500.0) == 500.0
+
+
+def _updates():
+    rng = np.random.default_rng(0)
+    return [SimpleNamespace(delta={"w": rng.standard_normal((8, 4)).astype(np.float32),
+                                   "b": rng.standard_normal(4).astype(np.float32)},
+                            weight=weight) for weight in (300.0, 100.0)]
+
+
+def test_merge_check_passes_a_correct_merge_and_fails_one_that_drops_a_weight(monkeypatch):
+    updates = _updates()
+    assert merge_errors(updates, device="cpu")["float64 reference"] <= 1e-6
+
+    def drops_second_weight(pairs, **kwargs):  # a merge that forgets update 2's weight
+        return {k: v.to(torch.float32) for k, v in pairs[0][0].items()}
+
+    monkeypatch.setattr(trainer.merge, "weighted_average", drops_second_weight)
+    assert merge_errors(updates, device="cpu")["float64 reference"] > 0.1
