@@ -186,6 +186,9 @@ class ClusterConfig:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
     include_dashboard: bool = True
+    # How long a run waits for a site's workers to be placed before it reports them (with
+    # what they ask for and what the cluster has) and goes on without them.
+    placement_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -359,6 +362,8 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
     need(config.rounds is None or config.rounds >= 1, "rounds",
          f"must be at least 1, or null to run until stopped; found {config.rounds}")
     need(config.run.poll_s > 0, "run.poll_s", "must be greater than 0")
+    need(config.cluster.placement_timeout_s > 0, "cluster.placement_timeout_s",
+         "must be greater than 0")
     keep = config.run.keep_versions
     need(keep is None or keep >= 1, "run.keep_versions", f"must be at least 1, found {keep}")
     need(len(config.sites) >= 1, "sites", "must list at least one site")

@@ -26,6 +26,7 @@ from trainer.faults import kill_point
 from trainer.metrics import MetricsLog
 from trainer.mirror import Mirror, staging_dir
 from trainer.model_source import load_tokenizer, run_model
+from trainer.placement import infeasible, wait_until_placed, waiting_reason, worker_demand
 from trainer.quality import forgetting, gate_problems, transfer
 from trainer.reduce import ShardedMerge
 from trainer.sites import SiteWorkers, all_names, start_site, wait_for_name
@@ -60,6 +61,7 @@ class RunState:
     down: set[str] = field(default_factory=set)  # failed too many rounds in a row
     missed: dict[str, int] = field(default_factory=dict)  # rounds failed in a row, per site
     skipped: dict[str, set[str]] = field(default_factory=dict)  # site -> damaged file names
+    down_reasons: dict[str, str] = field(default_factory=dict)  # why a site is left out
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class Coordinator:
                         if config.merge.reducers else None)
         self.parts: dict[str, list] = {}  # site -> its delta's slices (sharded merging)
         self.publishing: Background | None = None  # a version being written (run.overlap)
+        self.waiting = False  # an idle watched run has said that it waits
         self.placement: dict[str, dict] = {}  # site -> where its worker runs (host, node, pid)
         if resume:
             self.strategy.load_state_dict(
@@ -137,8 +140,10 @@ class Coordinator:
                         continue
                     outcome = self.run_round(self.state.round + 1)
                     if outcome == "idle":  # watched sites, nothing new yet: look again later
+                        self._say_waiting()
                         stop.wait(self.config.run.poll_s)
                         continue
+                    self.waiting = False
                     attempts = 0 if outcome == "merged" else attempts + 1
                     if attempts >= self.config.merge.max_round_attempts:
                         raise RunError(
@@ -151,6 +156,14 @@ class Coordinator:
         finally:  # a version being written in the background is finished, never abandoned
             self._wait_for_publishing()
         return checkpoint.latest_version(self.run_dir)
+
+    def _say_waiting(self) -> None:
+        """One line when an idle watched run starts waiting, not one every poll."""
+        if not self.waiting:
+            print(f"No new data at any site after round {self.state.round}; waiting for new "
+                  f"increments (looking every run.poll_s={self.config.run.poll_s:g} s).",
+                  flush=True)
+        self.waiting = True
 
     def _done(self) -> bool:
         return self.config.rounds is not None and self.state.round >= self.config.rounds
@@ -168,7 +181,9 @@ class Coordinator:
         With run.overlap the previous version is evaluated and written while this round
         trains; it is finished before this round's merge touches the weights."""
         started = time.perf_counter()
-        bar = tqdm(total=len(self.config.sites) + 1, desc=f"round {round_index}", leave=False)
+        # disable=None: no bar where output is not a terminal (a Ray job's log).
+        bar = tqdm(total=len(self.config.sites) + 1, desc=f"round {round_index}", leave=False,
+                   disable=None)
         weights_ref = ray.put(self._broadcast())
         self.parts = {}
         result = self._validate(self._collect(round_index, weights_ref, bar),
@@ -497,6 +512,7 @@ class Coordinator:
             "skipped": {name: sorted(files) for name, files in sorted(state.skipped.items())},
             "exhausted": sorted(state.exhausted),
             "down": sorted(state.down),
+            "down_reasons": dict(sorted(state.down_reasons.items())),
             "replay": str(replay_dir.relative_to(self.run_dir)),
             "seed": self.config.run.seed,
         }
@@ -536,10 +552,32 @@ class Coordinator:
     # ------------------------------------------------------------------ workers
 
     def _start_workers(self) -> None:
-        """Start every site's worker up front; one that fails is retried in the round."""
+        """Start every site's workers up front. A site the cluster cannot place is reported
+        within seconds and left out (the run stops if too few sites remain for
+        merge.min_workers); one that fails to start otherwise is retried in the round."""
+        starting = {}
         for site in self._active_sites():
+            problem = infeasible(self._demand(site))
+            if problem:
+                self._leave_out(site, problem)
+                continue
             try:
-                answers = ray.get(self._actor(site).call("ready"))
+                starting[site] = self._actor(site, restore=False)
+            except Exception as exc:  # noqa: BLE001 - a group that could not be placed, or any error
+                self._leave_out(site, _reason(exc))
+        timeout = self.config.cluster.placement_timeout_s
+        placed = wait_until_placed({s: w.names for s, w in starting.items()}, timeout_s=timeout)
+        for site, ok in placed.items():
+            if not ok:
+                workers = self._site_config(site).num_workers
+                self._leave_out(site, waiting_reason(self._demand(site), workers=workers,
+                                                     timeout_s=timeout))
+        self._check_quorum()
+        for site in [s for s in starting if s not in self.state.down]:
+            try:
+                answers = ray.get(self.actors[site].call("ready"))
+                if self.state.round > 0:
+                    ray.get(self.actors[site].call("restore", round_index=self.state.round))
                 self.placement[site] = answers[0]
                 for answer in answers:
                     log.info("worker of site %s runs on %s", site, answer)
@@ -547,10 +585,32 @@ class Coordinator:
                 log.warning("worker of site %s did not start: %s", site, _reason(exc))
                 self._drop_actor(site)
 
-    def _actor(self, site_name: str) -> SiteWorkers:
+    def _leave_out(self, site: str, reason: str) -> None:
+        log.error("site %s cannot be placed: %s. It is left out of this run (`tributary "
+                  "resume` tries again).", site, reason)
+        self._drop_actor(site)
+        self.state.down.add(site)
+        self.state.down_reasons[site] = reason
+
+    def _check_quorum(self) -> None:
+        placeable = [s for s in self.config.sites if s.name not in self.state.down]
+        needed = self.config.merge.min_workers
+        if len(placeable) < needed:
+            reasons = "; ".join(f"{site}: {why}" for site, why in self.state.down_reasons.items())
+            raise RunError(f"only {len(placeable)} site(s) can run, merge.min_workers={needed} "
+                           f"needs {needed} ({reasons})")
+
+    def _demand(self, site_name: str) -> dict[str, float]:
+        w, site = self.config.worker, self._site_config(site_name)
+        return worker_demand(num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=site.resources)
+
+    def _site_config(self, site_name: str):
+        return next(s for s in self.config.sites if s.name == site_name)
+
+    def _actor(self, site_name: str, *, restore: bool = True) -> SiteWorkers:
         if site_name in self.actors:
             return self.actors[site_name]
-        site = next(s for s in self.config.sites if s.name == site_name)
+        site = self._site_config(site_name)
         train = self._train_spec()
         folder = self.run_dir / "sites" / site.name
 
@@ -572,9 +632,10 @@ class Coordinator:
         w = self.config.worker
         workers = start_site(worker_cls=self.worker_cls, site=site.name, size=site.num_workers,
                              num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=site.resources,
-                             make_kwargs=kwargs)
+                             make_kwargs=kwargs,
+                             ready_timeout_s=self.config.cluster.placement_timeout_s)
         self.actors[site_name] = workers
-        if self.state.round > 0:
+        if restore and self.state.round > 0:
             ray.get(workers.call("restore", round_index=self.state.round))
         return workers
 

@@ -25,9 +25,15 @@ log = logging.getLogger(__name__)
 
 
 class SiteWorkers:
-    def __init__(self, actors: list, group=None) -> None:
+    def __init__(self, site: str, actors: list, group=None) -> None:
+        self.site = site
         self.actors = actors
         self.group = group  # the placement group of a multi-worker site
+
+    @property
+    def names(self) -> list[str]:
+        """The actors' names, rank 0 first (how operators and the state API find them)."""
+        return [worker_name(self.site, rank=rank) for rank in range(len(self.actors))]
 
     @property
     def primary(self):
@@ -55,12 +61,19 @@ def start_site(*, worker_cls: type, site: str, size: int, num_cpus: float, num_g
         options = worker_options(site=site, num_cpus=num_cpus, num_gpus=num_gpus,
                                  resources=resources)
         wait_for_name(options["name"])
-        return SiteWorkers([remote.options(**options).remote(**make_kwargs(None))])
+        return SiteWorkers(site, [remote.options(**options).remote(**make_kwargs(None))])
     bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **resources}
     group = placement_group([dict(bundle) for _ in range(size)], strategy="PACK",
                             name=f"tributary-site-{site}")
     try:
-        ray.get(group.ready(), timeout=ready_timeout_s)
+        try:
+            ray.get(group.ready(), timeout=ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"its placement group of {size} × {bundle} was not ready within "
+                f"{ready_timeout_s:g} s; the cluster has {ray.available_resources()} free. "
+                "Free resources, lower worker.num_cpus / num_gpus or num_workers, or add "
+                "nodes") from None
         address, port = ray.get(group_rendezvous.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=0)).remote())
@@ -78,7 +91,7 @@ def start_site(*, worker_cls: type, site: str, size: int, num_cpus: float, num_g
         actors.append(remote.options(**options).remote(**make_kwargs(spec)))
     log.info("site %s: %d workers in one DeepSpeed group, rendezvous %s:%d", site, size,
              address, port)
-    return SiteWorkers(actors, group)
+    return SiteWorkers(site, actors, group)
 
 
 def wait_for_name(name: str, timeout_s: float = 60.0) -> None:
