@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.helpers import tiny_config
 from trainer.checkpoint import all_manifests
 from trainer.cli import main as cli
+from trainer.config import load_config
 from trainer.coordinator import run_training
 from trainer.metrics import read_metrics
+from trainer.model_source import load_start_model, load_tokenizer
 
 pytestmark = pytest.mark.integration
 LORA = {"model.lora": "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"}
@@ -46,9 +48,33 @@ def test_lora_run_sends_adapters_and_exports_a_plain_model(ray_cluster, demo_roo
     assert not any("lora" in name for name, _ in model.named_parameters())
     ids = tokenizer("The state of the union", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
-    # The export is the base with the adapter folded in: its attention weights moved.
-    base_q = [p for n, p in model.named_parameters() if n.endswith("q_proj.weight")]
-    assert base_q and all(torch.isfinite(p).all() for p in base_q)
+    # The export is the run's start model with the latest adapter folded in: each adapted
+    # weight is W + (alpha/r)·B·A from the version's own A and B, every other weight is W.
+    assert_export_is_base_plus_adapter(model, run_dir, adapter)
 
     run_training(tiny_config(demo_root, notes_site, run_dir, rounds=3, **LORA), resume=True)
     assert [m["round"] for m in all_manifests(run_dir)] == [0, 1, 2, 3]
+
+
+def assert_export_is_base_plus_adapter(merged, run_dir, adapter: dict) -> None:
+    """Fold the adapter in by hand, from the saved A and B, onto the start model the run's
+    config and seed give (model.source random), and compare with the exported model."""
+    config = load_config(run_dir / "config.yaml")
+    lora = config.model.lora
+    base = load_start_model(config.model, tokenizer=load_tokenizer(config.model.tokenizer),
+                            seed=config.run.seed).state_dict()
+    exported = merged.state_dict()
+    assert exported.keys() == base.keys()
+    adapted = {}
+    for key, a in adapter.items():  # base_model.model.<name>.lora_A.weight, as PEFT saves
+        if ".lora_A." in key:
+            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            b = adapter[key.replace(".lora_A.", ".lora_B.")]
+            adapted[name] = base[name] + (lora.alpha / lora.r) * (b.double() @ a.double()).float()
+    assert len(adapted) == 2 * config.model.architecture["num_hidden_layers"]  # q and v
+    for name, tensor in base.items():
+        expected = adapted.get(name, tensor)
+        torch.testing.assert_close(exported[name], expected, rtol=1e-5, atol=1e-6,
+                                   msg=lambda text, name=name: f"{name}: {text}")
+    unmoved = [name for name in adapted if torch.equal(exported[name], base[name])]
+    assert not unmoved, f"the adapter left these weights at the base: {unmoved}"
