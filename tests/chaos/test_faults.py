@@ -23,6 +23,7 @@ from trainer.checkpoint import all_manifests
 from trainer.config import dump_config
 from trainer.coordinator import run_training
 from trainer.metrics import read_metrics
+from workers.worker import Worker
 
 pytestmark = pytest.mark.integration
 ray.cloudpickle.register_pickle_by_value(misbehaving)
@@ -38,33 +39,82 @@ def baseline(two_rounds) -> Path:
     return two_rounds[0]
 
 
+def waiting_to_be_killed(*, site: str, rounds: tuple[int, ...], folder: Path) -> type:
+    """A Worker class whose `site`, in each of `rounds`, writes `folder/<round>` holding its
+    actor id on entering train_round and then waits (up to a minute) for the test to kill it:
+    so the kill lands inside that round's training, whatever the machine's speed."""
+
+    class WaitingWorker(Worker):
+        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
+            if self.site.name == site and round_index in rounds:
+                import time
+
+                import ray
+                marker = folder / str(round_index)
+                marker.with_suffix(".tmp").write_text(ray.get_runtime_context().get_actor_id())
+                marker.with_suffix(".tmp").rename(marker)
+                time.sleep(60)  # the test kills this actor here
+            return super().train_round(round_index=round_index, global_weights=global_weights,
+                                       cursor=cursor, **extra)
+
+    return WaitingWorker
+
+
+def run_in_thread(target, *args, **kwargs) -> tuple[threading.Thread, list[BaseException]]:
+    """Start `target(*args, **kwargs)` in a thread; the list receives what it raised, for
+    re-raising in the test."""
+    raised: list[BaseException] = []
+
+    def body():
+        try:
+            target(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            raised.append(exc)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread, raised
+
+
 def test_killed_workers_restart_and_every_row_is_trained_once(
         ray_cluster, demo_root, notes_site, tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir, markers = tmp_path / "run", tmp_path / "in-train-round"
+    markers.mkdir()
     config = tiny_config(demo_root, notes_site, run_dir, rounds=4, **{"worker.local_steps": 6})
-    thread = threading.Thread(target=run_training, args=(config,))
-    thread.start()
-    killed = []
-    for after_round in (1, 2):  # kill the notes worker early in rounds 2 and 3
-        while thread.is_alive() and len(read_metrics(run_dir)) <= after_round:
+    worker = waiting_to_be_killed(site="notes", rounds=(2, 3), folder=markers)
+    thread, raised = run_in_thread(run_training, config, worker_cls=worker)
+    killed = {}
+    for target in (2, 3):  # kill the notes worker inside its rounds 2 and 3
+        marker = markers / str(target)
+        deadline = time.monotonic() + 300
+        while thread.is_alive() and not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(0.3)
-        try:
-            ray.kill(ray.get_actor("tributary-worker-notes", namespace=NAMESPACE))
-            killed.append(after_round + 1)
-        except ValueError:
-            pass  # between its death and its restart: nothing to kill this time
+        if not marker.exists():
+            break
+        inside = marker.read_text()  # the incarnation now waiting inside train_round
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # not found in 10 s: the name is wrong
+            try:
+                actor = ray.get_actor("tributary-worker-notes", namespace=NAMESPACE)
+            except ValueError:  # the GCS answers a name lookup on its own time: look again
+                time.sleep(0.1)
+                continue
+            assert actor._actor_id.hex() == inside, "the name found another actor than the " \
+                "one training the round"
+            ray.kill(actor)
+            killed[target] = inside
+            break
     thread.join()
-    assert killed, "the worker was never found to kill"
+    if raised:
+        raise raised[0]
+    assert list(killed) == [2, 3], f"killed the notes worker in rounds {list(killed)}, not 2 and 3"
     manifests = all_manifests(run_dir)
     assert manifests[-1]["round"] == 4
     failed_rounds = [m["round"] for m in manifests if "notes" in m["failures"]]
-    assert failed_rounds, "no round recorded the killed worker"
+    assert failed_rounds == [2, 3], "each kill is one failed round of its site"
     assert_rows_exactly_once(run_dir, "notes", text_column="body")
     assert_rows_exactly_once(run_dir, "speeches", text_column="text")
-    last_failed = max(failed_rounds)
-    assert any("notes" in m["increments"] for m in manifests if m["round"] > last_failed), \
-        "the restarted worker never trained again"
+    assert "notes" in manifests[-1]["increments"], "the restarted worker never trained again"
 
 
 @pytest.mark.parametrize("point", ["training", "merged", "checkpoint"])
