@@ -5,10 +5,12 @@ custom resource, token authentication on. The job's two workers are pinned one p
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,47 +26,64 @@ pytestmark = pytest.mark.integration
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def start_node(args: list[str], env: dict) -> subprocess.Popen:
+@dataclass
+class Node:
+    process: subprocess.Popen
+    log: Path  # `ray start`'s stdout and stderr: a file, so a chatty node never blocks
+
+    def check_running(self) -> None:
+        """Fail with `ray start`'s exit code and its own words if the node has stopped."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"`ray start` exited with {self.process.returncode}:\n"
+                                 + self.log.read_text()[-3000:])
+
+
+def start_node(args: list[str], env: dict, log: Path) -> Node:
     """`ray start --block` in its own process group, so the test can stop exactly this node
     (and not the other Ray clusters on the machine, as `ray stop` would)."""
     ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--metrics-export-port", "--runtime-env-agent-port"]
     port_args = [a for p in ports for a in (p, str(free_port()))]
-    return subprocess.Popen([RAY, "start", "--block", "--num-cpus", "2",
-                             "--object-store-memory", str(300 * 2**20), *port_args, *args],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    with open(log, "w") as out:
+        process = subprocess.Popen([RAY, "start", "--block", "--num-cpus", "2",
+                                    "--object-store-memory", str(300 * 2**20), *port_args,
+                                    *args], env=env, start_new_session=True, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    return Node(process, log)
 
 
-def stop_node(process: subprocess.Popen) -> None:
+def stop_node(node: Node) -> None:
     for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
         try:
-            os.killpg(process.pid, sig)
+            os.killpg(node.process.pid, sig)
         except ProcessLookupError:
             return
         try:
-            process.wait(timeout=grace)
+            node.process.wait(timeout=grace)
             return
         except subprocess.TimeoutExpired:
             continue
 
 
-def wait_for_nodes(dashboard: str, count: int, timeout_s: float = 120) -> None:
+def wait_for_nodes(dashboard: str, nodes: list[Node], timeout_s: float = 120) -> None:
+    """Until as many nodes as started are alive; at once if a `ray start` has failed."""
     from ray.job_submission import JobSubmissionClient
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        for node in nodes:
+            node.check_running()
         try:
             client = JobSubmissionClient(dashboard, headers=auth_headers())
-            nodes = client._do_request("GET", "/nodes?view=summary").json()
+            summary = client._do_request("GET", "/nodes?view=summary").json()
         except Exception:  # noqa: BLE001 - the head is still starting
             time.sleep(2)
             continue
-        alive = [n for n in nodes["data"]["summary"] if n["raylet"]["state"] == "ALIVE"]
-        if len(alive) >= count:
+        alive = [n for n in summary["data"]["summary"] if n["raylet"]["state"] == "ALIVE"]
+        if len(alive) >= len(nodes):
             return
         time.sleep(2)
-    raise TimeoutError(f"{count} Ray nodes did not come up at {dashboard}")
+    raise TimeoutError(f"{len(nodes)} Ray nodes did not come up at {dashboard}")
 
 
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` records itself
@@ -76,19 +95,21 @@ def two_node_cluster(tmp_path_factory):
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     gcs, dashboard = free_port(), free_port()
     previous = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.is_file() else None
+    logs = tmp_path_factory.mktemp("ray-start-logs")
     head = start_node(["--head", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                       "--resources", '{"site_a": 1}'], env)
+                       "--resources", '{"site_a": 1}'], env, logs / "head.txt")
     second = None
     try:
         url = f"http://127.0.0.1:{dashboard}"
-        wait_for_nodes(url, 1)
+        wait_for_nodes(url, [head])
         # Its own temp dir: two nodes on one machine must not share runtime-env folders (one
         # node would delete the job's working_dir that the other still runs in).
         second = start_node(["--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
                              "--resources", '{"site_b": 1}',
-                             "--temp-dir", str(tmp_path_factory.mktemp("ray-node-b"))], env)
-        wait_for_nodes(url, 2)
+                             "--temp-dir", str(tmp_path_factory.mktemp("ray-node-b"))], env,
+                            logs / "second.txt")
+        wait_for_nodes(url, [head, second])
         yield url
     finally:
         for node in (second, head):
@@ -118,6 +139,9 @@ def test_submitted_run_spreads_over_two_nodes(two_node_cluster, demo_root, notes
     printed = capsys.readouterr().out
     job_id = printed.split("submitted job ")[1].split()[0]
     assert f"ray job logs --address {two_node_cluster} --follow {job_id}" in printed
+    sent = re.findall(r"^\s+(\S+)\s+\d+ files\s+[\d,]+ bytes$", printed, re.MULTILINE)
+    assert sorted(sent) == sorted(["trainer/", "workers/", "cluster/", "configs/",
+                                   "pyproject.toml", "Makefile", "README.md"])
 
     client = JobSubmissionClient(two_node_cluster, headers=auth_headers())
     deadline = time.monotonic() + 600
