@@ -11,6 +11,12 @@ import pytest
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The object-store tests' credentials reach the Ray workers through the environment (set
+# before the test cluster starts), never through a URI or a config file.
+from tests.s3_server import CREDENTIALS
+
+for _key, _value in CREDENTIALS.items():
+    os.environ.setdefault(_key, _value)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,3 +34,13 @@ def demo_root(tmp_path_factory) -> Path:
 
 # Ray-backed fixtures (only started by tests that ask for them).
 from tests.ray_fixtures import notes_site, ray_cluster, two_rounds  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (moto) on 127.0.0.1, through a relay that can go down."""
+    from tests.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()

@@ -10,6 +10,7 @@ import yaml
 from trainer.checkpoint import all_manifests
 from trainer.config import Config, config_from_dict, resolve_paths
 from workers.increments import increment_files, read_texts
+from workers.storage import base_name
 
 ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -67,7 +68,7 @@ def assert_rows_exactly_once(run_dir: Path, site: str, *, text_column: str,
     for r in ranges:
         start = (r["start_row"], r.get("start_token", 0))
         end = (r["end_row"], 0) if "end_token" not in r else (r["end_row"] - 1, r["end_token"])
-        by_name.setdefault(Path(r["file"]).name, []).append((start, end))
+        by_name.setdefault(base_name(r["file"]), []).append((start, end))
     for file in increment_files(location):
         spans = sorted(by_name.pop(file.name, []))
         if file.name in damaged:

@@ -20,7 +20,8 @@ from trainer.coordinator import run_training
 @pytest.fixture(scope="session")
 def ray_cluster():
     metrics_port = free_port()
-    ray.init(namespace=NAMESPACE, num_cpus=2, include_dashboard=True,
+    # "local": a cluster of its own, even while a `ray start` cluster runs on this machine.
+    ray.init(address="local", namespace=NAMESPACE, num_cpus=2, include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=free_port(),
              _metrics_export_port=metrics_port)
     yield {"metrics_port": metrics_port}

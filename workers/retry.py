@@ -27,11 +27,18 @@ class StorageUnavailable(OSError):
     """Storage kept failing after the retries: not the file's fault; try again later."""
 
 
+# Object-store answers that no retry will change (pyarrow raises them as plain OSError).
+PERMANENT_WORDS = ("not found", "nosuchbucket", "invalid bucket name")
+
+
 def is_transient(exc: BaseException) -> bool:
-    """An I/O fault that may go away: any OSError except a file that is not there (pyarrow
-    reports network, throttling and 5xx errors of object stores as OSError too)."""
-    return isinstance(exc, OSError) and not isinstance(
-        exc, FileNotFoundError | IsADirectoryError | NotADirectoryError)
+    """An I/O fault that may go away: any OSError except a file or bucket that is not there
+    (pyarrow reports network, throttling and 5xx errors of object stores as OSError too)."""
+    if not isinstance(exc, OSError) or isinstance(
+            exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        return False
+    text = str(exc).lower()
+    return not any(word in text for word in PERMANENT_WORDS)
 
 
 def retrying(action: Callable[[], T], *, what: str, attempts: int = READ_ATTEMPTS,

@@ -74,3 +74,32 @@ def noisy_worker(*, round_index: int, scale: float) -> type:
 
     noisy_round = round_index
     return NoisyWorker
+
+
+def gated_worker(*, site: str, round_index: int, folder: str) -> type:
+    """A Worker class whose `site`, at `round_index`, says so (file `started` in `folder`)
+    and waits for file `go` before reading its rows; when its round returns it writes
+    `returned` holding "sat out" or "trained". The test uses it to take storage down at that
+    exact moment."""
+
+    class GatedWorker(Worker):
+        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
+            import time
+            from pathlib import Path
+
+            gate = Path(gate_folder)
+            if self.site.name != site or round_index != gated_round:
+                return super().train_round(round_index=round_index,
+                                           global_weights=global_weights, cursor=cursor, **extra)
+            (gate / "started").write_text("")
+            deadline = time.monotonic() + 300
+            while not (gate / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            answer = super().train_round(round_index=round_index,
+                                         global_weights=global_weights, cursor=cursor, **extra)
+            sat_out = getattr(answer, "unavailable", None)
+            (gate / "returned").write_text("sat out" if sat_out else "trained")
+            return answer
+
+    gated_round, gate_folder = round_index, folder
+    return GatedWorker
