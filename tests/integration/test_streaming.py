@@ -42,11 +42,14 @@ def trained_files(run_dir: Path, site: str) -> list[str]:
     return names
 
 
-def wait_for(predicate, *, timeout_s: float, what: str, proc=None) -> None:
+def wait_for(predicate, *, timeout_s: float, what: str, proc=None, log: Path | None = None
+             ) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run exited ({proc.returncode}) while waiting for {what}")
+            tail = log.read_text()[-3000:] if log is not None else ""
+            raise AssertionError(f"the run exited ({proc.returncode}) while waiting for {what}"
+                                 f"\n{tail}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.5)
 
@@ -63,20 +66,25 @@ def test_watched_site_trains_pushed_increments_and_stops_cleanly_on_sigterm(
     config_path = tmp_path / "config.yaml"
     dump_config(config, config_path)
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(config_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The run's output goes to a file: a pipe nobody reads while the test waits would fill
+    # (64 KiB) and block the run mid-write.
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(config_path)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: Path(first).name in trained_files(run_dir, "notes"), timeout_s=300,
-                 what="the first increment", proc=proc)
+                 what="the first increment", proc=proc, log=log_path)
         pushed = [push_increment(stream, paragraphs(notes_site, 4 + 3 * i, 3), text_column="body")
                   for i in range(2)]
         wait_for(lambda: Path(pushed[-1]).name in trained_files(run_dir, "notes"),
-                 timeout_s=300, what="the pushed increments", proc=proc)
+                 timeout_s=300, what="the pushed increments", proc=proc, log=log_path)
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
+    output = log_path.read_text()
     assert proc.returncode == 0, output[-3000:]
     assert "Stopped by SIGTERM" in output
     assert trained_files(run_dir, "notes") == [Path(p).name for p in [first, *pushed]]
