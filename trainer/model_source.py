@@ -76,8 +76,9 @@ def load_tokenizer(name: str):
 
 def load_start_model(model: ModelConfig, *, tokenizer, seed: int) -> torch.nn.Module:
     """The model that becomes v0000."""
-    if model.source == "smollm2":
-        return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+    if model.source == "smollm2":  # a folder in the cache: safetensors only, like any other
+        return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32,
+                                                    use_safetensors=True)
     if model.source == "random":
         torch.manual_seed(seed)
         arch = dict(model.architecture)
