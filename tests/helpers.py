@@ -12,6 +12,7 @@ from trainer.config import Config, config_from_dict, resolve_paths
 from workers.increments import increment_files, read_texts
 from workers.storage import base_name
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
         "max_position_embeddings": 128}

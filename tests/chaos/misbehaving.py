@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 
+from workers.compression import unpack_delta
 from workers.worker import Worker
 
 
@@ -69,7 +70,7 @@ def noisy_worker(*, round_index: int, scale: float) -> type:
                 return update
             rng = np.random.default_rng(round_index)
             delta = {k: v + rng.normal(0, scale, v.shape).astype(np.float32)
-                     for k, v in update.delta.items()}
+                     for k, v in unpack_delta(update.delta).items()}  # compressed or not
             return dataclasses.replace(update, delta=delta)
 
     noisy_round = round_index

@@ -1,0 +1,115 @@
+"""Bit-identical resume beyond the plain configuration: the coordinator is SIGKILLed and
+`tributary resume` must end with exactly the weights, rejected candidates and lineage of a run
+that never stopped — with dropout drawing random masks, int8 deltas carrying error feedback,
+site-local replay, sharded reducers, a 2-worker DeepSpeed site and a round the quality gate
+rejects (one run), and with LoRA adapters (another). The kills land between a version's rename
+and the move of `latest`, and right after a merge; a torn metrics line is left behind too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+from safetensors.torch import load_file
+
+from tests.chaos import misbehaving
+from tests.helpers import ARCH, REPO_ROOT, assert_rows_exactly_once, tiny_config
+from trainer.checkpoint import all_manifests
+from trainer.config import dump_config
+from trainer.coordinator import run_training
+from trainer.metrics import read_metrics
+
+pytestmark = pytest.mark.integration
+ray.cloudpickle.register_pickle_by_value(misbehaving)
+
+EVERYTHING = {  # all on at once: a state any of them forgot would break identity
+    "rounds": 3,
+    "model.architecture": {**ARCH, "attention_dropout": 0.2},
+    "merge.compression": "int8", "merge.reducers": 2,
+    "replay.scope": "site",
+    "sites.speeches.num_workers": 2, "worker.num_cpus": 0.5,
+    "eval[0].protected": True, "quality.max_regression": 0.02,
+}
+LORA = {"rounds": 2, "model.lora": {"r": 4, "alpha": 8, "dropout": 0.2,
+                                    "target_modules": ["q_proj", "v_proj"]},
+        "merge.compression": "int8"}
+NOISY_ROUND = 2  # the noise makes the gate reject round 2's candidate
+
+KILL_SCRIPT = """
+import sys, yaml, ray.cloudpickle
+from tests.chaos import misbehaving
+from trainer.config import config_from_dict
+from trainer.coordinator import run_training
+ray.cloudpickle.register_pickle_by_value(misbehaving)
+config = config_from_dict(yaml.safe_load(open(sys.argv[1])))
+worker = misbehaving.noisy_worker(round_index=int(sys.argv[2]), scale=0.5)
+run_training(config, worker_cls=worker)
+"""
+
+
+def files_of(run_dir: Path, version: str, *, rejected: bool = False) -> dict:
+    folder = run_dir / "versions" / ("rejected" if rejected else "") / version
+    return {p.name: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
+
+
+def identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        for x, y in zip(a.values(), b.values(), strict=True))
+
+
+def kill_and_resume(config, run_dir: Path, tmp_path: Path, *, point: str, noisy: int) -> None:
+    """Run `config` in a child process that SIGKILLs itself at `point`, then resume here."""
+    config_path = tmp_path / "config.yaml"
+    dump_config(config, config_path)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+               TRIBUTARY_KILL_AT=point)
+    child = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(config_path), str(noisy)],
+                           env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                           check=False)
+    assert child.returncode == -9, child.stderr[-3000:]
+    with open(run_dir / "metrics.jsonl", "a") as handle:  # a kill in the middle of a line
+        handle.write('{"round": 99, "eval_perplexity": {"shakes')
+    worker = misbehaving.noisy_worker(round_index=noisy, scale=0.5)
+    run_training(config, resume=True, worker_cls=worker)
+
+
+def test_everything_on_resumes_bit_identically_after_a_kill_before_latest_moves(
+        ray_cluster, demo_root, notes_site, tmp_path):
+    worker = misbehaving.noisy_worker(round_index=NOISY_ROUND, scale=0.5)
+    straight = tmp_path / "straight"
+    run_training(tiny_config(demo_root, notes_site, straight, **EVERYTHING), worker_cls=worker)
+    manifests = {m["name"]: m for m in all_manifests(straight, include_rejected=True)}
+    assert manifests["v0002"]["status"] == "rejected"  # the gate's rollback is part of it
+
+    killed = tmp_path / "killed"
+    config = tiny_config(demo_root, notes_site, killed, **EVERYTHING)
+    kill_and_resume(config, killed, tmp_path, point="renamed:3", noisy=NOISY_ROUND)
+
+    for version in ("v0001", "v0003"):
+        assert identical(files_of(straight, version), files_of(killed, version)), version
+    assert identical(files_of(straight, "v0002", rejected=True),
+                     files_of(killed, "v0002", rejected=True))
+    a, b = all_manifests(straight, include_rejected=True), all_manifests(killed,
+                                                                         include_rejected=True)
+    for key in ("increments", "cursors", "tokens", "merge_weights", "status", "skipped"):
+        assert [m[key] for m in a] == [m[key] for m in b], key
+    assert [r["round"] for r in read_metrics(killed)] == [0, 1, 2, 3]
+    assert_rows_exactly_once(killed, "notes", text_column="body")
+
+
+def test_lora_resumes_bit_identically_after_a_kill_after_the_merge(
+        ray_cluster, demo_root, notes_site, tmp_path):
+    straight = tmp_path / "straight"
+    run_training(tiny_config(demo_root, notes_site, straight, **LORA))
+    killed = tmp_path / "killed"
+    config = tiny_config(demo_root, notes_site, killed, **LORA)
+    kill_and_resume(config, killed, tmp_path, point="merged:2", noisy=0)
+    assert identical(files_of(straight, "v0002"), files_of(killed, "v0002"))
+    assert all_manifests(straight)[-1]["cursors"] == all_manifests(killed)[-1]["cursors"]
