@@ -104,3 +104,21 @@ def gated_worker(*, site: str, round_index: int, folder: str) -> type:
 
     gated_round, gate_folder = round_index, folder
     return GatedWorker
+
+
+def boasting_worker(*, site: str, round_index: int, factor: float) -> type:
+    """A Worker class whose `site` claims `factor` × the tokens it trained in `round_index`
+    (and weighs its update accordingly), as a site trying to dominate the merge would."""
+
+    class BoastingWorker(Worker):
+        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
+            update = super().train_round(round_index=round_index, global_weights=global_weights,
+                                         cursor=cursor, **extra)
+            if self.site.name != site or round_index != boast_round or not update.weight:
+                return update
+            claimed = int(update.metrics["new_tokens"] * factor)
+            return dataclasses.replace(update, weight=float(claimed * update.metrics["epochs"]),
+                                       metrics={**update.metrics, "new_tokens": claimed})
+
+    boast_round = round_index
+    return BoastingWorker
