@@ -1,12 +1,14 @@
 """Increment readers: Parquet, JSONL and text files streamed, exact cursors across files,
 damaged files named and left untouched."""
 
+import errno
 import hashlib
 import json
 import random
 import re
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,6 +21,7 @@ from workers.increments import (
     read_rows,
     read_texts,
 )
+from workers.storage import DataFile
 from workers.types import Cursor, RowRange
 
 
@@ -217,3 +220,67 @@ def test_a_watched_site_skips_files_still_being_written(site):
     assert [f.name for f in increment_files(site, settle_s=30)] == [
         "1-a.parquet", "2-b.jsonl", "3-c.txt"]
     assert [f.name for f in increment_files(site)][-1] == "4-d.txt"
+
+
+class FlakyHandler(pafs.FileSystemHandler):
+    """A fault injector (storage faults cannot be produced on a local disk on demand): the
+    local filesystem, read-only, whose reads fail with EIO `failures` times before they work."""
+
+    def __init__(self, failures: int) -> None:
+        self.local, self.failures = pafs.LocalFileSystem(), failures
+
+    def _maybe_fail(self) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError(errno.EIO, "Input/output error (injected)")
+
+    def get_type_name(self):
+        return "flaky"
+
+    def normalize_path(self, path):
+        return path
+
+    def get_file_info(self, paths):
+        return self.local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.local.get_file_info(selector)
+
+    def open_input_stream(self, path):
+        self._maybe_fail()
+        return self.local.open_input_stream(path)
+
+    def open_input_file(self, path):
+        self._maybe_fail()
+        return self.local.open_input_file(path)
+
+    def _read_only(self, *args):
+        raise PermissionError("a site's storage is read-only")
+
+    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _read_only
+    delete_file = move = copy_file = open_output_stream = open_append_stream = _read_only
+
+
+def flaky_file(tmp_path, failures: int) -> DataFile:
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    filesystem = pafs.PyFileSystem(FlakyHandler(failures))
+    return DataFile(filesystem, str(tmp_path / "a.jsonl"), "flaky://a.jsonl")
+
+
+def test_a_transient_fault_is_retried_and_the_file_read(tmp_path, monkeypatch):
+    from workers import increments
+
+    monkeypatch.setattr(increments, "READ_BACKOFF_S", 0.01)
+    assert [t for _, t in read_rows(flaky_file(tmp_path, failures=2))] == ["one", "two"]
+
+
+def test_a_fault_that_persists_is_the_storage_not_the_file(tmp_path, monkeypatch):
+    from workers import increments
+    from workers.retry import StorageUnavailable
+
+    monkeypatch.setattr(increments, "READ_BACKOFF_S", 0.01)
+    bad = []
+    with pytest.raises(StorageUnavailable, match="still failing after 3 attempts"):
+        list(iter_rows([flaky_file(tmp_path, failures=100)], Cursor(), text_column="text",
+                       on_bad_file=lambda path, reason: bad.append(reason)))
+    assert bad == []  # never recorded as damaged: it is read again in a later round
