@@ -47,10 +47,26 @@ ray.shutdown()
 @dataclass
 class Cluster:
     process: subprocess.Popen
-    home: Path
+    home: Path  # the child's HOME: Ray writes its token to home/.ray/auth_token
     dashboard: str
-    session_dir: str
+    stdout: Path
     stderr: Path
+    session_dir: str = ""
+
+    def wait_ready(self, timeout_s: float = 90) -> Cluster:
+        """Until the child reports its cluster; fails with its exit code and log if it ends
+        first."""
+        deadline = time.monotonic() + timeout_s
+        while not self.stdout.read_text().strip():
+            if self.process.poll() is not None:
+                raise AssertionError(f"the cluster's process exited ({self.process.returncode})"
+                                     f":\n{self.stderr.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no cluster within {timeout_s} s:\n"
+                                     + self.stderr.read_text()[-3000:])
+            time.sleep(0.2)
+        self.session_dir = json.loads(self.stdout.read_text())["session_dir"]
+        return self
 
 
 def child_env(home: Path, **extra: str) -> dict[str, str]:
@@ -61,27 +77,19 @@ def child_env(home: Path, **extra: str) -> dict[str, str]:
     return dict(env, HOME=str(home), **extra)
 
 
-def start_cluster(tmp: Path, *, dashboard_host: str, extra_env: dict[str, str] | None = None,
-                  timeout_s: float = 60) -> Cluster:
+def launch_cluster(tmp: Path, *, dashboard_host: str,
+                   extra_env: dict[str, str] | None = None) -> Cluster:
+    """Start the child; Cluster.wait_ready waits for it (so two can start side by side)."""
     home = tmp / "home"
     home.mkdir()
     port = free_port()
     stdout, stderr = tmp / "stdout.txt", tmp / "stderr.txt"
     with open(stdout, "w") as out, open(stderr, "w") as err:
-        process = subprocess.Popen([sys.executable, "-c", CHILD, dashboard_host, str(port)],
-                                   cwd=REPO, env=child_env(home, **(extra_env or {})), stdin=subprocess.PIPE,
-                                   stdout=out, stderr=err, start_new_session=True, text=True)
-    deadline = time.monotonic() + timeout_s
-    while not stdout.read_text().strip():
-        if process.poll() is not None:
-            raise AssertionError(f"the cluster's process exited ({process.returncode}):\n"
-                                 + stderr.read_text()[-3000:])
-        if time.monotonic() > deadline:
-            stop_cluster(process)
-            raise AssertionError(f"no cluster within {timeout_s} s:\n{stderr.read_text()[-3000:]}")
-        time.sleep(0.2)
-    session = json.loads(stdout.read_text())["session_dir"]
-    return Cluster(process, home, f"http://127.0.0.1:{port}", session, stderr)
+        process = subprocess.Popen(
+            [sys.executable, "-c", CHILD, dashboard_host, str(port)], cwd=REPO,
+            env=child_env(home, **(extra_env or {})), stdin=subprocess.PIPE, stdout=out,
+            stderr=err, start_new_session=True, text=True)
+    return Cluster(process, home, f"http://127.0.0.1:{port}", stdout, stderr)
 
 
 def cluster_processes(cluster: Cluster) -> list[psutil.Process]:
@@ -126,48 +134,58 @@ def wait_for_dashboard(url: str, timeout_s: float = 30) -> None:
             time.sleep(0.5)
 
 
-def stop_cluster(process: subprocess.Popen) -> None:
-    """Close stdin (the child then runs ray.shutdown); kill what is left of its tree."""
-    try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    if process.stdin and not process.stdin.closed:
-        process.stdin.close()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+def stop_clusters(*processes: subprocess.Popen) -> None:
+    """Close each child's stdin (it then runs ray.shutdown), all at once so they stop side by
+    side; kill what is left of their trees."""
+    tree = []
+    for process in processes:
+        try:
+            tree += [psutil.Process(process.pid), *psutil.Process(process.pid).children(True)]
+        except psutil.NoSuchProcess:
+            pass
+        if process.stdin and not process.stdin.closed:
+            process.stdin.close()
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
     _, alive = psutil.wait_procs(tree, timeout=15)
     for leftover in alive:
         leftover.kill()
 
 
 @pytest.fixture(scope="module")
-def loopback_cluster(tmp_path_factory):
-    cluster = start_cluster(tmp_path_factory.mktemp("loopback"), dashboard_host="127.0.0.1")
+def clusters(tmp_path_factory):
+    """Two embedded clusters, started side by side: the default (dashboard on 127.0.0.1)
+    and one whose dashboard is set to listen on every interface."""
+    launched = {}
     try:
-        wait_for_dashboard(cluster.dashboard)
-        yield cluster
+        for name, host in (("loopback", "127.0.0.1"), ("exposed", "0.0.0.0")):
+            launched[name] = launch_cluster(tmp_path_factory.mktemp(name), dashboard_host=host)
+        for cluster in launched.values():
+            wait_for_dashboard(cluster.wait_ready().dashboard)
+        yield launched
     finally:
-        stop_cluster(cluster.process)
+        stop_clusters(*(cluster.process for cluster in launched.values()))
 
 
-def test_every_port_of_the_embedded_cluster_is_on_loopback(loopback_cluster):
-    listeners = tcp_listeners(loopback_cluster)
+def test_every_port_of_the_embedded_cluster_is_on_loopback(clusters):
+    listeners = tcp_listeners(clusters["loopback"])
     names = {name for name, _, _ in listeners}
     assert {"gcs_server", "raylet"} <= names, listeners  # the scan saw the cluster
     exposed = [entry for entry in listeners if not is_loopback(entry[1])]
     assert exposed == [], f"listening beyond 127.0.0.1: {exposed}"
 
 
-def test_dashboard_api_needs_the_token(loopback_cluster, monkeypatch):
-    monkeypatch.setenv("HOME", str(loopback_cluster.home))  # where the child's Ray wrote it
+def test_dashboard_api_needs_the_token(clusters, monkeypatch):
+    cluster = clusters["loopback"]
+    url = f"{cluster.dashboard}/api/version"
+    assert requests.get(url, timeout=10).status_code == 401
+    monkeypatch.setenv("HOME", str(cluster.home))  # read the token as Ray documents, there
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    url = f"{loopback_cluster.dashboard}/api/version"
-    assert requests.get(url, timeout=10).status_code == 401
     token = ray_token()
     assert token, "the embedded cluster wrote no token to ~/.ray/auth_token"
     assert requests.get(url, headers={"Authorization": "Bearer wrong"}, timeout=10
@@ -176,14 +194,10 @@ def test_dashboard_api_needs_the_token(loopback_cluster, monkeypatch):
     assert answer.status_code == 200 and answer.json()["ray_version"]
 
 
-def test_exposed_dashboard_warns_and_nothing_else_follows_it(tmp_path):
-    cluster = start_cluster(tmp_path, dashboard_host="0.0.0.0")
-    try:
-        wait_for_dashboard(cluster.dashboard)
-        port = int(cluster.dashboard.rsplit(":", 1)[1])
-        listeners = tcp_listeners(cluster)
-    finally:
-        stop_cluster(cluster.process)
+def test_exposed_dashboard_warns_and_nothing_else_follows_it(clusters):
+    cluster = clusters["exposed"]
+    port = int(cluster.dashboard.rsplit(":", 1)[1])
+    listeners = tcp_listeners(cluster)
     assert [ip for _, ip, p in listeners if p == port] == ["0.0.0.0"]
     exposed = [entry for entry in listeners if not is_loopback(entry[1]) and entry[2] != port]
     assert exposed == [], f"listening beyond 127.0.0.1: {exposed}"
@@ -192,13 +206,15 @@ def test_exposed_dashboard_warns_and_nothing_else_follows_it(tmp_path):
 
 
 def test_embedded_cluster_refuses_to_start_with_token_auth_off(tmp_path):
+    cluster = launch_cluster(tmp_path, dashboard_host="127.0.0.1",
+                             extra_env={"RAY_AUTH_MODE": "disabled"})
     try:
-        cluster = start_cluster(tmp_path, dashboard_host="127.0.0.1",
-                                extra_env={"RAY_AUTH_MODE": "disabled"})
+        cluster.wait_ready()
     except AssertionError as failed:  # the child exited: see why
         message = str(failed)
     else:
-        stop_cluster(cluster.process)
         pytest.fail("the embedded cluster started with RAY_AUTH_MODE=disabled")
+    finally:
+        stop_clusters(cluster.process)
     assert "RAY_AUTH_MODE='disabled' in the environment turns Ray's token" in message
     assert "unset RAY_AUTH_MODE" in message
