@@ -284,3 +284,11 @@ def test_a_fault_that_persists_is_the_storage_not_the_file(tmp_path, monkeypatch
         list(iter_rows([flaky_file(tmp_path, failures=100)], Cursor(), text_column="text",
                        on_bad_file=lambda path, reason: bad.append(reason)))
     assert bad == []  # never recorded as damaged: it is read again in a later round
+
+
+def test_a_truncated_parquet_file_is_damaged_not_transient(tmp_path):
+    pq.write_table(pa.table({"text": ["row"] * 1000}), tmp_path / "whole.parquet")
+    data = (tmp_path / "whole.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])  # an interrupted upload
+    with pytest.raises(IncrementError, match="cut.parquet"):
+        read_texts(tmp_path / "cut.parquet")
