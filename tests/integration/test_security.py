@@ -218,3 +218,17 @@ def test_embedded_cluster_refuses_to_start_with_token_auth_off(tmp_path):
         stop_clusters(cluster.process)
     assert "RAY_AUTH_MODE='disabled' in the environment turns Ray's token" in message
     assert "unset RAY_AUTH_MODE" in message
+
+
+def test_token_mode_reaches_a_process_that_read_rays_config_before(tmp_path):
+    """Ray caches its auth mode on first read; a process that read it before
+    require_token_auth would otherwise start a cluster whose processes disagree with it."""
+    code = ("from ray._raylet import AuthenticationMode, get_authentication_mode as mode\n"
+            "assert mode() != AuthenticationMode.TOKEN  # read (and cached) while unset\n"
+            "from cluster.auth import require_token_auth\n"
+            "require_token_auth(who='test')\n"
+            "print(mode() == AuthenticationMode.TOKEN)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(tmp_path),
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "True"
