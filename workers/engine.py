@@ -42,9 +42,25 @@ def init_group(*, rank: int, size: int, master_addr: str, master_port: int) -> N
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(size), LOCAL_RANK="0", LOCAL_SIZE="1" if size == 1 else "0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    torch.distributed.init_process_group(
+        backend, store=_rendezvous(rank=rank, size=size, address=master_addr, port=master_port),
+        rank=rank, world_size=size)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the group above
     if size == 1:
         _release_shm_buffer(master_port)
+
+
+def _rendezvous(*, rank: int, size: int, address: str, port: int) -> torch.distributed.Store:
+    """The group's key-value store. torch's own listens on every interface; rank 0's listens
+    only on `address` (127.0.0.1 for a world of one), so no other machine can reach it."""
+    if rank > 0:
+        return torch.distributed.TCPStore(address, port, size, False)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((address, port))
+    listener.listen(128)
+    return torch.distributed.TCPStore(address, port, size, True,
+                                      master_listen_fd=listener.detach())
 
 
 def _release_shm_buffer(port: int) -> None:

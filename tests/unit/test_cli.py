@@ -2,10 +2,10 @@
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from trainer.cli import REQUIRED_MODULES, main, missing_packages, missing_packages_message
 

@@ -198,3 +198,14 @@ def test_long_rows_are_split_so_every_round_trains_local_steps(setup, demo_root,
     assert set(steps[:-1]) == {4} and 1 <= steps[-1] <= 4  # only the last round runs short
     assert len(steps) == -(-len(stream) // (4 * 2 * 128))
     assert any(r.start_token for r in ranges) and any(r.end_token for r in ranges)
+
+
+def test_a_worker_listens_on_loopback_only(setup, demo_root, tmp_path):
+    """A worker's process-group store (a world of one) is reachable from this machine only."""
+    import psutil
+
+    make_worker(setup, demo_root, tmp_path)
+    listening = [c.laddr for c in psutil.Process().net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening and all(a.ip in ("127.0.0.1", "::ffff:127.0.0.1") for a in listening), \
+        listening
