@@ -35,10 +35,10 @@ from trainer.table import RoundTable
 from trainer.threads import Background, StopSignal
 from trainer.validate import report_problem, validate_updates
 from workers.compression import unpack_delta
-from workers.increments import FORMATS, increment_files
+from workers.increments import FORMATS
 from workers.lora import is_adapter, is_trained
 from workers.replay import ReplayPolicy, ReplayStore
-from workers.storage import base_name, is_uri, join, redact
+from workers.storage import base_name, is_uri, join, list_files, redact
 from workers.types import Cursor, GroupSpec, NoData, SiteSpec, TrainSpec, WorkerUpdate
 from workers.worker import Worker, new_token_budget
 
@@ -746,8 +746,8 @@ def _file_path(site, name: str) -> str:
 def _listed_names(location: str) -> set[str] | None:
     """The site's file names as the coordinator sees them; None where it cannot list them (a
     folder local to the site's node, storage that is down): that check is then skipped."""
-    try:
-        return {f.name for f in increment_files(location)}
+    try:  # one look, no retries: a slow store must not hold the round up
+        return {f.name for f in list_files(location, suffixes=set(FORMATS))}
     except (OSError, ValueError):
         return None
 
