@@ -41,7 +41,9 @@ def wait_until_placed(names: Mapping[str, list[str]], *, timeout_s: float
     while True:
         for site in [s for s, done in placed.items() if not done]:
             try:
-                states = [list_actors(filters=[("name", "=", n)], detail=True) for n in names[site]]
+                # Dead actors of earlier runs keep their names (and pids) in the listing.
+                states = [list_actors(filters=[("name", "=", n), ("state", "!=", "DEAD")],
+                                      detail=True) for n in names[site]]
             except Exception as exc:  # noqa: BLE001 - no state API here: cannot tell, do not block
                 log.info("cannot see actor placement (%s); not checking it", exc)
                 return {site: True for site in names}

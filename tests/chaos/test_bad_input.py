@@ -36,14 +36,15 @@ def test_bad_files_are_recorded_skipped_and_left_untouched(ray_cluster, demo_roo
     pq.write_table(pa.table({"body": [1, 2, 3]}), site / "05-numbers.parquet")
     (site / "06-latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (site / "07-huge.jsonl").write_text(json.dumps({"body": "word " * 4_000_000}) + "\n")
+    (site / "08-good.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in good[4:]))
+    run_dir = tmp_path / "run"
+    config = tiny_config(demo_root, site, run_dir, rounds=3, **{"worker.local_steps": 4})
+    # A link out of the folder is refused by the config check; one that appears later (the
+    # folder is the user's) is refused by the worker.
     outside = tmp_path / "elsewhere.jsonl"
     outside.write_text(json.dumps({"body": "not this site's data"}) + "\n")
     (site / "075-link.jsonl").symlink_to(outside)
-    (site / "08-good.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in good[4:]))
     before = digests(site)
-
-    run_dir = tmp_path / "run"
-    config = tiny_config(demo_root, site, run_dir, rounds=3, **{"worker.local_steps": 4})
     run_training(config)
 
     assert digests(site) == before  # nothing moved, renamed, deleted or rewritten
