@@ -23,7 +23,10 @@ def ray_cluster():
     # "local": a cluster of its own, even while a `ray start` cluster runs on this machine.
     ray.init(address="local", namespace=NAMESPACE, num_cpus=2, include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             _metrics_export_port=metrics_port)
+             _metrics_export_port=metrics_port,
+             # Export metrics every second (Ray's default is 10 s): a short test run is over
+             # before a first 10 s export, and the tests check what is served while it runs.
+             _system_config={"metrics_report_interval_ms": 1000})
     yield {"metrics_port": metrics_port}
     ray.shutdown()
 

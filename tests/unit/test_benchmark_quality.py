@@ -38,7 +38,7 @@ def stream(tmp_path):
 
 def test_every_arm_gets_the_same_step_and_batch_budget(stream, tmp_path):
     size = bench.QUICK
-    configs = {arm: bench.arm_config(arm, stream, tmp_path / arm, size=size)
+    configs = {arm: bench.arm_config(arm, stream, tmp_path / "runs" / arm, size=size)
                for arm in bench.ARMS}
     budget = {arm: len(c.sites) * c.worker.local_steps * c.worker.batch_size * c.rounds
               for arm, c in configs.items()}

@@ -205,7 +205,8 @@ def test_a_worker_listens_on_loopback_only(setup, demo_root, tmp_path):
     import psutil
 
     make_worker(setup, demo_root, tmp_path)
+    port = int(os.environ["MASTER_PORT"])  # the store of this process's group
     listening = [c.laddr for c in psutil.Process().net_connections(kind="tcp")
-                 if c.status == psutil.CONN_LISTEN]
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     assert listening and all(a.ip in ("127.0.0.1", "::ffff:127.0.0.1") for a in listening), \
         listening
