@@ -25,7 +25,8 @@ ARMS = {
     "reducers": ["merge.reducers=2"],
     "int8": ["merge.compression=int8"],
     "lora": ["model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"],
-    "gate": ["eval.shakespeare.protected=true", "quality.max_regression=0.02"],
+    # 3 rounds: the third builds on v0001 after round 2's candidate is rejected.
+    "gate": ["eval.shakespeare.protected=true", "quality.max_regression=0.02", "rounds=3"],
 }
 NOISY_ROUND = 2  # the gate arm's workers add noise in round 2: the gate rejects it
 
