@@ -42,7 +42,8 @@ def train_sites(*, device: str, model_name: str, steps: int, batch: int, seq_len
 
     from trainer.config import ModelConfig
     from trainer.model_source import load_start_model, load_tokenizer
-    from workers.types import Cursor, SiteSpec, TrainSpec
+    from workers.replay import ReplayConfig
+    from workers.types import Cursor, SiteConfig, TrainSpec, WorkerConfig
     from workers.worker import Worker
 
     tokenizer = load_tokenizer("smollm2" if model_name == "smollm2" else "gpt2")
@@ -52,15 +53,16 @@ def train_sites(*, device: str, model_name: str, steps: int, batch: int, seq_len
     weights = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
     ds_file = "gpu.json" if device == "cuda" else "cpu.json"
     ds_config = json.loads((REPO / "configs" / "deepspeed" / ds_file).read_text())
-    train = TrainSpec(local_steps=steps, batch_size=batch, seq_len=seq_len, lr=3e-5,
-                      weight_decay=0.0, replay_ratio=0.0, deepspeed=ds_config, seed=0)
+    train = TrainSpec(worker=WorkerConfig(local_steps=steps, batch_size=batch,
+                                          seq_len=seq_len, lr=3e-5),
+                      replay=ReplayConfig(ratio=0.0), deepspeed=ds_config, seed=0)
     data = REPO / "data" / "demo"
     updates = []
     for name, column in (("speeches", "text"), ("code", "source")):
-        worker = Worker(site=SiteSpec(name, str(data / name), column),
+        worker = Worker(site=SiteConfig(name, str(data / name), column),
                         model_config=model.config.to_dict(), tokenizer=tokenizer, train=train)
-        updates.append(worker.train_round(round_index=1, global_weights=weights,
-                                          cursor=Cursor()))
+        updates.append(worker.train_round(worker.plan(round_index=1, cursor=Cursor()),
+                                          weights))
         del worker
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     return weights, updates, sum(a.size for a in weights.values()), name

@@ -22,17 +22,15 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 
 import numpy as np
 import ray
 import torch
 
 from cluster.connect import NAMESPACE
-from trainer.reduce import ShardedMerge
-from trainer.strategies import build_strategy
+from trainer.merger import build_merger
+from trainer.strategies import MergeConfig
 from trainer.table import markdown
-from trainer.validate import validate_updates
 from workers.compression import payload_bytes, split_payload
 from workers.types import Cursor, WorkerUpdate
 
@@ -116,40 +114,30 @@ def _rss_anon() -> int:
     return int(line.split()[1]) * 1024
 
 
-def unsharded_round(workers, global_state, strategy) -> tuple[float, int]:
-    """The coordinator's own path: fetch whole deltas, validate, combine, step.
-    Returns (merge seconds, bytes of objects the coordinator fetched)."""
+def merge_round(workers, merger, global_state) -> tuple[float, int]:
+    """One round through Tributary's merger (trainer/merger.py), as the coordinator runs it:
+    every update in, then validate, propose, accept. Returns (merge seconds, bytes of the
+    objects the coordinator fetched)."""
     ref = ray.put({n: t.numpy() for n, t in global_state.items()})
-    pending = [w.round_whole.remote(global_weights=ref) for w in workers]
-    ray.wait(pending, num_returns=len(pending), fetch_local=False)
+    if merger.shards:
+        shards = [list(names) for names in merger.shards]
+        calls = [w.round_split.options(num_returns=len(shards) + 1).remote(
+            shards=shards, global_weights=ref) for w in workers]
+        firsts = [c[0] for c in calls]
+    else:
+        calls = firsts = [w.round_whole.remote(global_weights=ref) for w in workers]
+    ray.wait(firsts, num_returns=len(firsts), fetch_local=False)
     started = time.perf_counter()
-    updates = ray.get(pending)
-    shapes = {n: tuple(t.shape) for n, t in global_state.items()}
-    accepted, _ = validate_updates(updates, shapes=shapes, max_norm_ratio=10.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        strategy.aggregate(global_state, [({k: torch.from_numpy(v) for k, v in u.delta.items()},
-                                           u.weight) for u in accepted])
-    return time.perf_counter() - started, sum(payload_bytes(u.delta) for u in updates)
-
-
-def sharded_round(workers, global_state, strategy, sharded: ShardedMerge) -> tuple[float, int]:
-    ref = ray.put({n: t.numpy() for n, t in global_state.items()})
-    count = len(sharded.shards) + 1
-    calls = [w.round_split.options(num_returns=count).remote(shards=sharded.shards,
-                                                            global_weights=ref)
-             for w in workers]
-    ray.wait([c[0] for c in calls], num_returns=len(calls))
-    started = time.perf_counter()
-    updates = ray.get([c[0] for c in calls])
-    parts = {u.worker_id: c[1:] for u, c in zip(updates, calls, strict=True)}
-    shapes = {n: tuple(t.shape) for n, t in global_state.items()}
-    accepted, _ = validate_updates(updates, shapes=shapes, max_norm_ratio=10.0,
-                                   stats=sharded.stats(parts))
-    sharded.apply(strategy, global_state, {u.worker_id: parts[u.worker_id] for u in accepted},
-                  {u.worker_id: u.weight for u in accepted})
-    # What it fetched: one combined fp32 slice per reducer, together one copy of the model.
-    return time.perf_counter() - started, sum(t.numel() * 4 for t in global_state.values())
+    updates = ray.get(firsts)
+    parts = ({u.worker_id: c[1:] for u, c in zip(updates, calls, strict=True)}
+             if merger.shards else {})
+    accepted, _ = merger.validate(updates, parts)
+    merger.propose(accepted, parts)
+    merger.accept()
+    took = time.perf_counter() - started
+    if merger.shards:  # one combined fp32 slice per reducer: together one copy of the model
+        return took, sum(t.numel() * 4 for t in global_state.values())
+    return took, sum(payload_bytes(u.delta) for u in updates)
 
 
 def coordinator(*, arm: str, count: int, reducers: int, rounds: int) -> dict:
@@ -159,13 +147,12 @@ def coordinator(*, arm: str, count: int, reducers: int, rounds: int) -> dict:
     global_state = {n: p.data for n, p in build_model().named_parameters()}
     model_bytes = sum(t.numel() * 4 for t in global_state.values())
     workers = [ray.get_actor(f"scale-sim-{i:02d}") for i in range(count)]
-    strategy = build_strategy("fedavg")
-    if arm == "sharded":
-        merge = ShardedMerge(shapes={n: tuple(t.shape) for n, t in global_state.items()},
-                             count=reducers, strategy="fedavg", trim_fraction=0.1)
-        one_round = lambda: sharded_round(workers, global_state, strategy, merge)
-    else:
-        one_round = lambda: unsharded_round(workers, global_state, strategy)
+    merge = MergeConfig(max_norm_ratio=10.0, reducers=reducers if arm == "sharded" else 0)
+    merger = build_merger(merge, weights=global_state)
+
+    def one_round() -> tuple[float, int]:
+        return merge_round(workers, merger, global_state)
+
     one_round()  # warm-up: actors, buffers kept across rounds
     seconds, peaks = [], []
     for _ in range(rounds):

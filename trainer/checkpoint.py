@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.faults import kill_point
-from workers.fsio import fsync_dir, fsync_tree
+from workers.fsio import atomic_dir, atomic_write, fsync_dir
 
 VERSIONS = "versions"
 LATEST = "latest"
@@ -36,22 +36,16 @@ def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenize
     versions/rejected/ and `latest` stays where it is)."""
     versions = run_dir / VERSIONS / REJECTED if rejected else run_dir / VERSIONS
     final = versions / version_name(number)
-    tmp = versions / f".tmp-{version_name(number)}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if outer_state:
-        save_file({k: v.contiguous() for k, v in outer_state.items()}, str(tmp / OUTER_STATE))
-    weights = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
-    full = {**manifest, "version": number, "name": version_name(number), "weights_sha256": weights}
-    write_json(tmp / "manifest.json", full)
-    fsync_tree(tmp)
-    kill_point("checkpoint", manifest.get("round", 0))
-    if final.exists():  # left by a crash after rename but before `latest` moved: replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(versions)
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if outer_state:
+            save_file({k: v.contiguous() for k, v in outer_state.items()}, str(tmp / OUTER_STATE))
+        weights = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
+        full = {**manifest, "version": number, "name": version_name(number),
+                "weights_sha256": weights}
+        write_json(tmp / "manifest.json", full)
+        kill_point("checkpoint", manifest.get("round", 0))  # written, not yet renamed
     kill_point("renamed", manifest.get("round", 0))  # in place, `latest` not yet moved
     if not rejected:
         point_latest(run_dir, version_name(number))
@@ -112,12 +106,7 @@ def prune_versions(run_dir: Path, *, keep: int) -> list[Path]:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic JSON write: temp file, fsync, rename."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=False))
 
 
 def append_lines(path: Path, records: list[dict]) -> None:

@@ -104,14 +104,12 @@ def _resume(args: argparse.Namespace) -> int:
 
     overrides = [f"run.dir={args.run_dir}", *args.set]
     if "://" in args.run_dir:  # a run published to an object store (trainer/mirror.py)
-        import yaml
-
-        from trainer.config import config_from_dict
         from trainer.mirror import read_remote_config
+        from workers.storage import redact
 
-        raw = yaml.safe_load(read_remote_config(args.run_dir))
-        config = resolve_paths(config_from_dict(raw, overrides=overrides,
-                                                source=f"{args.run_dir}/config.yaml"))
+        config = resolve_paths(load_config(f"{redact(args.run_dir)}/config.yaml",
+                                           text=read_remote_config(args.run_dir),
+                                           overrides=overrides))
     else:
         config = resolve_paths(load_config(Path(args.run_dir) / "config.yaml",
                                            overrides=overrides))
@@ -123,15 +121,13 @@ def _resume(args: argparse.Namespace) -> int:
 def _config_from_env(name: str, *, overrides: list[str]):
     import os
 
-    import yaml
-
-    from trainer.config import config_from_dict
+    from trainer.config import load_config
 
     text = os.environ.get(name)
     if not text:
         raise ValueError(f"environment variable {name} is not set or empty; it should hold "
                          "the YAML config (`tributary submit` sets it)")
-    return config_from_dict(yaml.safe_load(text), overrides=overrides, source=f"env:{name}")
+    return load_config(f"env:{name}", text=text, overrides=overrides)
 
 
 def _submit(args: argparse.Namespace) -> int:

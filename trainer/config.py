@@ -23,13 +23,13 @@ import pyarrow.fs as pafs
 import yaml
 
 from trainer.quality import GATE_BASELINES
-from trainer.strategies import STRATEGIES
+from trainer.strategies import STRATEGIES, MergeConfig
 from workers.compression import COMPRESSIONS
 from workers.lora import LoraSpec
-from workers.replay import BALANCE_MODES
-from workers.schedule import SCHEDULE_KINDS, LrSchedule
+from workers.replay import BALANCE_MODES, ReplayConfig
+from workers.schedule import SCHEDULE_KINDS
 from workers.storage import is_uri, locate, redact
-from workers.types import EarlyStopping
+from workers.types import SiteConfig, TrainSpec, WorkerConfig
 
 BUILTIN_MODELS = ("smollm2", "random")
 # model.architecture keys that come from the tokenizer, never from the config.
@@ -74,23 +74,6 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class SiteConfig:
-    name: str
-    path: str
-    text_column: str = "text"
-    # Ray resources the site's worker also needs, e.g. {"site_berlin": 1} to pin it to the
-    # node that holds its data (start that node with `ray start --resources`).
-    resources: dict[str, float] = field(default_factory=dict)
-    # Workers training this site together as one DeepSpeed data-parallel group (e.g. its
-    # node's GPUs); the site still returns one update per round.
-    num_workers: int = 1
-    # Keep looking for new files (a site with nothing new sits a round out); a file is taken
-    # once it has not changed for settle_s seconds (write it under a hidden name, then rename).
-    watch: bool = False
-    settle_s: float = 5.0
-
-
-@dataclass(frozen=True)
 class EvalSetConfig:
     name: str
     path: str
@@ -104,71 +87,6 @@ class EvalSetConfig:
     # Held-out data of the newest increments: its improvement is reported as the newest gain;
     # every other set counts towards backward transfer.
     newest: bool = False
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    local_steps: int = 8
-    batch_size: int = 4
-    seq_len: int = 256
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    # A path to a DeepSpeed JSON config, the config inline, or None for DEFAULT_DEEPSPEED.
-    deepspeed: str | dict | None = None
-    # Consecutive failed rounds after which a site is reported and left out.
-    max_missed_rounds: int = 3
-    # A row longer than this sends its file to quarantine (guards against runaway lines).
-    max_row_chars: int = 1_000_000
-    lr_schedule: LrSchedule = field(default_factory=LrSchedule)
-    # FedProx's mu: mu/2 * ||theta - theta_global||^2 keeps each site near the round's global.
-    prox_mu: float = 0.0
-    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
-
-
-@dataclass(frozen=True)
-class RatioStep:
-    from_round: int
-    ratio: float
-
-
-@dataclass(frozen=True)
-class ReplayConfig:
-    ratio: float = 0.25
-    capacity_tokens: int = 1_000_000
-    # "shared": one store for all sites; "site": each worker keeps its own (data stays there).
-    scope: str = "shared"
-    # "pooled": every held sequence equally likely; "sites": every site the same share.
-    balance: str = "pooled"
-    # 0: uniform over age; w > 0: weight (1 + age in rounds)^w, favouring older increments.
-    age_weight: float = 0.0
-    # The ratio from a round on, e.g. [{from_round: 10, ratio: 0.5}] after a known shift.
-    schedule: list[RatioStep] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class MergeConfig:
-    min_workers: int = 1
-    round_timeout_s: float = 1800.0
-    # Reject an update whose delta norm is over this many times the others' median norm.
-    max_norm_ratio: float = 10.0
-    # Attempts at one round (too few valid updates) before the run stops.
-    max_round_attempts: int = 3
-    # How updates become the next global: see trainer/strategies.py.
-    strategy: str = "fedavg"
-    outer_lr: float | None = None  # None: the strategy's default
-    outer_momentum: float = 0.9
-    nesterov: bool = True
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    adam_eps: float = 1e-3
-    trim_fraction: float = 0.1
-    # How workers send their deltas: "fp32", "bf16" or "int8" (with error feedback).
-    compression: str = "fp32"
-    # 0: the coordinator combines whole deltas itself. N: N reducer actors each combine one
-    # slice of the tensors of every delta where it lies (coordinator memory stays ~2× the
-    # model whatever the number of workers; see trainer/reduce.py).
-    reducers: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,20 +125,40 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def replay_capacity(self) -> int:
+        """Sequences each site may hold: replay.capacity_tokens split evenly across sites."""
+        return self.replay.capacity_tokens // (self.worker.seq_len * len(self.sites))
+
+    def train_spec(self) -> TrainSpec:
+        """What every worker of the run is told: its config sections as they are, and the
+        run-wide settings that shape a round."""
+        local = self.replay_capacity() if self.replay.scope == "site" else 0
+        return TrainSpec(worker=self.worker, replay=self.replay,
+                         deepspeed=deepspeed_dict(self.worker), seed=self.run.seed,
+                         compression=self.merge.compression, lora=self.model.lora,
+                         local_replay_capacity=local)
+
 
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: str | os.PathLike, *, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply `--set key.path=value` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"config file {path} does not exist"], source=str(path))
+def load_config(source: str | os.PathLike, *, text: str | None = None,
+                overrides: list[str] = (), check_files: bool = True) -> Config:
+    """The one way from YAML to a Config: the file `source`, or `text` read from elsewhere
+    (an environment variable, a bucket) and called `source` in errors. `--set key.path=value`
+    overrides are applied, then everything is validated (`check_files=False`: data, model and
+    DeepSpeed files live on a cluster's storage and are not checked here)."""
+    name = str(source)
+    if text is None:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist"], source=name)
+        text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from exc
-    return config_from_dict(raw, overrides=overrides, source=str(path))
+        raise ConfigError([f"not valid YAML: {exc}"], source=name) from exc
+    return config_from_dict(raw, overrides=overrides, source=name, check_files=check_files)
 
 
 def config_from_dict(raw: Any, *, overrides: list[str] = (), source: str = "config",

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from trainer import checkpoint
-from trainer.config import config_from_dict
+from trainer.config import load_config
 from trainer.model_source import load_tokenizer, run_model
 
 
 def export_merged(run_dir: Path, out: Path, *, version: str | None = None) -> Path:
     """Write the version (default: `latest`) to `out`; returns `out`."""
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    config = config_from_dict(raw, source=str(run_dir / "config.yaml"), check_files=False)
+    config = load_config(run_dir / "config.yaml", check_files=False)
     folder = (run_dir / checkpoint.VERSIONS / version if version
               else checkpoint.latest_version(run_dir))
     if folder is None or not folder.is_dir():

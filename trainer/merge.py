@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
@@ -73,11 +74,41 @@ def median(
     return trimmed_mean(updates, trim_fraction=0.5, out=out)
 
 
+def finite_problem(state: Mapping, *, name: str = "delta") -> str | None:
+    """Which tensor holds NaN or Inf (None: none). One streaming sum a tensor, no mask
+    (isfinite().all() costs six times as much); a sum past the fp32 range counts too."""
+    for key, tensor in state.items():
+        if not math.isfinite(float(_as_tensor(tensor).sum())):
+            return f"{name} tensor {key!r} holds NaN or Inf"
+    return None
+
+
+def layout_problem(state: Mapping, shapes: Mapping[str, tuple[int, ...]], *,
+                   name: str = "delta") -> str | None:
+    """How `state`'s tensors differ from the expected names and shapes (None: they match)."""
+    if set(state) != set(shapes):
+        missing = sorted(set(shapes) - set(state))[:3]
+        extra = sorted(set(state) - set(shapes))[:3]
+        return f"{name} has the wrong tensors (missing {missing}, unexpected {extra})"
+    for key, shape in shapes.items():
+        if tuple(state[key].shape) != tuple(shape):
+            return (f"{name} tensor {key!r} has shape {tuple(state[key].shape)}, "
+                    f"expected {tuple(shape)}")
+    return None
+
+
+def _as_tensor(array) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array
+    with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
 def _check_finite(tensor: torch.Tensor, *, key: str, name: str) -> None:
-    """NaN or Inf anywhere makes the sum non-finite: one streaming read, no mask tensor
-    (isfinite().all() costs six times as much). A sum past the fp32 range counts too."""
-    if not torch.isfinite(tensor.sum()):
-        raise ValueError(f"{name}: non-finite input in tensor {key!r}")
+    problem = finite_problem({key: tensor}, name=f"{name}: input")
+    if problem:
+        raise ValueError(problem)
 
 
 def _check_updates(updates: Sequence[tuple[State, float]], out: State | None, *,
@@ -98,16 +129,10 @@ def _check_updates(updates: Sequence[tuple[State, float]], out: State | None, *,
 
 
 def _check_same_layout(reference: State, other: State, *, what: str) -> None:
-    if set(reference) != set(other):
-        missing = sorted(set(reference) - set(other))[:3]
-        extra = sorted(set(other) - set(reference))[:3]
-        raise ValueError(
-            f"{what} has other keys (missing {missing}, extra {extra})")
-    for key, tensor in reference.items():
-        if tuple(other[key].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"{what} tensor {key!r} has shape {tuple(other[key].shape)}, "
-                f"expected {tuple(tensor.shape)}")
+    problem = layout_problem(other, {k: tuple(t.shape) for k, t in reference.items()},
+                             name=what)
+    if problem:
+        raise ValueError(problem)
 
 
 def apply_delta(

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import ray
 
+from workers.fsio import atomic_write
+
 log = logging.getLogger(__name__)
 
 class RayMetrics:
@@ -114,10 +116,7 @@ class MetricsLog:
     def drop_after(run_dir: Path, *, round_index: int) -> None:
         """Drop lines of rounds past `round_index` (written before a crash kept their version)."""
         kept = [r for r in read_metrics(run_dir) if r["round"] <= round_index]
-        path = run_dir / "metrics.jsonl"
-        tmp = path.with_name(".tmp-metrics.jsonl")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

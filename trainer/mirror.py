@@ -28,6 +28,7 @@ from workers.storage import (
     join,
     list_names,
     locate,
+    publish_folder,
     read_text,
     redact,
     upload_tree,
@@ -68,9 +69,9 @@ class Mirror:
     def _publish(self, number: int, *, rejected: bool, replay_dir: Path) -> None:
         name = checkpoint.version_name(number)
         parts = [checkpoint.VERSIONS, checkpoint.REJECTED] if rejected else [checkpoint.VERSIONS]
-        upload_tree(self.local.joinpath(*parts, name), join(self.uri, *parts, name))
+        publish_folder(self.local.joinpath(*parts, name), join(self.uri, *parts, name))
         if replay_dir.is_dir():
-            upload_tree(replay_dir, join(self.uri, "replay", name))
+            publish_folder(replay_dir, join(self.uri, "replay", name))
         for file in ("metrics.jsonl", "config.yaml"):
             if (self.local / file).is_file():
                 write_text(join(self.uri, file), (self.local / file).read_text())

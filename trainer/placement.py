@@ -37,13 +37,16 @@ def wait_until_placed(names: Mapping[str, list[str]], *, timeout_s: float
     from ray.util.state import list_actors
 
     placed: dict[str, bool] = {site: False for site in names}
+    # This run's cluster, named: left to itself the state API looks for one on the machine.
+    address = ray.get_runtime_context().gcs_address
     deadline = time.monotonic() + timeout_s
     while True:
         for site in [s for s, done in placed.items() if not done]:
             try:
                 # Dead actors of earlier runs keep their names (and pids) in the listing.
-                states = [list_actors(filters=[("name", "=", n), ("state", "!=", "DEAD")],
-                                      detail=True) for n in names[site]]
+                states = [list_actors(address=address, detail=True,
+                                      filters=[("name", "=", n), ("state", "!=", "DEAD")])
+                          for n in names[site]]
             except Exception as exc:  # noqa: BLE001 - no state API here: cannot tell, do not block
                 log.info("cannot see actor placement (%s); not checking it", exc)
                 return {site: True for site in names}

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from trainer.strategies import FedAvg, build_strategy
+from trainer.strategies import FedAvg, MergeConfig
 from trainer.validate import DeltaStats, delta_stats
 from workers.compression import Packed, unpack_delta
 
@@ -37,10 +37,9 @@ def plan_shards(shapes: Mapping[str, tuple[int, ...]], count: int) -> list[list[
 class ShardReducer:
     """A plain class the coordinator runs as an actor: one slice of every round's deltas."""
 
-    def __init__(self, *, shapes: Mapping[str, tuple[int, ...]], strategy: str,
-                 trim_fraction: float) -> None:
+    def __init__(self, *, shapes: Mapping[str, tuple[int, ...]], merge: MergeConfig) -> None:
         self.shapes = dict(shapes)
-        self.strategy = build_strategy(strategy, trim_fraction=trim_fraction)
+        self.strategy = merge.build()  # only its combine rule runs here
         # The combined slice, reused every round (no fresh pages to fault in).
         self.out = {k: torch.zeros(s, dtype=torch.float32) for k, s in self.shapes.items()}
 
@@ -61,12 +60,12 @@ class ShardReducer:
 class ShardedMerge:
     """The coordinator's side: reducer actors started once per run, asked twice per round."""
 
-    def __init__(self, *, shapes: Mapping[str, tuple[int, ...]], count: int, strategy: str,
-                 trim_fraction: float) -> None:
+    def __init__(self, *, shapes: Mapping[str, tuple[int, ...]], count: int,
+                 merge: MergeConfig) -> None:
         self.shards = plan_shards(shapes, count)
         remote = ray.remote(ShardReducer).options(num_cpus=0, scheduling_strategy="SPREAD")
-        self.reducers = [remote.remote(shapes={n: shapes[n] for n in names}, strategy=strategy,
-                                       trim_fraction=trim_fraction) for names in self.shards]
+        self.reducers = [remote.remote(shapes={n: shapes[n] for n in names}, merge=merge)
+                         for names in self.shards]
 
     def stats(self, parts: Mapping[str, Sequence]) -> dict[str, DeltaStats]:
         """{site: DeltaStats} over all slices: the first problem found, the summed Σ x²."""

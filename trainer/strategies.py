@@ -18,6 +18,7 @@ from fresh allocations every round).
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -141,3 +142,36 @@ def build_strategy(name: str, *, lr: float | None = None, momentum: float = 0.9,
     if name == "median":
         return Median(lr=lr)
     return FedAvg(lr=lr)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """The config's `merge:` section: what a round needs to merge, and the strategy that
+    turns its updates into the next global (`build`)."""
+
+    min_workers: int = 1
+    round_timeout_s: float = 1800.0
+    # Reject an update whose delta norm is over this many times the others' median norm.
+    max_norm_ratio: float = 10.0
+    # Attempts at one round (too few valid updates) before the run stops.
+    max_round_attempts: int = 3
+    # How updates become the next global: one of STRATEGIES.
+    strategy: str = "fedavg"
+    outer_lr: float | None = None  # None: the strategy's default
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    adam_eps: float = 1e-3
+    trim_fraction: float = 0.1
+    # How workers send their deltas: "fp32", "bf16" or "int8" (with error feedback).
+    compression: str = "fp32"
+    # 0: the coordinator combines whole deltas itself. N: N reducer actors each combine one
+    # slice of the tensors of every delta where it lies (coordinator memory stays ~2× the
+    # model whatever the number of workers; see trainer/reduce.py).
+    reducers: int = 0
+
+    def build(self) -> FedAvg:
+        """The strategy this section describes, with its outer-optimizer settings."""
+        return build_strategy(self.strategy, lr=self.outer_lr, momentum=self.outer_momentum,
+                              nesterov=self.nesterov, betas=self.adam_betas, eps=self.adam_eps,
+                              trim_fraction=self.trim_fraction)

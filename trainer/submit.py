@@ -25,10 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from cluster.auth import auth_headers, require_token_auth
-from trainer.config import Config, config_from_dict, config_text, credential_keys
+from trainer.config import Config, config_text, credential_keys, load_config
 from workers.storage import is_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +82,7 @@ def cluster_config(config_path: str | Path, *, overrides: list[str]) -> Config:
     """The config as the cluster will run it, validated here except for the existence of
     files that live on the cluster's storage."""
     path = Path(config_path)
-    raw = yaml.safe_load(path.read_text())
-    config = config_from_dict(raw, overrides=overrides, source=str(path), check_files=False)
+    config = load_config(path, overrides=overrides, check_files=False)
     problems = shared_path_problems(config)
     if problems:
         raise ValueError(f"{path}: a submitted run reads and writes shared storage, so these "

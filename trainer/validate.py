@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainer.merge import finite_problem, layout_problem
 from workers.increments import cursor_after
 from workers.packing import real_tokens
 from workers.types import Cursor, RowRange, WorkerUpdate
@@ -55,7 +56,7 @@ def validate_updates(
 
 
 def delta_stats(delta: Mapping[str, np.ndarray], shapes: Mapping[str, tuple]) -> DeltaStats:
-    problem = _layout_problem(delta, shapes) or _finite_problem(delta)
+    problem = layout_problem(delta, shapes) or finite_problem(delta)
     if problem:
         return DeltaStats(problem, math.nan)
     return DeltaStats(None, sum(float(np.dot(a.ravel(), a.ravel())) for a in delta.values()))
@@ -63,24 +64,6 @@ def delta_stats(delta: Mapping[str, np.ndarray], shapes: Mapping[str, tuple]) ->
 
 def delta_norm(delta: Mapping[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.dot(a.ravel(), a.ravel())) for a in delta.values())))
-
-
-def _layout_problem(delta: Mapping[str, np.ndarray], shapes: Mapping[str, tuple]) -> str | None:
-    if set(delta) != set(shapes):
-        missing = sorted(set(shapes) - set(delta))[:3]
-        extra = sorted(set(delta) - set(shapes))[:3]
-        return f"delta has the wrong tensors (missing {missing}, unexpected {extra})"
-    for name, shape in shapes.items():
-        if tuple(delta[name].shape) != tuple(shape):
-            return f"delta tensor {name!r} has shape {tuple(delta[name].shape)}, expected {shape}"
-    return None
-
-
-def _finite_problem(delta: Mapping[str, np.ndarray]) -> str | None:
-    for name, array in delta.items():
-        if not np.isfinite(array).all():
-            return f"delta tensor {name!r} holds NaN or Inf"
-    return None
 
 
 def report_problem(update: WorkerUpdate, *, previous: Cursor, budget: int, local_steps: int,

@@ -25,10 +25,9 @@ import pyarrow.parquet as pq
 
 from workers.retry import READ_ATTEMPTS, READ_BACKOFF_S, StorageUnavailable, is_transient, retrying
 from workers.storage import DataFile, data_file, join, list_files, locate, redact
-from workers.types import Cursor, RowRange
+from workers.types import MAX_ROW_CHARS, Cursor, RowRange
 
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
-MAX_ROW_CHARS = 1_000_000
 BLOCK_BYTES = 1 << 20  # read size for text files; Parquet reads by row group
 BATCH_ROWS = 1024
 

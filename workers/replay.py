@@ -6,7 +6,7 @@ The coordinator runs one as a Ray actor shared by all sites (`replay.scope: shar
 Each site has its own reservoir (Algorithm R, seeded), so every sequence a site ever
 offered has the same chance to be held, and the store never exceeds its capacity. Each held
 sequence remembers the round it was added in. `sample` draws with replacement by the store's
-`ReplayPolicy` (sites pooled or balanced; uniform over age or weighted towards older rounds),
+`ReplayConfig` (sites pooled or balanced; uniform over age or weighted towards older rounds),
 with an RNG seeded by the caller, so a (run, round, site) triple always gets the same sample.
 Persisted as one Parquet file per site plus a JSON file with the counts and RNG states.
 """
@@ -14,23 +14,31 @@ Persisted as one Parquet file per site plus a JSON file with the counts and RNG 
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.fsio import fsync_dir, fsync_tree
+from workers.fsio import atomic_dir
 from workers.packing import empty_sequences, sequences_table, to_arrays
 
 BALANCE_MODES = ("pooled", "sites")
 
 
 @dataclass(frozen=True)
-class ReplayPolicy:
-    """How replay samples are drawn from what the store holds.
+class RatioStep:
+    """From round `from_round` on, the replay ratio is `ratio`."""
+
+    from_round: int
+    ratio: float
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """The `replay:` section of a run's config: how much of each batch is replayed, what the
+    store holds and how samples are drawn from it.
 
     `balance`: "pooled" gives every held sequence the same chance (a site that contributed
     more is replayed more); "sites" gives every site the same share whatever it holds.
@@ -38,17 +46,23 @@ class ReplayPolicy:
     rounds)^w, so older increments, the ones most at risk of being forgotten, come back more.
     """
 
+    ratio: float = 0.25
+    capacity_tokens: int = 1_000_000
+    # "shared": one store for all sites; "site": each worker keeps its own (data stays there).
+    scope: str = "shared"
     balance: str = "pooled"
     age_weight: float = 0.0
+    # The ratio from a round on, e.g. [{from_round: 10, ratio: 0.5}] after a known shift.
+    schedule: list[RatioStep] = field(default_factory=list)
 
 
-def ratio_at(ratio: float, schedule: tuple[tuple[int, float], ...], *, round_index: int
-             ) -> float:
-    """The replay ratio of a round: the last (from_round, ratio) step at or before it, else
-    the base ratio (e.g. more replay after a known distribution shift)."""
-    for from_round, value in sorted(schedule):
-        if from_round <= round_index:
-            ratio = value
+def ratio_at(replay: ReplayConfig, *, round_index: int) -> float:
+    """The replay ratio of a round: the last schedule step at or before it, else the base
+    ratio (e.g. more replay after a known distribution shift)."""
+    ratio = replay.ratio
+    for step in sorted(replay.schedule, key=lambda s: s.from_round):
+        if step.from_round <= round_index:
+            ratio = step.ratio
     return ratio
 
 
@@ -92,7 +106,7 @@ class Reservoir:
             return empty_sequences()
         return sequences_table(self.ids, self.lengths)
 
-    def weights(self, *, policy: ReplayPolicy, round_index: int) -> np.ndarray:
+    def weights(self, *, policy: ReplayConfig, round_index: int) -> np.ndarray:
         """Unnormalised sampling weight of each held sequence under `policy`."""
         age = np.maximum(round_index - self.rounds, 0).astype(np.float64)
         weights = (1.0 + age) ** policy.age_weight
@@ -103,10 +117,10 @@ class Reservoir:
 
 class ReplayStore:
     def __init__(self, *, capacity_per_site: int, seed: int,
-                 policy: ReplayPolicy | None = None) -> None:
+                 policy: ReplayConfig | None = None) -> None:
         self.capacity_per_site = capacity_per_site
         self.seed = seed
-        self.policy = policy or ReplayPolicy()
+        self.policy = policy or ReplayConfig()
         self.sites: dict[str, Reservoir] = {}
 
     def _reservoir(self, site: str) -> Reservoir:
@@ -142,21 +156,14 @@ class ReplayStore:
 
     def save(self, folder: str) -> None:
         """Write the store to `folder` atomically (temp folder, then rename)."""
-        final = Path(folder)
-        tmp = final.with_name(f".tmp-{final.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = {"capacity_per_site": self.capacity_per_site, "seed": self.seed, "sites": {}}
-        for name, reservoir in self.sites.items():
-            table = reservoir.table().append_column("round", pa.array(reservoir.rounds))
-            pq.write_table(table, tmp / f"{name}.parquet")
-            state["sites"][name] = {"seen": reservoir.seen,
-                                    "rng": reservoir.rng.bit_generator.state}
-        (tmp / "state.json").write_text(json.dumps(state))
-        fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        fsync_dir(final.parent)
+        with atomic_dir(Path(folder)) as tmp:
+            state = {"capacity_per_site": self.capacity_per_site, "seed": self.seed, "sites": {}}
+            for name, reservoir in self.sites.items():
+                table = reservoir.table().append_column("round", pa.array(reservoir.rounds))
+                pq.write_table(table, tmp / f"{name}.parquet")
+                state["sites"][name] = {"seen": reservoir.seen,
+                                        "rng": reservoir.rng.bit_generator.state}
+            (tmp / "state.json").write_text(json.dumps(state))
 
     def restore(self, folder: str) -> None:
         """Replace this store's content with the snapshot saved in `folder`."""

@@ -156,6 +156,30 @@ def join(base: str, *names: str) -> str:
     return base
 
 
+# Written last into a published folder: a reader that finds it knows every file is there
+# (object stores have no rename, so a folder cannot appear at once).
+PUBLISHED = "_COMPLETE"
+
+
+def publish_folder(local: Path, uri: str) -> None:
+    """Copy a local folder to `uri`, then its completion marker."""
+    upload_tree(local, uri)
+    write_text(join(uri, PUBLISHED), "")
+
+
+def is_published(uri: str) -> bool:
+    return read_text(join(uri, PUBLISHED)) is not None
+
+
+def fetch_published(uri: str, local: Path) -> bool:
+    """Copy a published folder here (without its marker); False if it is not complete."""
+    if not is_published(uri):
+        return False
+    download_tree(uri, local)
+    (local / PUBLISHED).unlink(missing_ok=True)
+    return True
+
+
 def upload_tree(local: Path, uri: str) -> None:
     """Copy a local folder's files to `uri` (overwriting), as pyarrow's copy_files does."""
     filesystem, path = locate(uri)

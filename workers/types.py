@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from workers.compression import Packed
 from workers.lora import LoraSpec
-from workers.replay import ReplayPolicy
+from workers.replay import ReplayConfig
 from workers.schedule import LrSchedule
 
 
@@ -62,13 +62,32 @@ class Cursor:
                    run_steps=int(data.get("run_steps", 0)))
 
 
+MAX_ROW_CHARS = 1_000_000  # a row longer than this marks its file as damaged
+
+
 @dataclass(frozen=True)
-class SiteSpec:
+class SiteConfig:
+    """One entry of the config's `sites:` — where a site's increments live and what its
+    workers ask Ray for."""
+
     name: str
     path: str
     text_column: str = "text"
-    # A watched site takes a file only once it has not changed for this many seconds.
-    settle_s: float = 0.0
+    # Ray resources the site's workers also need, e.g. {"site_berlin": 1} to pin them to the
+    # node that holds its data (start that node with `ray start --resources`).
+    resources: dict[str, float] = field(default_factory=dict)
+    # Workers training this site together as one DeepSpeed data-parallel group (e.g. its
+    # node's GPUs); the site still returns one update per round.
+    num_workers: int = 1
+    # Keep looking for new files (a site with nothing new sits a round out); a file is taken
+    # once it has not changed for settle_s seconds (write it under a hidden name, then rename).
+    watch: bool = False
+    settle_s: float = 5.0
+
+    @property
+    def settle_window(self) -> float:
+        """Seconds a file must have been left alone before it is read (0: a fixed folder)."""
+        return self.settle_s if self.watch else 0.0
 
 
 @dataclass(frozen=True)
@@ -94,31 +113,58 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
-class TrainSpec:
-    """What one worker needs to know to train: batch shape, steps, optimizer, DeepSpeed."""
+class WorkerConfig:
+    """The config's `worker:` section: how each site trains a round, and what its actors
+    ask Ray for."""
 
-    local_steps: int
-    batch_size: int
-    seq_len: int
-    lr: float
-    weight_decay: float
-    replay_ratio: float
-    deepspeed: dict
-    seed: int = 0
-    max_row_chars: int = 1_000_000
-    # Site-local replay: the worker keeps its own store of this many sequences (0: shared).
-    local_replay_capacity: int = 0
-    replay_policy: ReplayPolicy = field(default_factory=ReplayPolicy)  # site-local store
-    # (from_round, ratio) steps overriding replay_ratio from that round on.
-    replay_schedule: tuple[tuple[int, float], ...] = ()
+    local_steps: int = 8
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # A path to a DeepSpeed JSON config, the config inline, or None for the default.
+    deepspeed: str | dict | None = None
+    # Consecutive failed rounds after which a site is reported and left out.
+    max_missed_rounds: int = 3
+    # A file holding a longer row is damaged (guards against runaway lines).
+    max_row_chars: int = MAX_ROW_CHARS
     lr_schedule: LrSchedule = field(default_factory=LrSchedule)
-    # FedProx: mu/2 * ||theta - theta_global||^2 added to the loss (0: off).
+    # FedProx's mu: mu/2 * ||theta - theta_global||^2 keeps each site near the round's global.
     prox_mu: float = 0.0
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What one worker is told about training: the config's worker and replay sections as
+    they are, and the run-wide settings that shape a round."""
+
+    worker: WorkerConfig
+    replay: ReplayConfig
+    deepspeed: dict  # the DeepSpeed config, read from its file if it was given as a path
+    seed: int = 0
     # How the delta travels: "fp32", "bf16" or "int8" (workers/compression.py).
     compression: str = "fp32"
     # LoRA adapters with a shared frozen A (workers/lora.py); None: full fine-tuning.
     lora: LoraSpec | None = None
+    # Site-local replay (replay.scope: site): the worker keeps a store of this many sequences.
+    local_replay_capacity: int = 0
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """One site's round as the coordinator planned it. The schedule's position travels in the
+    cursor (`steps`, `run_steps`); `max_new_tokens` is the plan's bound on the new tokens of
+    one pass, which the coordinator holds the answer to. The round's weights travel beside the
+    task, as top-level arguments, so Ray hands each worker the object store's copy."""
+
+    round_index: int
+    cursor: Cursor
+    max_new_tokens: int
+    skip: tuple[str, ...] = ()  # the site's files recorded as damaged: never read again
+    shards: tuple[tuple[str, ...], ...] = ()  # sharded merging: the delta's slices
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ def poisoned_worker(*, site: str, round_index: int, kind: str) -> type:
     """A Worker class whose `site` sends a bad delta in `round_index` (kind: nan | huge)."""
 
     class PoisonWorker(Worker):
-        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
-            update = super().train_round(round_index=round_index, global_weights=global_weights,
-                                         cursor=cursor, **extra)
+        def train_round(self, task, weights, base=None):
+            update = super().train_round(task, weights, base)
+            round_index = task.round_index
             if self.site.name != site or round_index != poison_round:
                 return update
             if kind == "nan":
@@ -34,12 +34,11 @@ def slow_worker(*, site: str, round_index: int, seconds: float) -> type:
     """A Worker class whose `site` takes `seconds` longer in `round_index` (a straggler)."""
 
     class SlowWorker(Worker):
-        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
-            if self.site.name == site and round_index == slow_round:
+        def train_round(self, task, weights, base=None):
+            if self.site.name == site and task.round_index == slow_round:
                 import time
                 time.sleep(seconds)
-            return super().train_round(round_index=round_index, global_weights=global_weights,
-                                       cursor=cursor, **extra)
+            return super().train_round(task, weights, base)
 
     slow_round = round_index
     return SlowWorker
@@ -49,11 +48,10 @@ def failing_worker(*, site: str) -> type:
     """A Worker class whose `site` raises in every round (a site that stays broken)."""
 
     class FailingWorker(Worker):
-        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
+        def train_round(self, task, weights, base=None):
             if self.site.name == site:
                 raise RuntimeError(f"site {site} is broken")
-            return super().train_round(round_index=round_index, global_weights=global_weights,
-                                       cursor=cursor, **extra)
+            return super().train_round(task, weights, base)
 
     return FailingWorker
 
@@ -63,9 +61,9 @@ def noisy_worker(*, round_index: int, scale: float) -> type:
     `round_index`: finite, of similar norm across sites, and harmful to the model."""
 
     class NoisyWorker(Worker):
-        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
-            update = super().train_round(round_index=round_index, global_weights=global_weights,
-                                         cursor=cursor, **extra)
+        def train_round(self, task, weights, base=None):
+            update = super().train_round(task, weights, base)
+            round_index = task.round_index
             if round_index != noisy_round or not update.delta:
                 return update
             rng = np.random.default_rng(round_index)
@@ -84,20 +82,18 @@ def gated_worker(*, site: str, round_index: int, folder: str) -> type:
     exact moment."""
 
     class GatedWorker(Worker):
-        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
+        def train_round(self, task, weights, base=None):
             import time
             from pathlib import Path
 
             gate = Path(gate_folder)
-            if self.site.name != site or round_index != gated_round:
-                return super().train_round(round_index=round_index,
-                                           global_weights=global_weights, cursor=cursor, **extra)
+            if self.site.name != site or task.round_index != gated_round:
+                return super().train_round(task, weights, base)
             (gate / "started").write_text("")
             deadline = time.monotonic() + 300
             while not (gate / "go").exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
-            answer = super().train_round(round_index=round_index,
-                                         global_weights=global_weights, cursor=cursor, **extra)
+            answer = super().train_round(task, weights, base)
             sat_out = getattr(answer, "unavailable", None)
             (gate / "returned").write_text("sat out" if sat_out else "trained")
             return answer
@@ -111,9 +107,9 @@ def boasting_worker(*, site: str, round_index: int, factor: float) -> type:
     (and weighs its update accordingly), as a site trying to dominate the merge would."""
 
     class BoastingWorker(Worker):
-        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
-            update = super().train_round(round_index=round_index, global_weights=global_weights,
-                                         cursor=cursor, **extra)
+        def train_round(self, task, weights, base=None):
+            update = super().train_round(task, weights, base)
+            round_index = task.round_index
             if self.site.name != site or round_index != boast_round or not update.weight:
                 return update
             claimed = int(update.metrics["new_tokens"] * factor)

@@ -45,7 +45,8 @@ def waiting_to_be_killed(*, site: str, rounds: tuple[int, ...], folder: Path) ->
     so the kill lands inside that round's training, whatever the machine's speed."""
 
     class WaitingWorker(Worker):
-        def train_round(self, *, round_index: int, global_weights, cursor, **extra):
+        def train_round(self, task, weights, base=None):
+            round_index = task.round_index
             if self.site.name == site and round_index in rounds:
                 import time
 
@@ -54,8 +55,7 @@ def waiting_to_be_killed(*, site: str, rounds: tuple[int, ...], folder: Path) ->
                 marker.with_suffix(".tmp").write_text(ray.get_runtime_context().get_actor_id())
                 marker.with_suffix(".tmp").rename(marker)
                 time.sleep(60)  # the test kills this actor here
-            return super().train_round(round_index=round_index, global_weights=global_weights,
-                                       cursor=cursor, **extra)
+            return super().train_round(task, weights, base)
 
     return WaitingWorker
 

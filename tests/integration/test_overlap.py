@@ -25,8 +25,9 @@ class WatchedCoordinator(Coordinator):
         self.latest_at_dispatch: dict[int, str] = {}
         self.eval_waited: bool | None = None
 
-    def _dispatch(self, round_index, weights_ref, bar):
-        answer = super()._dispatch(round_index, weights_ref, bar)
+    def _dispatch(self, tasks, *, weights, base):
+        answer = super()._dispatch(tasks, weights=weights, base=base)
+        round_index = next(iter(tasks.values())).round_index
         self.latest_at_dispatch[round_index] = latest_version(self.run_dir).name
         if round_index == 2:
             self.round_2_dispatched.set()

@@ -149,7 +149,8 @@ def test_sharded_merge_equals_the_coordinator_merge(two_rounds, demo_root, notes
     assert all(r["file"].startswith(f"{uri}/part-") for m in all_manifests(run_dir)
                for r in m["increments"].get("notes", []))
     assert_rows_exactly_once(run_dir, "notes", text_column="body")
-    alive = [a for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")])
+    alive = [a for a in ray.util.state.list_actors(
+        address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
              if a["class_name"] == "ShardReducer"]
     assert alive == [], "reducers outlived their run"
 

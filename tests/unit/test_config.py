@@ -138,18 +138,29 @@ def test_continual_learning_settings_are_checked_by_key(tmp_path):
 
 
 def test_continual_learning_settings_reach_every_worker(tmp_path):
-    from trainer.coordinator import train_spec
-
     raw = minimal(tmp_path)
     raw["worker"].update(lr_schedule={"kind": "rewarm", "warmup_steps": 2}, prox_mu=0.01,
                          early_stopping={"max_epochs": 3, "holdout_fraction": 0.1})
-    raw["replay"] = {"balance": "sites", "age_weight": 1.0,
+    raw["replay"] = {"balance": "sites", "age_weight": 1.0, "scope": "site",
                      "schedule": [{"from_round": 4, "ratio": 0.5}]}
-    spec = train_spec(config_from_dict(raw), local_replay_capacity=0)
-    assert (spec.lr_schedule.kind, spec.lr_schedule.warmup_steps) == ("rewarm", 2)
-    assert spec.prox_mu == 0.01 and spec.early_stopping.max_epochs == 3
-    assert spec.replay_schedule == ((4, 0.5),)
-    assert (spec.replay_policy.balance, spec.replay_policy.age_weight) == ("sites", 1.0)
+    config = config_from_dict(raw)
+    spec = config.train_spec()
+    assert spec.worker is config.worker and spec.replay is config.replay  # the same values
+    w = spec.worker
+    assert (w.lr_schedule.kind, w.lr_schedule.warmup_steps) == ("rewarm", 2)
+    assert w.prox_mu == 0.01 and w.early_stopping.max_epochs == 3
+    assert [(s.from_round, s.ratio) for s in spec.replay.schedule] == [(4, 0.5)]
+    assert (spec.replay.balance, spec.replay.age_weight) == ("sites", 1.0)
+    assert spec.local_replay_capacity == config.replay_capacity() > 0
+
+
+def test_the_merge_section_builds_its_strategy(tmp_path):
+    raw = minimal(tmp_path)
+    raw["merge"] = {"strategy": "momentum", "outer_lr": 0.5, "outer_momentum": 0.8,
+                    "nesterov": False}
+    strategy = config_from_dict(raw).merge.build()
+    assert (type(strategy).__name__, strategy.lr, strategy.momentum, strategy.nesterov) == (
+        "OuterMomentum", 0.5, 0.8, False)
 
 
 def test_merge_strategy_settings_are_checked_by_key(tmp_path):

@@ -12,7 +12,8 @@ from trainer.config import ModelConfig
 from trainer.merge import weighted_average
 from trainer.model_source import load_start_model, load_tokenizer
 from workers.lora import LoraSpec, apply_lora, is_adapter, is_trained
-from workers.types import Cursor, SiteSpec, TrainSpec
+from workers.replay import ReplayConfig
+from workers.types import Cursor, SiteConfig, TrainSpec, WorkerConfig
 from workers.worker import Worker
 
 ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -39,16 +40,16 @@ def test_b_deltas_merge_to_the_average_of_full_weight_updates(demo_root, tmp_pat
     adapter = {n: p.detach().numpy().copy() for n, p in glob.named_parameters() if is_adapter(n)}
     frozen = {n: p.detach().numpy().copy() for n, p in glob.named_parameters()
               if not is_adapter(n)}
-    train = TrainSpec(local_steps=2, batch_size=2, seq_len=32, lr=1e-2, weight_decay=0.0,
-                      replay_ratio=0.0, deepspeed={"zero_optimization": {"stage": 0}}, seed=0,
-                      lora=SPEC)
+    train = TrainSpec(worker=WorkerConfig(local_steps=2, batch_size=2, seq_len=32, lr=1e-2),
+                      replay=ReplayConfig(ratio=0.0), seed=0, lora=SPEC,
+                      deepspeed={"zero_optimization": {"stage": 0}})
     updates = []
     for site, column in (("code", "source"), ("speeches", "text")):
-        worker = Worker(site=SiteSpec(site, str(demo_root / "data" / "demo" / site), column),
+        worker = Worker(site=SiteConfig(site, str(demo_root / "data" / "demo" / site), column),
                         model_config=model_config, tokenizer=tokenizer, train=train,
                         state_dir=str(tmp_path / site))
-        updates.append(worker.train_round(round_index=1, global_weights=adapter,
-                                          cursor=Cursor(), base_weights=frozen))
+        updates.append(worker.train_round(worker.plan(round_index=1, cursor=Cursor()),
+                                          adapter, frozen))
 
     b_names = sorted(n for n in adapter if is_trained(n))
     for update in updates:  # only B travels, and it is all that moved

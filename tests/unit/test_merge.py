@@ -36,12 +36,12 @@ def test_writes_into_preallocated_out():
 
 @pytest.mark.parametrize("updates, message", [
     ([], "no updates"),
-    ([(state([[1.0, 1.0]], [1.0]), 1.0), ({"w": torch.zeros(1, 2)}, 1.0)], "other keys"),
+    ([(state([[1.0, 1.0]], [1.0]), 1.0), ({"w": torch.zeros(1, 2)}, 1.0)], "wrong tensors"),
     ([(state([[1.0, 1.0]], [1.0]), 1.0), (state([[1.0, 1.0, 1.0]], [1.0]), 1.0)], "shape"),
     ([(state([[1.0, 1.0]], [1.0]), 0.0)], "positive total"),
     ([(state([[1.0, 1.0]], [1.0]), -1.0), (state([[1.0, 1.0]], [1.0]), 2.0)], ">= 0"),
-    ([(state([[float("nan"), 1.0]], [1.0]), 1.0)], "non-finite input"),
-    ([(state([[float("inf"), 1.0]], [1.0]), 1.0)], "non-finite input"),
+    ([(state([[float("nan"), 1.0]], [1.0]), 1.0)], "input tensor 'w' holds NaN or Inf"),
+    ([(state([[float("inf"), 1.0]], [1.0]), 1.0)], "input tensor 'w' holds NaN or Inf"),
     ([(state([[1.0, 1.0]], [1.0]), float("nan"))], "non-finite weight"),
 ])
 def test_rejects_bad_updates(updates, message):

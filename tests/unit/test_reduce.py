@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.reduce import ShardReducer, plan_shards
-from trainer.strategies import build_strategy
+from trainer.strategies import MergeConfig
 from trainer.validate import delta_stats
 from workers.compression import pack_delta, split_payload, unpack_delta
 
@@ -35,13 +35,13 @@ def test_shards_cover_every_tensor_once_and_balance_sizes():
 def test_slices_combined_apart_equal_the_whole_combination(strategy, kind):
     updates = [pack_delta(d, kind=kind, residual=None)[0] for d in deltas(5)]
     weights = [1.0, 2.0, 3.0, 0.5, 4.0]
-    whole = build_strategy(strategy, trim_fraction=0.2).combine(
+    whole = MergeConfig(strategy=strategy, trim_fraction=0.2).build().combine(
         [({k: torch.from_numpy(v) for k, v in unpack_delta(u).items()}, w)
          for u, w in zip(updates, weights, strict=True)],
         out={k: torch.zeros(s) for k, s in SHAPES.items()})
     for names in plan_shards(SHAPES, 3):
-        reducer = ShardReducer(shapes={n: SHAPES[n] for n in names}, strategy=strategy,
-                               trim_fraction=0.2)
+        reducer = ShardReducer(shapes={n: SHAPES[n] for n in names},
+                               merge=MergeConfig(strategy=strategy, trim_fraction=0.2))
         index = plan_shards(SHAPES, 3).index(names)
         parts = [split_payload(u, plan_shards(SHAPES, 3))[index] for u in updates]
         combined = reducer.combine(weights, *parts)
@@ -53,8 +53,8 @@ def test_slices_combined_apart_equal_the_whole_combination(strategy, kind):
 def test_slice_stats_add_up_to_the_whole_delta_and_find_a_nan():
     delta = deltas(1)[0]
     shards = plan_shards(SHAPES, 2)
-    reducers = [ShardReducer(shapes={n: SHAPES[n] for n in s}, strategy="fedavg",
-                             trim_fraction=0.1) for s in shards]
+    reducers = [ShardReducer(shapes={n: SHAPES[n] for n in s}, merge=MergeConfig())
+                for s in shards]
     stats = [r.inspect(p)[0] for r, p in zip(reducers, split_payload(delta, shards), strict=True)]
     assert sum(s.sum_squares for s in stats) == pytest.approx(
         delta_stats(delta, SHAPES).sum_squares, rel=1e-6)
@@ -66,6 +66,6 @@ def test_slice_stats_add_up_to_the_whole_delta_and_find_a_nan():
 
 
 def test_a_slice_with_a_wrong_shape_is_named():
-    reducer = ShardReducer(shapes={"b": (8,)}, strategy="fedavg", trim_fraction=0.1)
+    reducer = ShardReducer(shapes={"b": (8,)}, merge=MergeConfig())
     [stats] = reducer.inspect({"b": np.zeros(9, dtype=np.float32)})
     assert "'b'" in stats.problem and "(9,)" in stats.problem

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 
 from workers.packing import sequences_table, to_arrays
-from workers.replay import ReplayPolicy, ReplayStore, Reservoir, ratio_at
+from workers.replay import RatioStep, ReplayConfig, ReplayStore, Reservoir, ratio_at
 
 
 def sequences(start: int, count: int, length: int = 4) -> pa.Table:
@@ -53,7 +53,7 @@ def first_ids(table: pa.Table) -> np.ndarray:
 
 def test_balanced_sites_get_equal_shares_whatever_they_hold():
     pooled = ReplayStore(capacity_per_site=100, seed=0)
-    balanced = ReplayStore(capacity_per_site=100, seed=0, policy=ReplayPolicy(balance="sites"))
+    balanced = ReplayStore(capacity_per_site=100, seed=0, policy=ReplayConfig(balance="sites"))
     for store in (pooled, balanced):
         store.add("big", sequences(0, 80), round_index=1)
         store.add("small", sequences(1000, 20), round_index=1)
@@ -64,7 +64,7 @@ def test_balanced_sites_get_equal_shares_whatever_they_hold():
 
 
 def test_age_weight_favours_older_increments():
-    store = ReplayStore(capacity_per_site=100, seed=0, policy=ReplayPolicy(age_weight=1.0))
+    store = ReplayStore(capacity_per_site=100, seed=0, policy=ReplayConfig(age_weight=1.0))
     store.add("a", sequences(0, 10), round_index=1)  # age 5 at round 6: weight 6
     store.add("a", sequences(1000, 10), round_index=5)  # age 1: weight 2
     old_share = float((first_ids(store.sample(4000, [2], round_index=6)) < 1000).mean())
@@ -76,17 +76,17 @@ def test_age_weight_favours_older_increments():
 
 
 def test_ratio_schedule_applies_from_its_round_on():
-    schedule = ((5, 0.5), (2, 0.125))
-    assert [ratio_at(0.25, schedule, round_index=r) for r in (1, 2, 4, 5, 9)] == [
+    replay = ReplayConfig(ratio=0.25, schedule=[RatioStep(5, 0.5), RatioStep(2, 0.125)])
+    assert [ratio_at(replay, round_index=r) for r in (1, 2, 4, 5, 9)] == [
         0.25, 0.125, 0.125, 0.5, 0.5]
-    assert ratio_at(0.25, (), round_index=3) == 0.25
+    assert ratio_at(ReplayConfig(ratio=0.25), round_index=3) == 0.25
 
 
 def test_save_and_restore_continue_identically(tmp_path):
-    store = ReplayStore(capacity_per_site=5, seed=3, policy=ReplayPolicy(age_weight=2.0))
+    store = ReplayStore(capacity_per_site=5, seed=3, policy=ReplayConfig(age_weight=2.0))
     store.add("a", sequences(0, 30), round_index=1)
     store.save(str(tmp_path / "snap"))
-    restored = ReplayStore(capacity_per_site=1, seed=99, policy=ReplayPolicy(age_weight=2.0))
+    restored = ReplayStore(capacity_per_site=1, seed=99, policy=ReplayConfig(age_weight=2.0))
     restored.restore(str(tmp_path / "snap"))
     assert sorted(p.name for p in (tmp_path / "snap").iterdir()) == ["a.parquet", "state.json"]
     for target in (store, restored):  # the RNG state travels too: later adds agree

@@ -1,5 +1,6 @@
 """The Worker as a plain class (no Ray): a real DeepSpeed engine on CPU, real demo data."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -10,9 +11,18 @@ from trainer.config import ModelConfig
 from trainer.model_source import load_start_model, load_tokenizer
 from workers.compression import Packed, unpack_delta
 from workers.increments import increment_step
-from workers.replay import ReplayStore
+from workers.replay import ReplayConfig, ReplayStore
 from workers.schedule import LrSchedule, lr_at
-from workers.types import Cursor, EarlyStopping, NoData, RowRange, SiteSpec, TrainSpec
+from workers.types import (
+    Cursor,
+    EarlyStopping,
+    NoData,
+    RoundTask,
+    RowRange,
+    SiteConfig,
+    TrainSpec,
+    WorkerConfig,
+)
 from workers.worker import Worker
 
 ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -28,20 +38,29 @@ def setup():
     return tokenizer, model.config.to_dict(), weights
 
 
-def make_worker(setup, demo_root, tmp_path, replay=None, **train_overrides):
+WORKER_FIELDS = {f.name for f in dataclasses.fields(WorkerConfig)}
+
+
+def make_worker(setup, demo_root, tmp_path, replay=None, replay_ratio=0.5, **overrides):
+    """A Worker on the demo's code site; `overrides` go to its worker config or TrainSpec."""
     tokenizer, model_config, _ = setup
-    train = TrainSpec(**{"local_steps": 2, "batch_size": 2, "seq_len": 32, "lr": 1e-3,
-                         "weight_decay": 0.0, "replay_ratio": 0.5,
-                         "deepspeed": {"zero_optimization": {"stage": 0}}, "seed": 0,
-                         **train_overrides})
-    site = SiteSpec("code", str(demo_root / "data" / "demo" / "code"), "source")
+    worker = WorkerConfig(**{"local_steps": 2, "batch_size": 2, "seq_len": 32, "lr": 1e-3,
+                             **{k: v for k, v in overrides.items() if k in WORKER_FIELDS}})
+    train = TrainSpec(worker=worker, replay=ReplayConfig(ratio=replay_ratio),
+                      deepspeed={"zero_optimization": {"stage": 0}}, seed=0,
+                      **{k: v for k, v in overrides.items() if k not in WORKER_FIELDS})
+    site = SiteConfig("code", str(demo_root / "data" / "demo" / "code"), "source")
     return Worker(site=site, model_config=model_config, tokenizer=tokenizer, train=train,
                   replay=replay, state_dir=str(tmp_path / "state"))
 
 
+def task(worker: Worker, round_index: int, cursor: Cursor) -> RoundTask:
+    return worker.plan(round_index=round_index, cursor=cursor)
+
+
 def test_round_returns_delta_weight_and_exact_rows(setup, demo_root, tmp_path):
     worker = make_worker(setup, demo_root, tmp_path)
-    update = worker.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    update = worker.train_round(task(worker, 1, Cursor()), setup[2])
     assert set(update.delta) == set(setup[2])
     assert all(np.isfinite(d).all() for d in update.delta.values())
     assert max(np.abs(d).max() for d in update.delta.values()) > 0
@@ -64,29 +83,27 @@ def test_same_inputs_give_identical_deltas_and_restore_continues_exactly(
     store = ReplayStore(capacity_per_site=64, seed=0)
     a = make_worker(setup, demo_root, tmp_path / "a", replay=store.sample)
     b = make_worker(setup, demo_root, tmp_path / "b", replay=store.sample)
-    first_a = a.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
-    first_b = b.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    first_a = a.train_round(task(a, 1, Cursor()), setup[2])
+    first_b = b.train_round(task(b, 1, Cursor()), setup[2])
     assert all(np.array_equal(first_a.delta[k], first_b.delta[k]) for k in first_a.delta)
     store.add("code", first_a.sequences, round_index=1)
     a.commit(round_index=1)
 
-    second_a = a.train_round(round_index=2, global_weights=setup[2], cursor=first_a.cursor)
+    second_a = a.train_round(task(a, 2, first_a.cursor), setup[2])
     assert second_a.metrics["replay_tokens"] > 0
     fresh = make_worker(setup, demo_root, tmp_path / "a")  # a restarted actor, same state_dir
     fresh.replay = store.sample
     assert fresh.restore(round_index=1) == 1
-    second_fresh = fresh.train_round(round_index=2, global_weights=setup[2],
-                                     cursor=first_a.cursor)
+    second_fresh = fresh.train_round(task(fresh, 2, first_a.cursor), setup[2])
     assert all(np.array_equal(second_a.delta[k], second_fresh.delta[k]) for k in second_a.delta)
     # Round 2 was not accepted (no commit): a retry starts again from round 1's state.
-    retry = a.train_round(round_index=2, global_weights=setup[2], cursor=first_a.cursor)
+    retry = a.train_round(task(a, 2, first_a.cursor), setup[2])
     assert all(np.array_equal(second_a.delta[k], retry.delta[k]) for k in second_a.delta)
 
 
 def test_site_without_rows_left_sits_out(setup, demo_root, tmp_path):
     worker = make_worker(setup, demo_root, tmp_path)
-    answer = worker.train_round(round_index=1, global_weights=setup[2],
-                                cursor=Cursor("99-none.jsonl", 0))
+    answer = worker.train_round(task(worker, 1, Cursor("99-none.jsonl", 0)), setup[2])
     assert isinstance(answer, NoData)
 
 
@@ -105,14 +122,14 @@ def delta_norm(update) -> float:
 def test_lr_schedule_sets_every_step_and_carries_across_rounds(setup, demo_root, tmp_path):
     schedule = LrSchedule(kind="rewarm", warmup_steps=2, decay_steps=3, min_lr_ratio=0.1)
     worker = make_worker(setup, demo_root, tmp_path, lr_schedule=schedule)
-    first = worker.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    first = worker.train_round(task(worker, 1, Cursor()), setup[2])
     steps = first.metrics["steps"]
     assert first.metrics["lr"] == pytest.approx(
         [lr_at(schedule, peak=1e-3, increment_step=i, run_step=i) for i in range(steps)])
     assert first.metrics["lr"][0] < first.metrics["lr"][1]  # warming up from the floor
     assert worker.engine.optimizer.param_groups[0]["lr"] == pytest.approx(first.metrics["lr"][-1])
     worker.commit(round_index=1)
-    second = worker.train_round(round_index=2, global_weights=setup[2], cursor=first.cursor)
+    second = worker.train_round(task(worker, 2, first.cursor), setup[2])
     start = increment_step(first.cursor, first_file=second.consumed[0].file)
     assert second.metrics["lr"][0] == pytest.approx(
         lr_at(schedule, peak=1e-3, increment_step=start, run_step=steps))
@@ -121,8 +138,8 @@ def test_lr_schedule_sets_every_step_and_carries_across_rounds(setup, demo_root,
 def test_proximal_term_keeps_the_site_near_the_global_weights(setup, demo_root, tmp_path):
     free = make_worker(setup, demo_root, tmp_path / "free")
     prox = make_worker(setup, demo_root, tmp_path / "prox", prox_mu=1.0)
-    drifted = free.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
-    held = prox.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    drifted = free.train_round(task(free, 1, Cursor()), setup[2])
+    held = prox.train_round(task(prox, 1, Cursor()), setup[2])
     assert held.consumed == drifted.consumed and held.weight == drifted.weight
     assert delta_norm(held) < 0.5 * delta_norm(drifted)
 
@@ -132,7 +149,7 @@ def test_early_stopping_ends_extra_epochs_when_holdout_loss_rises(
         setup, demo_root, tmp_path, lr, stops_early):
     stopping = EarlyStopping(max_epochs=5, holdout_fraction=0.25, patience=0)
     worker = make_worker(setup, demo_root, tmp_path, lr=lr, early_stopping=stopping)
-    update = worker.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    update = worker.train_round(task(worker, 1, Cursor()), setup[2])
     m, held_out = update.metrics, update.metrics["holdout_loss"]
     assert len(held_out) == m["epochs"] and m["steps"] % m["epochs"] == 0
     assert (m["epochs"] < 5) == stops_early
@@ -149,7 +166,7 @@ def test_early_stopping_ends_extra_epochs_when_holdout_loss_rises(
 def test_int8_delta_is_a_quarter_of_the_bytes_and_its_residual_is_kept(
         setup, demo_root, tmp_path):
     worker = make_worker(setup, demo_root, tmp_path, compression="int8")
-    update = worker.train_round(round_index=1, global_weights=setup[2], cursor=Cursor())
+    update = worker.train_round(task(worker, 1, Cursor()), setup[2])
     assert isinstance(update.delta, Packed)
     fp32_bytes = sum(a.nbytes for a in setup[2].values())
     assert update.metrics["bytes_received"] == fp32_bytes
@@ -181,11 +198,10 @@ def test_long_rows_are_split_so_every_round_trains_local_steps(setup, demo_root,
                      for t in rows]
     worker = make_worker(setup, demo_root, tmp_path, replay_ratio=0.0, local_steps=4,
                          batch_size=2, seq_len=128)
-    worker.site = SiteSpec("books", str(site))
+    worker.reader.site = SiteConfig("books", str(site))
     cursor, stream, steps, ranges = Cursor(), [], [], []
     for round_index in range(1, 200):
-        update = worker.train_round(round_index=round_index, global_weights=setup[2],
-                                    cursor=cursor)
+        update = worker.train_round(task(worker, round_index, cursor), setup[2])
         if isinstance(update, NoData):
             break
         worker.commit(round_index=round_index)

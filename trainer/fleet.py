@@ -1,0 +1,250 @@
+"""The site fleet: the run's worker actors — started (and reported within seconds when the
+cluster cannot place them), restarted after a failure, dropped — and one round's traffic with
+them: dispatch every site's task, gather updates, failures and idle answers by the deadline,
+count the rounds each site missed, and commit the state of the accepted ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from cluster.remote import RemoteMethod
+from trainer.placement import infeasible, wait_until_placed, waiting_reason, worker_demand
+from trainer.sites import SiteWorkers, all_names, start_site, wait_for_name
+from trainer.state import RoundResult, RunState
+from workers.compression import unpack_delta
+from workers.storage import join
+from workers.types import GroupSpec, NoData, RoundTask, SiteConfig, TrainSpec, WorkerUpdate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What every worker actor of the run is built with."""
+
+    worker_cls: type
+    model_config: dict
+    tokenizer: object
+    train: TrainSpec
+    replay: object | None  # the shared replay store actor (None: replay.scope site)
+    run_dir: Path
+    remote_dir: str | None  # a URI run.dir: committed worker state is published there
+    placement_timeout_s: float
+
+
+@dataclass
+class Dispatched:
+    """A round in flight: {ref: site} of the rank-0 answers, sites that failed to start,
+    the other ranks' refs and the delta slices' refs (sharded merging)."""
+
+    pending: dict = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    followers: dict[str, list] = field(default_factory=dict)
+    parts: dict[str, list] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Gathered:
+    updates: list[WorkerUpdate]
+    failures: dict[str, str]
+    idle: list[str]
+    unavailable: dict[str, str]
+    damaged: dict[str, tuple[dict, ...]]  # site -> records of damaged files it met
+    parts: dict[str, list]
+
+
+class SiteFleet:
+    def __init__(self, sites: list[SiteConfig], *, setup: WorkerSetup) -> None:
+        self.sites = {s.name: s for s in sites}
+        self.setup = setup
+        self.actors: dict[str, SiteWorkers] = {}
+        self.placement: dict[str, dict] = {}  # site -> where its rank 0 runs (host, node, pid)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, names: list[str], *, round_index: int) -> dict[str, str]:
+        """Start these sites' workers (restoring the state committed by `round_index`).
+        Returns {site: why} for those the cluster cannot place: reported within seconds,
+        not waited on. One that fails to start otherwise is retried in its round."""
+        left_out, starting = {}, []
+        for site in names:
+            problem = infeasible(self.demand(site))
+            try:
+                if problem is None:
+                    self._create(site)
+                    starting.append(site)
+            except Exception as exc:  # noqa: BLE001 - a group that could not be placed, or any error
+                problem = reason(exc)
+            if problem is not None:
+                left_out[site] = problem
+        timeout = self.setup.placement_timeout_s
+        placed = wait_until_placed({s: self.actors[s].names for s in starting}, timeout_s=timeout)
+        for site in [s for s, ok in placed.items() if not ok]:
+            left_out[site] = waiting_reason(self.demand(site), timeout_s=timeout,
+                                            workers=self.sites[site].num_workers)
+        for site, why in left_out.items():
+            log.error("site %s cannot be placed: %s. It is left out of this run (`tributary "
+                      "resume` tries again).", site, why)
+            self.drop(site)
+        for site in [s for s in starting if s not in left_out]:
+            self._ready(site, round_index=round_index)
+        return left_out
+
+    def demand(self, site: str) -> dict[str, float]:
+        w = self.setup.train.worker
+        return worker_demand(num_cpus=w.num_cpus, num_gpus=w.num_gpus,
+                             resources=self.sites[site].resources)
+
+    def _ready(self, site: str, *, round_index: int) -> None:
+        try:
+            answers = ray.get(self.actors[site].call("ready"))
+            if round_index > 0:
+                ray.get(self.actors[site].call("restore", round_index=round_index))
+            self.placement[site] = answers[0]
+            for answer in answers:
+                log.info("worker of site %s runs on %s", site, answer)
+        except Exception as exc:  # noqa: BLE001 - any failure to start is retried
+            log.warning("worker of site %s did not start: %s", site, reason(exc))
+            self.drop(site)
+
+    def _create(self, site_name: str) -> SiteWorkers:
+        site, setup = self.sites[site_name], self.setup
+        folder = setup.run_dir / "sites" / site.name
+
+        def kwargs(group: GroupSpec | None) -> dict:
+            rank = group.rank if group else 0
+            state = "state" if rank == 0 else f"state-rank{rank}"
+            return {"site": site, "model_config": setup.model_config,
+                    "tokenizer": setup.tokenizer, "train": setup.train, "group": group,
+                    "replay": RemoteMethod(setup.replay, "sample") if setup.replay else None,
+                    "state_dir": str(folder / state),
+                    "state_uri": join(setup.remote_dir, "sites", site.name, state)
+                    if setup.remote_dir else None}
+
+        w = setup.train.worker
+        self.actors[site_name] = start_site(
+            worker_cls=setup.worker_cls, site=site.name, size=site.num_workers,
+            num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=site.resources,
+            make_kwargs=kwargs, ready_timeout_s=setup.placement_timeout_s)
+        return self.actors[site_name]
+
+    def _restarted(self, site: str, *, round_index: int) -> SiteWorkers:
+        """The site's workers, created again (with their committed state) if they died."""
+        if site not in self.actors:
+            workers = self._create(site)
+            if round_index > 0:
+                ray.get(workers.call("restore", round_index=round_index))
+        return self.actors[site]
+
+    def drop(self, site: str) -> None:
+        workers = self.actors.pop(site, None)
+        if workers is not None:
+            workers.kill()
+
+    def shutdown(self) -> None:
+        for site in list(self.actors):
+            self.drop(site)
+        for site in self.sites.values():  # names are released asynchronously; reuse waits
+            for name in all_names(site.name, site.num_workers):
+                try:
+                    wait_for_name(name, timeout_s=30)
+                except RuntimeError as exc:
+                    log.warning("%s", exc)
+
+    # ------------------------------------------------------------------ one round
+
+    def dispatch(self, tasks: Mapping[str, RoundTask], *, weights, base=None) -> Dispatched:
+        """Start every task (`weights` and `base` are object refs, read zero-copy). With
+        sharded merging (`task.shards`) the delta comes back as separate slices."""
+        out = Dispatched()
+        for site, task in tasks.items():
+            try:
+                workers = self._restarted(site, round_index=task.round_index - 1)
+            except Exception as exc:  # noqa: BLE001 - it died while starting or restoring its state
+                out.failures[site] = reason(exc)
+                self.drop(site)
+                continue
+            args = (task, weights, base)
+            if task.shards:
+                refs = workers.primary.train_round_split.options(
+                    num_returns=len(task.shards) + 1).remote(*args)
+                out.pending[refs[0]], out.parts[site] = site, refs[1:]
+            else:
+                out.pending[workers.primary.train_round.remote(*args)] = site
+            # The other ranks of a multi-worker site train the same round with it.
+            out.followers[site] = [a.train_round.remote(*args) for a in workers.actors[1:]]
+        return out
+
+    def gather(self, dispatched: Dispatched, *, round_index: int, timeout_s: float,
+               on_answer: Callable[[], None] = lambda: None) -> Gathered:
+        """Every answer until all sites answered or the deadline passed; a site that did not
+        answer in time is a failure, and its workers are replaced."""
+        pending, failures = dict(dispatched.pending), dict(dispatched.failures)
+        updates, idle, unavailable, damaged = [], [], {}, {}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1,
+                                timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            site = pending.pop(ready[0])
+            on_answer()
+            try:
+                answer = ray.get(ready[0])
+                ray.get(dispatched.followers.get(site, []))  # a group answers once all have
+            except Exception as exc:  # noqa: BLE001 - a dead actor or an error inside train_round
+                failures[site] = reason(exc)
+                self.drop(site)
+                continue
+            damaged[site] = answer.quarantined
+            if isinstance(answer, NoData) and answer.unavailable:
+                unavailable[site] = answer.unavailable
+            elif isinstance(answer, NoData):
+                idle.append(site)
+            elif answer.round == round_index:
+                updates.append(dataclasses.replace(answer, delta=unpack_delta(answer.delta)))
+        for site in pending.values():  # stragglers: their rows stay unconsumed
+            failures[site] = f"no update within merge.round_timeout_s={timeout_s}"
+            self.drop(site)
+        return Gathered(sorted(updates, key=lambda u: u.worker_id), failures, idle,
+                        unavailable, damaged, dispatched.parts)
+
+    def count_misses(self, result: RoundResult, *, state: RunState) -> None:
+        """Track sites that fail round after round; past worker.max_missed_rounds they are
+        reported and left out (until `tributary resume`) instead of restarted every round."""
+        limit = self.setup.train.worker.max_missed_rounds
+        for update in result.updates:
+            state.missed[update.worker_id] = 0
+        for site in result.reasons:
+            state.missed[site] = state.missed.get(site, 0) + 1
+            if state.missed[site] > limit:
+                state.down.add(site)
+                self.drop(site)
+                log.error("site %s failed %d rounds in a row (worker.max_missed_rounds=%d); "
+                          "it is left out of this run until `tributary resume`", site,
+                          state.missed[site], limit)
+
+    def commit(self, sites: list[str], *, round_index: int) -> None:
+        """Accepted workers persist their state before the version is written, so a crash in
+        between resumes from the previous version with that version's state."""
+        for site in sites:
+            try:
+                ray.get(self.actors[site].call("commit", round_index=round_index))
+            except Exception as exc:  # noqa: BLE001 - merged already; only its state is lost
+                log.warning("site %s could not save its optimizer state: %s", site, exc)
+                self.drop(site)
+
+
+def reason(exc: BaseException) -> str:
+    """One line for manifests and logs: the worker's own exception, not Ray's wrapper."""
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    lines = str(exc).strip().splitlines() or [""]
+    return f"{type(exc).__name__}: {lines[0][:300]}"

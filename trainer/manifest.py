@@ -1,0 +1,152 @@
+"""What a version says about itself (`manifest.json`) and the round that made it (a line of
+`metrics.jsonl`): typed values, serialised in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from trainer.checkpoint import version_name
+from trainer.quality import forgetting, transfer
+from trainer.state import RoundResult, RunState
+from workers.increments import FORMATS
+from workers.storage import base_name, join, redact
+from workers.types import SiteConfig
+
+
+@dataclass(frozen=True)
+class Timing:
+    merge_seconds: float = 0.0
+    round_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A version's lineage (which rows of which files, by which site, merged how), its
+    evaluation, and the run state a resume continues from."""
+
+    parent: str | None
+    status: str  # "accepted" or "rejected" (by the quality gate)
+    gate: list[str]
+    round: int
+    increments: dict[str, list[dict]]  # site -> [{file, start_row, end_row[, tokens]}]
+    tokens: dict[str, dict[str, int]]  # site -> {new, replay}
+    merge_weights: dict[str, float]
+    eval: dict[str, dict[str, float]]
+    forgetting: dict[str, float]
+    transfer: dict[str, float | None]
+    failures: dict[str, str]
+    rejected: dict[str, str]
+    unavailable: dict[str, str]
+    quarantined: list[dict]
+    cursors: dict[str, dict]
+    skipped: dict[str, list[str]]
+    exhausted: list[str]
+    down: list[str]
+    down_reasons: dict[str, str]
+    replay: str  # the replay snapshot's folder, relative to the run dir
+    seed: int
+
+    @classmethod
+    def of(cls, *, number: int, evals: Mapping[str, float], result: RoundResult,
+           state: RunState, gate: Sequence[str], history: Sequence[Mapping[str, float]],
+           sites: Sequence[SiteConfig], newest: Sequence[str], seed: int) -> Manifest:
+        by_name = {s.name: s for s in sites}
+        total = sum(u.weight for u in result.updates) or 1.0
+        return cls(
+            parent=version_name(state.accepted) if number > 0 else None,
+            status="rejected" if gate else "accepted", gate=list(gate), round=state.round,
+            increments={u.worker_id: [dict(r.to_dict(), file=file_path(by_name[u.worker_id],
+                                                                       r.file))
+                                      for r in u.consumed] for u in result.updates},
+            tokens={u.worker_id: {"new": u.metrics["new_tokens"],
+                                  "replay": u.metrics["replay_tokens"]} for u in result.updates},
+            merge_weights={u.worker_id: u.weight / total for u in result.updates},
+            eval={name: {"perplexity": value} for name, value in evals.items()},
+            forgetting=forgetting(history, evals),
+            transfer=transfer(history[0] if history else evals, evals, newest=newest),
+            failures=result.failures, rejected=result.rejected,
+            unavailable=result.unavailable, quarantined=result.quarantined,
+            cursors={name: c.to_dict() for name, c in state.cursors.items()},
+            skipped={name: sorted(files) for name, files in sorted(state.skipped.items())},
+            exhausted=sorted(state.exhausted), down=sorted(state.down),
+            down_reasons=dict(sorted(state.down_reasons.items())),
+            replay=f"replay/{version_name(number)}", seed=seed)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One line of metrics.jsonl: the round as the table, the plots and Grafana show it."""
+
+    round: int
+    version: str
+    time: float
+    workers_ok: int
+    workers_failed: int
+    workers_idle: list[str]
+    failures: dict[str, str]
+    rejected: dict[str, str]
+    quarantined: list[dict]
+    unavailable: dict[str, str]
+    status: str
+    gate: list[str]
+    eval_perplexity: dict[str, float]
+    forgetting: dict[str, float]
+    backward_transfer: float | None
+    newest_gain: float | None
+    merge_weights: dict[str, float]
+    nodes: dict[str, str | None]
+    per_site: dict[str, dict]  # metric -> {site: value}, flattened into the line
+    merge_seconds: float
+    round_seconds: float
+    overhead_seconds: float
+
+    @classmethod
+    def of(cls, *, number: int, manifest: Manifest, result: RoundResult, timing: Timing,
+           nodes: Mapping[str, str | None]) -> RoundRecord:
+        by_site = {u.worker_id: u.metrics for u in result.updates}
+        slowest = max([m["train_seconds"] for m in by_site.values()] + [0.0])
+        return cls(
+            round=manifest.round, version=version_name(number), time=time.time(),
+            workers_ok=len(result.updates),
+            workers_failed=len(result.failures) + len(result.rejected),
+            workers_idle=result.idle, failures=result.failures, rejected=result.rejected,
+            quarantined=result.quarantined, unavailable=result.unavailable,
+            status=manifest.status, gate=manifest.gate,
+            eval_perplexity={k: v["perplexity"] for k, v in manifest.eval.items()},
+            forgetting=manifest.forgetting,
+            backward_transfer=manifest.transfer["backward_transfer"],
+            newest_gain=manifest.transfer["newest_gain"],
+            merge_weights=manifest.merge_weights, nodes={s: nodes.get(s) for s in by_site},
+            per_site={key: {s: m.get(name, default) for s, m in by_site.items()}
+                      for key, name, default in PER_SITE},
+            merge_seconds=timing.merge_seconds, round_seconds=timing.round_seconds,
+            # Time outside training: the round's wall time past its slowest worker's steps.
+            overhead_seconds=timing.round_seconds - slowest if timing.round_seconds else 0.0)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {**data.pop("per_site"), **data}
+
+
+# (key in metrics.jsonl, the worker's metric, default): each a {site: value} mapping.
+PER_SITE = [("new_tokens", "new_tokens", 0), ("replay_tokens", "replay_tokens", 0),
+            ("train_loss", "loss", None), ("steps", "steps", 0),
+            ("tokens_per_s", "tokens_per_s", 0.0), ("bytes_sent", "bytes_sent", 0),
+            ("bytes_received", "bytes_received", 0), ("train_seconds", "train_seconds", 0.0),
+            ("epochs", "epochs", None), ("holdout_loss", "holdout_loss", None),
+            ("lr", "lr", None)]
+
+
+def file_path(site: SiteConfig, name: str) -> str:
+    """The manifest's name for a file of the site: its path or URI without credentials (the
+    site's path itself when the site is that one file)."""
+    base = redact(site.path)
+    if base_name(base) == name and "." + name.rsplit(".", 1)[-1] in FORMATS:
+        return base
+    return join(base, name)

@@ -1,0 +1,112 @@
+"""The merger: validate a round's updates, combine them, take the outer step on the global
+weights, and hold what the quality gate needs to take that step back.
+
+`LocalMerger` combines whole deltas on the coordinator; `ShardedMerger` has reducer actors
+combine one slice of every delta each, where the slices lie (trainer/reduce.py). Both work
+the same from the round loop's side: `validate`, then `propose` (the candidate is now the
+global model), then `accept` or `reject` (the previous global model and outer state return).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping, MutableMapping, Sequence
+
+import torch
+
+from trainer.reduce import ShardedMerge
+from trainer.strategies import MergeConfig
+from trainer.validate import DeltaStats, validate_updates
+from workers.types import WorkerUpdate
+
+Parts = Mapping[str, Sequence]  # site -> the object refs of its delta's slices (sharded)
+
+
+class LocalMerger:
+    """Whole deltas, combined here."""
+
+    shards: tuple[tuple[str, ...], ...] = ()  # workers send their delta whole
+
+    def __init__(self, merge: MergeConfig, *, weights: MutableMapping[str, torch.Tensor],
+                 keep_previous: bool) -> None:
+        self.merge, self.weights = merge, weights
+        self.strategy = merge.build()
+        self.shapes = {name: tuple(t.shape) for name, t in weights.items()}
+        self.keep_previous = keep_previous  # a quality gate may send the candidate back
+        self.previous: tuple[dict, dict] | None = None
+
+    def validate(self, updates: list[WorkerUpdate], parts: Parts
+                 ) -> tuple[list[WorkerUpdate], dict[str, str]]:
+        """(accepted, {site: reason}): layout, finiteness, and the norm bound."""
+        return validate_updates(updates, shapes=self.shapes,
+                                max_norm_ratio=self.merge.max_norm_ratio,
+                                stats=self._stats([u for u in updates if u.weight > 0], parts))
+
+    def propose(self, updates: list[WorkerUpdate], parts: Parts) -> float:
+        """Take the outer step with the updates that carry weight; returns its seconds."""
+        if self.keep_previous:
+            self.previous = ({k: v.clone() for k, v in self.weights.items()},
+                             {k: v.clone() for k, v in self.strategy.state_dict().items()})
+        started = time.perf_counter()
+        self._step([u for u in updates if u.weight > 0], parts)
+        return time.perf_counter() - started
+
+    def accept(self) -> None:
+        self.previous = None
+
+    def reject(self) -> None:
+        """The global model and the outer state go back to before `propose`."""
+        weights, outer = self.previous
+        for name, tensor in self.weights.items():
+            tensor.copy_(weights[name])
+        self.strategy.load_state_dict(outer)
+        self.previous = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.strategy.load_state_dict(state)
+
+    def shutdown(self) -> None:
+        pass
+
+    def _stats(self, updates: list[WorkerUpdate], parts: Parts) -> dict[str, DeltaStats] | None:
+        return None  # validate_updates reads each whole delta itself
+
+    def _step(self, updates: list[WorkerUpdate], parts: Parts) -> None:
+        with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            deltas = [({k: torch.from_numpy(v) for k, v in u.delta.items()}, u.weight)
+                      for u in updates]
+            self.strategy.aggregate(self.weights, deltas)
+
+
+class ShardedMerger(LocalMerger):
+    """Deltas in slices (merge.reducers), inspected and combined by reducer actors; the
+    coordinator holds one combined slice at a time."""
+
+    def __init__(self, merge: MergeConfig, *, weights: MutableMapping[str, torch.Tensor],
+                 keep_previous: bool) -> None:
+        super().__init__(merge, weights=weights, keep_previous=keep_previous)
+        self.reducers = ShardedMerge(shapes=self.shapes, count=merge.reducers, merge=merge)
+        self.shards = tuple(tuple(names) for names in self.reducers.shards)
+
+    def _stats(self, updates: list[WorkerUpdate], parts: Parts) -> dict[str, DeltaStats]:
+        return self.reducers.stats({u.worker_id: parts[u.worker_id] for u in updates})
+
+    def _step(self, updates: list[WorkerUpdate], parts: Parts) -> None:
+        self.reducers.apply(self.strategy, self.weights,
+                            {u.worker_id: parts[u.worker_id] for u in updates},
+                            {u.worker_id: u.weight for u in updates})
+
+    def shutdown(self) -> None:
+        self.reducers.shutdown()
+
+
+def build_merger(merge: MergeConfig, *, weights: MutableMapping[str, torch.Tensor],
+                 keep_previous: bool = False) -> LocalMerger:
+    """The merger `merge.reducers` asks for: local (0) or sharded (N reducers)."""
+    kind = ShardedMerger if merge.reducers else LocalMerger
+    return kind(merge, weights=weights, keep_previous=keep_previous)

@@ -1,0 +1,48 @@
+"""What a run carries from round to round (and across a resume), and what one round gathered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workers.types import Cursor, WorkerUpdate
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class RunState:
+    """The run's position: saved in every version's manifest, restored by resume."""
+
+    round: int = 0
+    version: int = 0  # the newest version number used (accepted or rejected)
+    accepted: int = 0  # the newest accepted version: the global model
+    cursors: dict[str, Cursor] = field(default_factory=dict)
+    exhausted: set[str] = field(default_factory=set)  # no rows left
+    down: set[str] = field(default_factory=set)  # failed too many rounds, or cannot be placed
+    missed: dict[str, int] = field(default_factory=dict)  # rounds failed in a row, per site
+    skipped: dict[str, set[str]] = field(default_factory=dict)  # site -> damaged file names
+    down_reasons: dict[str, str] = field(default_factory=dict)  # why a site is left out
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a round's sites answered, after validation."""
+
+    updates: list[WorkerUpdate]  # accepted for merging
+    failures: dict[str, str]  # site -> why no update came (dead actor, error, deadline)
+    idle: list[str]  # sites with no new rows
+    rejected: dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
+    quarantined: list[dict] = field(default_factory=list)  # damaged files found (skipped)
+    unavailable: dict[str, str] = field(default_factory=dict)  # site -> storage fault (sat out)
+
+    @property
+    def quiet(self) -> bool:
+        """Every site answered that it has nothing new: nothing to merge or count."""
+        return not (self.updates or self.failures or self.rejected or self.unavailable)
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        """Why each site that gave no usable update did not."""
+        return {**self.failures, **self.rejected, **self.unavailable}

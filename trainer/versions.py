@@ -1,0 +1,95 @@
+"""The version writer: evaluate (when the loop did not), write a version and its manifest,
+its replay snapshot and its metrics line, move `latest`, prune, publish to a URI run dir —
+now, or on a background thread while the next round trains (`run.overlap`), with an explicit
+`wait` the round loop calls before anything the write must have finished first."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import ray
+import torch
+
+from trainer import checkpoint
+from trainer.manifest import Manifest, RoundRecord, Timing
+from trainer.metrics import MetricsLog
+from trainer.mirror import Mirror
+from trainer.state import RoundResult, RunState
+from trainer.table import RoundTable
+from trainer.threads import Background
+from workers.types import SiteConfig
+
+
+class VersionWriter:
+    def __init__(self, run_dir: Path, *, model: torch.nn.Module, tokenizer, replay,
+                 sites: Sequence[SiteConfig], newest: Sequence[str], seed: int,
+                 keep_versions: int | None, mirror: Mirror | None, table: RoundTable,
+                 history: list[dict[str, float]]) -> None:
+        self.run_dir, self.model, self.tokenizer = run_dir, model, tokenizer
+        self.replay = replay  # the shared replay store actor (its snapshot goes with a version)
+        self.sites, self.newest, self.seed = sites, newest, seed
+        self.keep_versions, self.mirror, self.table = keep_versions, mirror, table
+        self.metrics = MetricsLog(run_dir)
+        self.history = history  # eval results of the accepted versions, oldest first
+        self.pending: Background | None = None
+
+    def write(self, number: int, *, state: RunState, result: RoundResult,
+              evaluate: Callable[[], dict[str, float]], gate: Sequence[str] = (),
+              outer_state: Mapping[str, torch.Tensor] | None = None,
+              timing: Timing | None = None, nodes: Mapping[str, str | None] | None = None,
+              background: bool = False) -> None:
+        """Write version `number`. What it records of the run's state and the replay store is
+        taken now; `latest` moves only once it is evaluated and written."""
+        state = copy.deepcopy(state)
+        replay_dir = self.run_dir / "replay" / checkpoint.version_name(number)
+        replay_saved = self.replay.save.remote(str(replay_dir))  # before later rounds add
+        outer = {k: v.clone() for k, v in (outer_state or {}).items()}
+
+        def write() -> None:
+            evals = evaluate()
+            ray.get(replay_saved)
+            manifest = Manifest.of(number=number, evals=evals, result=result, state=state,
+                                   gate=gate, history=self.history, sites=self.sites,
+                                   newest=self.newest, seed=self.seed)
+            record = RoundRecord.of(number=number, manifest=manifest, result=result,
+                                    timing=timing or Timing(), nodes=nodes or {})
+            # The metrics line goes first: a crash before the version is published leaves a
+            # line that resume drops (rounds past the resumed version), never a version
+            # without one.
+            self.metrics.write(record.to_dict())
+            checkpoint.save_version(self.run_dir, number=number, model=self.model,
+                                    tokenizer=self.tokenizer, manifest=manifest.to_dict(),
+                                    rejected=bool(gate), outer_state=outer)
+            if not gate:
+                self.history.append(evals)
+            self._prune(keep=checkpoint.version_name(number))
+            if self.mirror is not None:
+                self.mirror.publish(number, rejected=bool(gate), replay_dir=replay_dir)
+                self.mirror.prune()
+            print(self.table.row(record.to_dict()))
+
+        self.wait()
+        if background:
+            self.pending = Background(write, name=f"write-{checkpoint.version_name(number)}")
+        else:
+            write()
+
+    def wait(self) -> None:
+        """Let the version being written in the background finish (its error is raised here)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.join()
+
+    def count_failures(self, reasons: Mapping[str, str]) -> None:
+        """Failures of a round that produced no version (so no metrics line)."""
+        self.metrics.count_failures(dict(reasons))
+
+    def _prune(self, *, keep: str) -> None:
+        for folder in (self.run_dir / "replay").glob("v[0-9]*"):
+            if folder.name < keep:
+                shutil.rmtree(folder, ignore_errors=True)
+        if self.keep_versions is not None:
+            checkpoint.prune_versions(self.run_dir, keep=self.keep_versions)

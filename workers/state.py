@@ -1,0 +1,60 @@
+"""A worker's committed states: `round-NNNN/` folders (optimizer moments, RNG states, the
+compression residual, a site-local replay store), each written atomically, the last few kept.
+With a run directory on an object store each is also published there (its completion marker
+written last) and fetched back by a worker that starts on a node without it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from workers.fsio import atomic_dir
+from workers.storage import delete_tree, fetch_published, join, list_names, publish_folder
+
+KEEP_STATES = 2
+
+
+class StateStore:
+    def __init__(self, folder: str | None, *, uri: str | None = None) -> None:
+        self.folder = Path(folder) if folder else None
+        self.uri = uri
+
+    def save(self, round_index: int, write: Callable[[Path], None]) -> None:
+        """`write(folder)` fills the state of `round_index`; it appears whole or not at all."""
+        if self.folder is None:
+            return
+        final = self.folder / _name(round_index)
+        with atomic_dir(final) as tmp:
+            write(tmp)
+        for old in sorted(self.folder.glob("round-*"))[:-KEEP_STATES]:
+            shutil.rmtree(old, ignore_errors=True)
+        if self.uri is not None:
+            publish_folder(final, join(self.uri, final.name))
+            for old in [n for n in list_names(self.uri) if n.startswith("round-")][
+                    :-KEEP_STATES]:
+                delete_tree(join(self.uri, old))
+
+    def newest(self, round_index: int) -> Path | None:
+        """The newest state committed at or before `round_index` (a site that sat out later
+        rounds last trained earlier), fetched from the URI if this node lacks it."""
+        if self.folder is None:
+            return None
+        if self.uri is not None:
+            self._fetch(round_index)
+        saved = [p for p in sorted(self.folder.glob("round-*"))
+                 if int(p.name.split("-")[1]) <= round_index] if self.folder.is_dir() else []
+        return saved[-1] if saved else None
+
+    def _fetch(self, round_index: int) -> None:
+        names = [n for n in list_names(self.uri) if n.startswith("round-")
+                 and int(n.split("-")[1]) <= round_index]
+        for name in reversed(names):  # the newest one that was published whole
+            if (self.folder / name).is_dir():
+                return
+            if fetch_published(join(self.uri, name), self.folder / name):
+                return
+
+
+def _name(round_index: int) -> str:
+    return f"round-{round_index:04d}"
