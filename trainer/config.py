@@ -291,12 +291,9 @@ def _join(prefix: str, name: Any) -> str:
 
 
 def _check_values(config: Config, problems: list[str], *, check_files: bool = True) -> None:
-    """Checks on values that types cannot express (ranges, paths, uniqueness)."""
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            problems.append(f"{key}: {message}")
-
+    """Checks on values that types cannot express (ranges, paths, uniqueness), section by
+    section."""
+    need = _need(problems)
     need(config.rounds is None or config.rounds >= 1, "rounds",
          f"must be at least 1, or null to run until stopped; found {config.rounds}")
     need(config.run.poll_s > 0, "run.poll_s", "must be greater than 0")
@@ -304,45 +301,12 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
          "must be greater than 0")
     keep = config.run.keep_versions
     need(keep is None or keep >= 1, "run.keep_versions", f"must be at least 1, found {keep}")
-    need(len(config.sites) >= 1, "sites", "must list at least one site")
-    for group, entries in (("sites", config.sites), ("eval", config.eval)):
-        names = [entry.name for entry in entries]
-        for i, entry in enumerate(entries):
-            need(not check_files or _exists(entry.path), f"{group}[{i}].path",
-                 f"{entry.path} does not exist")
-            if group == "sites":
-                need(1 <= entry.num_workers <= config.worker.batch_size,
-                     f"sites[{i}].num_workers", "must be between 1 and worker.batch_size "
-                     f"(each rank takes a share of every batch), found {entry.num_workers}")
-            need(bool(entry.text_column), f"{group}[{i}].text_column", "must not be empty")
-            need(names.count(entry.name) == 1, f"{group}[{i}].name", f"{entry.name!r} is repeated")
-            need(_safe_name(entry.name), f"{group}[{i}].name", "use letters, digits, '-', '_' only")
-    for i, entry in enumerate(config.eval):
-        need(entry.max_tokens > 0, f"eval[{i}].max_tokens", "must be greater than 0")
-        need(entry.gate_against in GATE_BASELINES, f"eval[{i}].gate_against",
-             f"must be one of {GATE_BASELINES}, found {entry.gate_against!r}")
-    w = config.worker
-    need(w.local_steps >= 1, "worker.local_steps", "must be at least 1")
-    need(w.batch_size >= 1, "worker.batch_size", "must be at least 1")
-    need(w.seq_len >= 8, "worker.seq_len", "must be at least 8")
-    need(w.lr > 0, "worker.lr", "must be greater than 0")
-    need(w.num_cpus > 0, "worker.num_cpus", "must be greater than 0")
-    need(w.num_gpus >= 0, "worker.num_gpus", "must not be negative")
-    if isinstance(w.deepspeed, str):
-        need(not check_files or Path(w.deepspeed).is_file(), "worker.deepspeed",
-             f"{w.deepspeed} does not exist")
+    need(config.quality.max_regression >= 0, "quality.max_regression", "must not be negative")
+    _check_places(config, problems, check_files=check_files)
+    _check_worker(config.worker, problems, check_files=check_files)
     _check_replay(config, problems)
     _check_training(config.worker, problems)
-    m = config.merge
-    need(1 <= m.min_workers <= len(config.sites), "merge.min_workers",
-         f"must be between 1 and the number of sites ({len(config.sites)}), found {m.min_workers}")
-    need(m.round_timeout_s > 0, "merge.round_timeout_s", "must be greater than 0")
-    need(m.max_norm_ratio > 1, "merge.max_norm_ratio", "must be greater than 1")
-    need(m.max_round_attempts >= 1, "merge.max_round_attempts", "must be at least 1")
-    _check_strategy(m, problems)
-    need(w.max_missed_rounds >= 0, "worker.max_missed_rounds", "must not be negative")
-    need(w.max_row_chars >= 1, "worker.max_row_chars", "must be at least 1")
-    need(config.quality.max_regression >= 0, "quality.max_regression", "must not be negative")
+    _check_merge(config, problems)
     _check_lora(config.model.lora, problems)
     _check_overlaps(config, problems, check_files=check_files)
     for key in sorted(set(config.model.architecture) & SET_FROM_TOKENIZER):
@@ -350,6 +314,60 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
                         "(model.tokenizer); remove it")
     if check_files:
         _check_model(config.model, problems)
+
+
+def _need(problems: list[str]):
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {message}")
+    return need
+
+
+def _check_places(config: Config, problems: list[str], *, check_files: bool) -> None:
+    """Sites and eval sets: paths that exist, names that are unique and safe."""
+    need = _need(problems)
+    need(len(config.sites) >= 1, "sites", "must list at least one site")
+    for group, entries in (("sites", config.sites), ("eval", config.eval)):
+        names = [entry.name for entry in entries]
+        for i, entry in enumerate(entries):
+            need(not check_files or _exists(entry.path), f"{group}[{i}].path",
+                 f"{entry.path} does not exist")
+            need(bool(entry.text_column), f"{group}[{i}].text_column", "must not be empty")
+            need(names.count(entry.name) == 1, f"{group}[{i}].name", f"{entry.name!r} is repeated")
+            need(_safe_name(entry.name), f"{group}[{i}].name", "use letters, digits, '-', '_' only")
+    for i, site in enumerate(config.sites):
+        need(1 <= site.num_workers <= config.worker.batch_size, f"sites[{i}].num_workers",
+             "must be between 1 and worker.batch_size (each rank takes a share of every "
+             f"batch), found {site.num_workers}")
+    for i, entry in enumerate(config.eval):
+        need(entry.max_tokens > 0, f"eval[{i}].max_tokens", "must be greater than 0")
+        need(entry.gate_against in GATE_BASELINES, f"eval[{i}].gate_against",
+             f"must be one of {GATE_BASELINES}, found {entry.gate_against!r}")
+
+
+def _check_worker(w: WorkerConfig, problems: list[str], *, check_files: bool) -> None:
+    need = _need(problems)
+    need(w.local_steps >= 1, "worker.local_steps", "must be at least 1")
+    need(w.batch_size >= 1, "worker.batch_size", "must be at least 1")
+    need(w.seq_len >= 8, "worker.seq_len", "must be at least 8")
+    need(w.lr > 0, "worker.lr", "must be greater than 0")
+    need(w.num_cpus > 0, "worker.num_cpus", "must be greater than 0")
+    need(w.num_gpus >= 0, "worker.num_gpus", "must not be negative")
+    need(w.max_missed_rounds >= 0, "worker.max_missed_rounds", "must not be negative")
+    need(w.max_row_chars >= 1, "worker.max_row_chars", "must be at least 1")
+    if isinstance(w.deepspeed, str):
+        need(not check_files or Path(w.deepspeed).is_file(), "worker.deepspeed",
+             f"{w.deepspeed} does not exist")
+
+
+def _check_merge(config: Config, problems: list[str]) -> None:
+    need, m = _need(problems), config.merge
+    need(1 <= m.min_workers <= len(config.sites), "merge.min_workers",
+         f"must be between 1 and the number of sites ({len(config.sites)}), found {m.min_workers}")
+    need(m.round_timeout_s > 0, "merge.round_timeout_s", "must be greater than 0")
+    need(m.max_norm_ratio > 1, "merge.max_norm_ratio", "must be greater than 1")
+    need(m.max_round_attempts >= 1, "merge.max_round_attempts", "must be at least 1")
+    _check_strategy(m, problems)
 
 
 def _check_overlaps(config: Config, problems: list[str], *, check_files: bool) -> None:

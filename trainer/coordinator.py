@@ -20,24 +20,24 @@ from trainer import checkpoint
 from trainer.config import Config, credential_keys, dump_config
 from trainer.evaluate import load_eval_set, perplexity
 from trainer.faults import kill_point
-from trainer.fleet import SiteFleet, WorkerSetup
+from trainer.fleet import SiteFleet
 from trainer.manifest import Timing
 from trainer.merger import Parts, build_merger
 from trainer.metrics import MetricsLog
 from trainer.mirror import Mirror, staging_dir
 from trainer.model_source import load_tokenizer, run_model
 from trainer.quality import gate_problems
-from trainer.resume import resume_point
+from trainer.quarantine import note_damaged
+from trainer.resume import ResumePoint, resume_point
 from trainer.state import RoundResult, RunError, RunState
 from trainer.table import RoundTable
 from trainer.threads import StopSignal
-from trainer.validate import report_problem
+from trainer.validate import listed_names, report_problem
 from trainer.versions import VersionWriter
 from workers.budget import new_token_budget
-from workers.increments import FORMATS
 from workers.lora import is_adapter, is_trained
 from workers.replay import ReplayStore
-from workers.storage import is_uri, list_files, redact
+from workers.storage import is_uri, redact
 from workers.types import Cursor, RoundTask, SiteConfig
 from workers.worker import Worker
 
@@ -68,28 +68,27 @@ class Coordinator:
         self.protected = {e.name: e.gate_against for e in config.eval if e.protected}
         self.merger = build_merger(config.merge, weights=self.global_weights,
                                    keep_previous=bool(self.protected))
-        if point:
-            self.merger.load_state_dict(checkpoint.load_outer_state(point.version_dir))
-            ray.get(self.replay.restore.remote(str(point.replay_dir)))
-            MetricsLog.drop_after(self.run_dir, round_index=self.state.round)
-            log.info("resuming %s at round %d from %s", self.run_dir, self.state.round,
-                     point.version_dir.name)
         self.eval_sets = [load_eval_set(e, tokenizer=self.tokenizer, seq_len=config.worker.seq_len)
                           for e in config.eval]
         self.table = RoundTable(sites=[s.name for s in config.sites],
                                 eval_sets=[e.name for e in config.eval])
-        self.writer = VersionWriter(
-            self.run_dir, model=self.model, tokenizer=self.tokenizer, replay=self.replay,
-            sites=config.sites, newest=[e.name for e in config.eval if e.newest],
-            seed=config.run.seed, keep_versions=config.run.keep_versions, mirror=mirror,
-            table=self.table, history=point.history if point else [])
-        self.fleet = SiteFleet(config.sites, setup=WorkerSetup(
-            worker_cls=worker_cls, model_config=self.model.config.to_dict(),
-            tokenizer=self.tokenizer, train=self.train,
-            replay=self.replay if config.replay.scope == "shared" else None,
-            run_dir=self.run_dir, remote_dir=mirror.uri if mirror else None,
-            placement_timeout_s=config.cluster.placement_timeout_s))
+        if point:
+            self._restore(point)
+        self.writer = VersionWriter.for_run(
+            config, model=self.model, tokenizer=self.tokenizer, replay=self.replay,
+            mirror=mirror, table=self.table, history=point.history if point else [])
+        self.fleet = SiteFleet.for_run(config, worker_cls=worker_cls, train=self.train,
+                                       model=self.model, tokenizer=self.tokenizer,
+                                       replay=self.replay, mirror=mirror)
         self.waiting = False  # an idle watched run has said that it waits
+
+    def _restore(self, point: ResumePoint) -> None:
+        """The merger's outer state and the replay store as the resumed version left them."""
+        self.merger.load_state_dict(checkpoint.load_outer_state(point.version_dir))
+        ray.get(self.replay.restore.remote(str(point.replay_dir)))
+        MetricsLog.drop_after(self.run_dir, round_index=self.state.round)
+        log.info("resuming %s at round %d from %s", self.run_dir, self.state.round,
+                 point.version_dir.name)
 
     # ------------------------------------------------------------------ the loop
 
@@ -112,8 +111,8 @@ class Coordinator:
     def _loop(self, stop: StopSignal) -> None:
         attempts = 0
         while not stop.requested and not self._done():
-            if not self._active_sites():
-                if not self._watching():
+            if not self.state.active(self.config.sites):
+                if not self.state.watching(self.config.sites):
                     print(f"No site has rows left (or is up) after round {self.state.round}; "
                           "stopping.")
                     return
@@ -170,7 +169,7 @@ class Coordinator:
                                 max_new_tokens=budget,
                                 skip=tuple(sorted(self.state.skipped.get(site, ()))),
                                 shards=self.merger.shards)
-                for site in self._active_sites()}
+                for site in self.state.active(self.config.sites)}
 
     def _broadcast(self) -> tuple:
         """This round's weights in the object store (read zero-copy by every worker on a
@@ -197,7 +196,7 @@ class Coordinator:
             if not next(s for s in self.config.sites if s.name == site).watch:
                 self.state.exhausted.add(site)
         quarantined = [e for site, found in gathered.damaged.items()
-                       for e in self._note_damaged(site, found)]
+                       for e in note_damaged(self.run_dir, self.state, site, found)]
         refused = {u.worker_id: why for u in gathered.updates
                    if (why := self._report_problem(u, tasks[u.worker_id]))}
         bounded = [u for u in gathered.updates if u.worker_id not in refused]
@@ -217,12 +216,11 @@ class Coordinator:
     def _report_problem(self, update, task: RoundTask) -> str | None:
         """What a site claims (rows, cursor, tokens, weight) against what the coordinator
         planned for it: no site can claim more than its round allowed."""
-        site = self._site(update.worker_id)
-        return report_problem(
-            update, previous=task.cursor, budget=task.max_new_tokens,
-            local_steps=self.train.worker.local_steps,
-            max_epochs=self.train.worker.early_stopping.max_epochs,
-            listed=_listed_names(site.path), shared_sequences=self.config.replay.scope == "shared")
+        w = self.train.worker
+        return report_problem(update, previous=task.cursor, budget=task.max_new_tokens,
+                              local_steps=w.local_steps, max_epochs=w.early_stopping.max_epochs,
+                              listed=listed_names(self._site(update.worker_id).path),
+                              shared_sequences=self.config.replay.scope == "shared")
 
     def _settle(self, round_index: int, result: RoundResult, *, accepted: bool) -> None:
         """The round's rows are consumed (a rejected candidate's too); an accepted round's
@@ -258,22 +256,11 @@ class Coordinator:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _note_damaged(self, site: str, entries: tuple[dict, ...]) -> list[dict]:
-        """Record damaged files the site met (RUN_DIR/quarantine/<site>.jsonl) and skip them
-        from now on; returns the ones not recorded before. The files stay where they are."""
-        known = self.state.skipped.setdefault(site, set())
-        fresh = [e for e in entries if e["name"] not in known]
-        if fresh:
-            folder = self.run_dir / "quarantine"
-            folder.mkdir(parents=True, exist_ok=True)
-            checkpoint.append_lines(folder / f"{site}.jsonl", fresh)
-        known.update(e["name"] for e in fresh)
-        return fresh
-
     def _quorum(self, result: RoundResult) -> bool:
         """Enough valid updates to merge? Sites that sat the round out (watched, nothing new)
         do not count towards merge.min_workers."""
-        answering = len([s for s in self._active_sites() if s not in result.idle])
+        answering = len([s for s in self.state.active(self.config.sites)
+                         if s not in result.idle])
         return len(result.updates) >= max(1, min(self.config.merge.min_workers, answering))
 
     def _round_failed(self, round_index: int, result: RoundResult) -> None:
@@ -286,30 +273,21 @@ class Coordinator:
     def _start_fleet(self) -> None:
         """Start every site's workers; those the cluster cannot place are left out, and the
         run stops if too few remain for merge.min_workers."""
-        left_out = self.fleet.start(self._active_sites(), round_index=self.state.round)
-        for site, why in left_out.items():
-            self.state.down.add(site)
-            self.state.down_reasons[site] = why
-        placeable = [s for s in self.config.sites if s.name not in self.state.down]
+        left_out = self.fleet.start(self.state.active(self.config.sites),
+                                    round_index=self.state.round)
+        self.state.leave_out(left_out)
+        placeable = len(self.config.sites) - len(self.state.down)
         needed = self.config.merge.min_workers
-        if len(placeable) < needed:
+        if placeable < needed:
             reasons = "; ".join(f"{site}: {why}" for site, why in left_out.items())
-            raise RunError(f"only {len(placeable)} site(s) can run, merge.min_workers={needed} "
+            raise RunError(f"only {placeable} site(s) can run, merge.min_workers={needed} "
                            f"needs {needed} ({reasons})")
-
-    def _active_sites(self) -> list[str]:
-        gone = self.state.exhausted | self.state.down
-        return [s.name for s in self.config.sites if s.name not in gone]
 
     def _site(self, name: str) -> SiteConfig:
         return next(s for s in self.config.sites if s.name == name)
 
     def _done(self) -> bool:
         return self.config.rounds is not None and self.state.round >= self.config.rounds
-
-    def _watching(self) -> bool:
-        """Does a watched site that is still up remain (new files may come)?"""
-        return any(s.watch and s.name not in self.state.down for s in self.config.sites)
 
     def _say_waiting(self) -> None:
         """One line when an idle watched run starts waiting, not one every poll."""
@@ -326,15 +304,6 @@ class Coordinator:
         self.fleet.shutdown()
         ray.kill(self.replay, no_restart=True)
         self.merger.shutdown()
-
-
-def _listed_names(location: str) -> set[str] | None:
-    """The site's file names as the coordinator sees them; None where it cannot list them (a
-    folder local to the site's node, storage that is down): that check is then skipped."""
-    try:  # one look, no retries: a slow store must not hold the round up
-        return {f.name for f in list_files(location, suffixes=set(FORMATS))}
-    except (OSError, ValueError):
-        return None
 
 
 def run_training(config: Config, *, resume: bool = False, worker_cls: type = Worker) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 import sysconfig
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainer.model_source import package_dir
+from workers.fsio import atomic_dir
 
 STAMP = ".complete"
 LAYOUT_VERSION = "1"
@@ -50,14 +50,11 @@ def prepare_demo(target: Path) -> list[str]:
     stamp = target / STAMP
     if stamp.is_file() and stamp.read_text().strip() == LAYOUT_VERSION:
         return [f"{target}: demo data already prepared"]
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "eval").mkdir(parents=True)
-    lines = _speeches(tmp) + _code(tmp) + _shakespeare(tmp)
-    (tmp / STAMP).write_text(LAYOUT_VERSION)
-    shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(target)
+    with atomic_dir(target) as tmp:
+        (tmp / "eval").mkdir()
+        lines = _speeches(tmp) + _code(tmp) + _shakespeare(tmp)
+        (tmp / STAMP).write_text(LAYOUT_VERSION)
     return lines + [f"demo data ready in {target}"]
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import ray
 
 from cluster.remote import RemoteMethod
+from trainer.config import Config
+from trainer.mirror import Mirror
 from trainer.placement import infeasible, wait_until_placed, waiting_reason, worker_demand
 from trainer.sites import SiteWorkers, all_names, start_site, wait_for_name
 from trainer.state import RoundResult, RunState
@@ -66,6 +68,17 @@ class SiteFleet:
         self.setup = setup
         self.actors: dict[str, SiteWorkers] = {}
         self.placement: dict[str, dict] = {}  # site -> where its rank 0 runs (host, node, pid)
+
+    @classmethod
+    def for_run(cls, config: Config, *, worker_cls: type, train: TrainSpec, model, tokenizer,
+                replay, mirror: Mirror | None) -> SiteFleet:
+        """The fleet of a run: workers built from the run's model, tokenizer and TrainSpec,
+        sampling the shared replay store unless replay.scope is site."""
+        return cls(config.sites, setup=WorkerSetup(
+            worker_cls=worker_cls, model_config=model.config.to_dict(), tokenizer=tokenizer,
+            train=train, replay=replay if config.replay.scope == "shared" else None,
+            run_dir=Path(config.run.dir), remote_dir=mirror.uri if mirror else None,
+            placement_timeout_s=config.cluster.placement_timeout_s))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer
 
 from trainer.config import ModelConfig
+from workers.fsio import atomic_dir
 from workers.lora import apply_lora
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,10 @@ def smollm2_dir() -> Path:
     clean = AutoModelForCausalLM.from_config(
         AutoConfig.for_model(config.pop("model_type"), **config), dtype=torch.float32)
     clean.load_state_dict(loaded.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    clean.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(target) as tmp:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from workers.types import Cursor, WorkerUpdate
+from workers.types import Cursor, SiteConfig, WorkerUpdate
 
 
 class RunError(RuntimeError):
@@ -24,6 +25,18 @@ class RunState:
     missed: dict[str, int] = field(default_factory=dict)  # rounds failed in a row, per site
     skipped: dict[str, set[str]] = field(default_factory=dict)  # site -> damaged file names
     down_reasons: dict[str, str] = field(default_factory=dict)  # why a site is left out
+
+    def active(self, sites: Sequence[SiteConfig]) -> list[str]:
+        """Sites still asked to train: not out of rows, not left out."""
+        return [s.name for s in sites if s.name not in self.exhausted | self.down]
+
+    def watching(self, sites: Sequence[SiteConfig]) -> bool:
+        """Does a watched site that is still up remain (new files may come)?"""
+        return any(s.watch and s.name not in self.down for s in sites)
+
+    def leave_out(self, reasons: dict[str, str]) -> None:
+        self.down.update(reasons)
+        self.down_reasons.update(reasons)
 
 
 @dataclass(frozen=True)

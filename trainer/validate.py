@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainer.merge import finite_problem, layout_problem
-from workers.increments import cursor_after
+from workers.increments import FORMATS, cursor_after
 from workers.packing import real_tokens
+from workers.storage import list_files
 from workers.types import Cursor, RowRange, WorkerUpdate
 
 
@@ -117,3 +118,12 @@ def _rows_problem(ranges: Sequence[RowRange], previous: Cursor, listed: set[str]
             return f"an empty or backward range {r.to_dict()}"
         position = end
     return None
+
+
+def listed_names(location: str) -> set[str] | None:
+    """The site's file names as the coordinator sees them; None where it cannot list them (a
+    folder local to the site's node, storage that is down): that check is then skipped."""
+    try:  # one look, no retries: a slow store must not hold the round up
+        return {f.name for f in list_files(location, suffixes=set(FORMATS))}
+    except (OSError, ValueError):
+        return None

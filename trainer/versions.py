@@ -14,6 +14,7 @@ import ray
 import torch
 
 from trainer import checkpoint
+from trainer.config import Config
 from trainer.manifest import Manifest, RoundRecord, Timing
 from trainer.metrics import MetricsLog
 from trainer.mirror import Mirror
@@ -35,6 +36,15 @@ class VersionWriter:
         self.metrics = MetricsLog(run_dir)
         self.history = history  # eval results of the accepted versions, oldest first
         self.pending: Background | None = None
+
+    @classmethod
+    def for_run(cls, config: Config, *, model: torch.nn.Module, tokenizer, replay,
+                mirror: Mirror | None, table: RoundTable,
+                history: list[dict[str, float]]) -> VersionWriter:
+        return cls(Path(config.run.dir), model=model, tokenizer=tokenizer, replay=replay,
+                   sites=config.sites, newest=[e.name for e in config.eval if e.newest],
+                   seed=config.run.seed, keep_versions=config.run.keep_versions,
+                   mirror=mirror, table=table, history=history)
 
     def write(self, number: int, *, state: RunState, result: RoundResult,
               evaluate: Callable[[], dict[str, float]], gate: Sequence[str] = (),
