@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import statistics
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +23,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import yaml
 
-from trainer.quality import GATE_BASELINES
 from trainer.strategies import STRATEGIES, MergeConfig
 from workers.compression import COMPRESSIONS
 from workers.lora import LoraSpec
@@ -32,6 +32,7 @@ from workers.storage import is_uri, locate, redact
 from workers.types import SiteConfig, TrainSpec, WorkerConfig
 
 BUILTIN_MODELS = ("smollm2", "random")
+GATE_BASELINES = ("best", "start")  # what a protected eval set is judged against
 # model.architecture keys that come from the tokenizer, never from the config.
 SET_FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
 BUILTIN_TOKENIZERS = ("smollm2", "gpt2")
@@ -94,6 +95,12 @@ class QualityConfig:
     # Largest relative perplexity rise of a protected eval set over its baseline (the best
     # accepted version so far, or the start: eval[].gate_against).
     max_regression: float = 0.05
+    # How sure a change must be before the gate (or the forgetting budget) acts on it: the
+    # one-sided confidence of a paired bootstrap over the eval set's documents.
+    confidence: float = 0.95
+
+    def z(self) -> float:
+        return statistics.NormalDist().inv_cdf(self.confidence)
 
 
 @dataclass(frozen=True)
@@ -302,6 +309,8 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
     keep = config.run.keep_versions
     need(keep is None or keep >= 1, "run.keep_versions", f"must be at least 1, found {keep}")
     need(config.quality.max_regression >= 0, "quality.max_regression", "must not be negative")
+    need(0.5 <= config.quality.confidence < 1, "quality.confidence",
+         f"must be in [0.5, 1), found {config.quality.confidence}")
     _check_places(config, problems, check_files=check_files)
     _check_worker(config.worker, problems, check_files=check_files)
     _check_replay(config, problems)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cluster.connect import connect
 from trainer import checkpoint
 from trainer.config import Config, credential_keys, dump_config
-from trainer.evaluate import load_eval_set, perplexity
+from trainer.evaluate import EvalResult, evaluate, load_eval_set
 from trainer.faults import kill_point
 from trainer.fleet import SiteFleet
 from trainer.manifest import Timing
@@ -151,8 +151,9 @@ class Coordinator:
         # The gate decides what the next round trains on, so a gated run evaluates now;
         # otherwise evaluation waits for the background (run.overlap).
         evals = self._evaluate() if self.protected or not self.config.run.overlap else None
+        q = self.config.quality
         gate = gate_problems(evals, self.writer.history, protected=self.protected,
-                             max_regression=self.config.quality.max_regression) if evals else []
+                             max_regression=q.max_regression, z=q.z()) if evals else []
         self._settle(round_index, result, accepted=not gate)
         kill_point("merged", round_index)
         self._publish(result, evals, gate=gate, timing=Timing(
@@ -251,8 +252,8 @@ class Coordinator:
         else:
             self.state.accepted = number
 
-    def _evaluate(self) -> dict[str, float]:
-        return {data.name: perplexity(self.model, data) for data in self.eval_sets}
+    def _evaluate(self) -> dict[str, EvalResult]:
+        return {data.name: evaluate(self.model, data) for data in self.eval_sets}
 
     # ------------------------------------------------------------------ bookkeeping
 

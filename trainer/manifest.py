@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from trainer.checkpoint import version_name
-from trainer.quality import forgetting, transfer
+from trainer.evaluate import EvalResult
+from trainer.quality import forgetting, perplexities, transfer
 from trainer.state import RoundResult, RunState
 from workers.increments import FORMATS
 from workers.storage import base_name, join, redact
@@ -50,8 +51,8 @@ class Manifest:
     seed: int
 
     @classmethod
-    def of(cls, *, number: int, evals: Mapping[str, float], result: RoundResult,
-           state: RunState, gate: Sequence[str], history: Sequence[Mapping[str, float]],
+    def of(cls, *, number: int, evals: Mapping[str, EvalResult], result: RoundResult,
+           state: RunState, gate: Sequence[str], history: Sequence[Mapping[str, EvalResult]],
            sites: Sequence[SiteConfig], newest: Sequence[str], seed: int) -> Manifest:
         by_name = {s.name: s for s in sites}
         total = sum(u.weight for u in result.updates) or 1.0
@@ -64,9 +65,10 @@ class Manifest:
             tokens={u.worker_id: {"new": u.metrics["new_tokens"],
                                   "replay": u.metrics["replay_tokens"]} for u in result.updates},
             merge_weights={u.worker_id: u.weight / total for u in result.updates},
-            eval={name: {"perplexity": value} for name, value in evals.items()},
-            forgetting=forgetting(history, evals),
-            transfer=transfer(history[0] if history else evals, evals, newest=newest),
+            eval={name: result.to_dict() for name, result in evals.items()},
+            forgetting=forgetting([perplexities(h) for h in history], perplexities(evals)),
+            transfer=transfer(perplexities(history[0] if history else evals),
+                              perplexities(evals), newest=newest),
             failures=result.failures, rejected=result.rejected,
             unavailable=result.unavailable, quarantined=result.quarantined,
             cursors={name: c.to_dict() for name, c in state.cursors.items()},
@@ -96,6 +98,7 @@ class RoundRecord:
     status: str
     gate: list[str]
     eval_perplexity: dict[str, float]
+    eval_stderr: dict[str, float]
     forgetting: dict[str, float]
     backward_transfer: float | None
     newest_gain: float | None
@@ -119,6 +122,7 @@ class RoundRecord:
             quarantined=result.quarantined, unavailable=result.unavailable,
             status=manifest.status, gate=manifest.gate,
             eval_perplexity={k: v["perplexity"] for k, v in manifest.eval.items()},
+            eval_stderr={k: v["stderr"] for k, v in manifest.eval.items()},
             forgetting=manifest.forgetting,
             backward_transfer=manifest.transfer["backward_transfer"],
             newest_gain=manifest.transfer["newest_gain"],

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer import checkpoint
+from trainer.evaluate import EvalResult
 from trainer.state import RunError, RunState
 from workers.types import Cursor, SiteConfig
 
@@ -14,7 +15,7 @@ from workers.types import Cursor, SiteConfig
 @dataclass(frozen=True)
 class ResumePoint:
     state: RunState
-    history: list[dict[str, float]]  # eval results of the accepted versions, oldest first
+    history: list[dict[str, EvalResult]]  # eval results of the accepted versions, oldest first
     version_dir: Path  # the weights to load: `versions/latest`
     replay_dir: Path  # the replay snapshot saved with the newest manifest
 
@@ -35,7 +36,7 @@ def resume_point(run_dir: Path, *, sites: list[SiteConfig]) -> ResumePoint:
         cursors={s.name: Cursor.from_dict(newest["cursors"].get(s.name, {})) for s in sites},
         exhausted=set(newest.get("exhausted", [])),
         skipped={site: set(names) for site, names in newest.get("skipped", {}).items()})
-    history = [{k: v["perplexity"] for k, v in m["eval"].items()} for m in manifests
+    history = [{k: EvalResult.from_dict(v) for k, v in m["eval"].items()} for m in manifests
                if m.get("status") != "rejected"]
     return ResumePoint(state=state, history=history, version_dir=latest,
                        replay_dir=run_dir / newest["replay"])

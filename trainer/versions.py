@@ -15,6 +15,7 @@ import torch
 
 from trainer import checkpoint
 from trainer.config import Config
+from trainer.evaluate import EvalResult
 from trainer.manifest import Manifest, RoundRecord, Timing
 from trainer.metrics import MetricsLog
 from trainer.mirror import Mirror
@@ -28,7 +29,7 @@ class VersionWriter:
     def __init__(self, run_dir: Path, *, model: torch.nn.Module, tokenizer, replay,
                  sites: Sequence[SiteConfig], newest: Sequence[str], seed: int,
                  keep_versions: int | None, mirror: Mirror | None, table: RoundTable,
-                 history: list[dict[str, float]]) -> None:
+                 history: list[dict[str, EvalResult]]) -> None:
         self.run_dir, self.model, self.tokenizer = run_dir, model, tokenizer
         self.replay = replay  # the shared replay store actor (its snapshot goes with a version)
         self.sites, self.newest, self.seed = sites, newest, seed
@@ -40,14 +41,14 @@ class VersionWriter:
     @classmethod
     def for_run(cls, config: Config, *, model: torch.nn.Module, tokenizer, replay,
                 mirror: Mirror | None, table: RoundTable,
-                history: list[dict[str, float]]) -> VersionWriter:
+                history: list[dict[str, EvalResult]]) -> VersionWriter:
         return cls(Path(config.run.dir), model=model, tokenizer=tokenizer, replay=replay,
                    sites=config.sites, newest=[e.name for e in config.eval if e.newest],
                    seed=config.run.seed, keep_versions=config.run.keep_versions,
                    mirror=mirror, table=table, history=history)
 
     def write(self, number: int, *, state: RunState, result: RoundResult,
-              evaluate: Callable[[], dict[str, float]], gate: Sequence[str] = (),
+              evaluate: Callable[[], dict[str, EvalResult]], gate: Sequence[str] = (),
               outer_state: Mapping[str, torch.Tensor] | None = None,
               timing: Timing | None = None, nodes: Mapping[str, str | None] | None = None,
               background: bool = False) -> None:
