@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import json
 import os
 import re
 import statistics
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -26,7 +28,7 @@ import yaml
 from trainer.strategies import STRATEGIES, MergeConfig
 from workers.compression import COMPRESSIONS
 from workers.lora import LoraSpec
-from workers.replay import BALANCE_MODES, ReplayConfig
+from workers.replay import BALANCE_MODES, STRATA_KINDS, ReplayConfig
 from workers.schedule import SCHEDULE_KINDS
 from workers.storage import is_uri, locate, redact
 from workers.types import SiteConfig, TrainSpec, WorkerConfig
@@ -75,6 +77,24 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class Cover:
+    """The increments an eval set stands for: a site's files (names or patterns; none: all)."""
+
+    site: str
+    files: list[str] = field(default_factory=list)
+
+    def strata(self, known: Sequence[str]) -> list[str]:
+        """The replay strata among `known` that hold these increments (the file names
+        themselves when the strata are not known here: replay.scope site)."""
+        if not self.files:
+            return [s for s in known if s == self.site or s.startswith(self.site + "/")]
+        patterns = [f"{self.site}/{f}" for f in self.files]
+        if not known:
+            return patterns
+        return [s for s in known if any(fnmatch.fnmatchcase(s, p) for p in patterns)]
+
+
+@dataclass(frozen=True)
 class EvalSetConfig:
     name: str
     path: str
@@ -85,6 +105,8 @@ class EvalSetConfig:
     # What a protected set is judged against: the best accepted version so far ("best"), or
     # the start version ("start").
     gate_against: str = "best"
+    # The increments this set stands for: the forgetting budget steers their replay.
+    covers: Cover | None = None
     # Held-out data of the newest increments: its improvement is reported as the newest gain;
     # every other set counts towards backward transfer.
     newest: bool = False
@@ -98,6 +120,8 @@ class QualityConfig:
     # How sure a change must be before the gate (or the forgetting budget) acts on it: the
     # one-sided confidence of a paired bootstrap over the eval set's documents.
     confidence: float = 0.95
+    # Candidates rejected in a row after which the run stops instead of consuming more data.
+    max_rejections: int = 3
 
     def z(self) -> float:
         return statistics.NormalDist().inv_cdf(self.confidence)
@@ -133,13 +157,14 @@ class Config:
         return dataclasses.asdict(self)
 
     def replay_capacity(self) -> int:
-        """Sequences each site may hold: replay.capacity_tokens split evenly across sites."""
-        return self.replay.capacity_tokens // (self.worker.seq_len * len(self.sites))
+        """Sequences the shared replay store may hold (replay.capacity_tokens)."""
+        return self.replay.capacity_tokens // self.worker.seq_len
 
     def train_spec(self) -> TrainSpec:
         """What every worker of the run is told: its config sections as they are, and the
         run-wide settings that shape a round."""
-        local = self.replay_capacity() if self.replay.scope == "site" else 0
+        # replay.scope site: each worker keeps its site's share of the capacity.
+        local = self.replay_capacity() // len(self.sites) if self.replay.scope == "site" else 0
         return TrainSpec(worker=self.worker, replay=self.replay,
                          deepspeed=deepspeed_dict(self.worker), seed=self.run.seed,
                          compression=self.merge.compression, lora=self.model.lora,
@@ -311,6 +336,7 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
     need(config.quality.max_regression >= 0, "quality.max_regression", "must not be negative")
     need(0.5 <= config.quality.confidence < 1, "quality.confidence",
          f"must be in [0.5, 1), found {config.quality.confidence}")
+    need(config.quality.max_rejections >= 1, "quality.max_rejections", "must be at least 1")
     _check_places(config, problems, check_files=check_files)
     _check_worker(config.worker, problems, check_files=check_files)
     _check_replay(config, problems)
@@ -348,8 +374,12 @@ def _check_places(config: Config, problems: list[str], *, check_files: bool) -> 
         need(1 <= site.num_workers <= config.worker.batch_size, f"sites[{i}].num_workers",
              "must be between 1 and worker.batch_size (each rank takes a share of every "
              f"batch), found {site.num_workers}")
+    site_names = [s.name for s in config.sites]
     for i, entry in enumerate(config.eval):
         need(entry.max_tokens > 0, f"eval[{i}].max_tokens", "must be greater than 0")
+        need(entry.covers is None or entry.covers.site in site_names, f"eval[{i}].covers.site",
+             f"must be one of the sites {site_names}, found "
+             f"{entry.covers.site if entry.covers else None!r}")
         need(entry.gate_against in GATE_BASELINES, f"eval[{i}].gate_against",
              f"must be one of {GATE_BASELINES}, found {entry.gate_against!r}")
 
@@ -424,7 +454,15 @@ def _check_replay(config: Config, problems: list[str]) -> None:
         problems.append(f"replay.balance: must be one of {BALANCE_MODES}, found {r.balance!r}")
     if r.age_weight < 0:
         problems.append(f"replay.age_weight: must not be negative, found {r.age_weight}")
+    _check_strata(r, problems)
     ratios = [("replay.ratio", r.ratio)]
+    if r.target_forgetting is not None:
+        ratios.append(("replay.max_ratio", r.max_ratio))
+        if r.target_forgetting < 0:
+            problems.append("replay.target_forgetting: must not be negative, or null (off)")
+        if r.max_ratio < r.ratio:
+            problems.append(f"replay.max_ratio: must be at least replay.ratio ({r.ratio}), "
+                            f"found {r.max_ratio}")
     for i, step in enumerate(r.schedule):
         if step.from_round < 1:
             problems.append(f"replay.schedule[{i}].from_round: must be at least 1")
@@ -439,6 +477,19 @@ def _check_replay(config: Config, problems: list[str]) -> None:
                 f"{key}: {ratio} x worker.batch_size {batch} gives {per_batch} replay "
                 "sequence(s) per batch; choose a ratio and batch size that leave at least one "
                 "replay and one new sequence per batch")
+
+
+def _check_strata(r: ReplayConfig, problems: list[str]) -> None:
+    if r.strata not in STRATA_KINDS:
+        problems.append(f"replay.strata: must be one of {STRATA_KINDS}, found {r.strata!r}")
+    for name, patterns in r.groups.items():
+        if not patterns or not all(isinstance(p, str) and "/" in p for p in patterns):
+            problems.append(f"replay.groups.{name}: must list file patterns like "
+                            "'site_name/1790s*.parquet'")
+    if r.balance == "mix" and (not r.mix or any(w < 0 for w in r.mix.values())
+                               or sum(r.mix.values()) <= 0):
+        problems.append("replay.mix: balance 'mix' needs a share (>= 0, some > 0) per stratum, "
+                        "e.g. {speeches/1790s.parquet: 2, old_eras: 1}")
 
 
 def _check_strategy(m: MergeConfig, problems: list[str]) -> None:

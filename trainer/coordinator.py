@@ -18,6 +18,7 @@ from tqdm import tqdm
 from cluster.connect import connect
 from trainer import checkpoint
 from trainer.config import Config, credential_keys, dump_config
+from trainer.control import after_gate, budget_step
 from trainer.evaluate import EvalResult, evaluate, load_eval_set
 from trainer.faults import kill_point
 from trainer.fleet import SiteFleet
@@ -36,7 +37,7 @@ from trainer.validate import listed_names, report_problem
 from trainer.versions import VersionWriter
 from workers.budget import new_token_budget
 from workers.lora import is_adapter, is_trained
-from workers.replay import ReplayStore
+from workers.replay import ReplayStore, ratio_at
 from workers.storage import is_uri, redact
 from workers.types import Cursor, RoundTask, SiteConfig
 from workers.worker import Worker
@@ -53,7 +54,7 @@ class Coordinator:
         self.tokenizer = load_tokenizer(config.model.tokenizer)
         self.train = config.train_spec()
         self.replay = ray.remote(ReplayStore).options(num_cpus=0).remote(
-            capacity_per_site=config.replay_capacity(), seed=config.run.seed,
+            capacity=config.replay_capacity(), seed=config.run.seed,
             policy=config.replay)
         point = resume_point(self.run_dir, sites=config.sites) if resume else None
         self.state = point.state if point else RunState(
@@ -66,6 +67,9 @@ class Coordinator:
                                if not self.lora or is_trained(n)}
         self.base_ref = None  # LoRA: the frozen weights, put in the object store once
         self.protected = {e.name: e.gate_against for e in config.eval if e.protected}
+        self.covers = {e.name: e.covers for e in config.eval if e.covers is not None}
+        # The gate and the forgetting budget steer the next rounds from this one's evaluation.
+        self.steered = bool(self.protected) or config.replay.target_forgetting is not None
         self.merger = build_merger(config.merge, weights=self.global_weights,
                                    keep_previous=bool(self.protected))
         self.eval_sets = [load_eval_set(e, tokenizer=self.tokenizer, seq_len=config.worker.seq_len)
@@ -148,28 +152,37 @@ class Coordinator:
                 return "failed"
             merge_seconds = self.merger.propose(result.updates, parts)
             bar.update(1)
-        # The gate decides what the next round trains on, so a gated run evaluates now;
-        # otherwise evaluation waits for the background (run.overlap).
-        evals = self._evaluate() if self.protected or not self.config.run.overlap else None
+        # The gate and the forgetting budget decide what the next round does, so they
+        # evaluate now; otherwise evaluation waits for the background (run.overlap).
+        evals = self._evaluate() if self.steered or not self.config.run.overlap else None
         q = self.config.quality
         gate = gate_problems(evals, self.writer.history, protected=self.protected,
                              max_regression=q.max_regression, z=q.z()) if evals else []
-        self._settle(round_index, result, accepted=not gate)
+        consumed = self._steer(round_index, evals, gate)
+        self._settle(round_index, result, accepted=not gate, consumed=consumed)
         kill_point("merged", round_index)
-        self._publish(result, evals, gate=gate, timing=Timing(
-            merge_seconds=merge_seconds, round_seconds=time.perf_counter() - started))
+        self._publish(result, evals, gate=gate, consumed=consumed, timing=Timing(
+            merge_seconds=merge_seconds, round_seconds=time.perf_counter() - started,
+            replay_ratio=next(iter(tasks.values())).replay_ratio or ratio_at(
+                self.config.replay, round_index=round_index)))
         (self.merger.reject if gate else self.merger.accept)()
+        if gate and self.state.control.rejections >= q.max_rejections:
+            raise RunError(self._rejections_message(gate))
         return "rejected" if gate else "merged"
 
     # ------------------------------------------------------------------ steps of a round
 
     def _plan(self, round_index: int) -> dict[str, RoundTask]:
-        """Every active site's task: where it continues, what it may take, what it skips."""
-        budget = new_token_budget(self.train, round_index=round_index)
+        """Every active site's task: where it continues, what it may take, what it skips,
+        and the replay and learning-rate steering in force."""
+        control = self.state.control
+        budget = new_token_budget(self.train, round_index=round_index, ratio=control.ratio)
         return {site: RoundTask(round_index=round_index, cursor=self.state.cursors[site],
                                 max_new_tokens=budget,
                                 skip=tuple(sorted(self.state.skipped.get(site, ()))),
-                                shards=self.merger.shards)
+                                shards=self.merger.shards, replay_ratio=control.ratio,
+                                replay_weights=tuple(sorted(control.weights.items())),
+                                lr_scale=control.lr_scale)
                 for site in self.state.active(self.config.sites)}
 
     def _broadcast(self) -> tuple:
@@ -223,11 +236,34 @@ class Coordinator:
                               listed=listed_names(self._site(update.worker_id).path),
                               shared_sequences=self.config.replay.scope == "shared")
 
-    def _settle(self, round_index: int, result: RoundResult, *, accepted: bool) -> None:
-        """The round's rows are consumed (a rejected candidate's too); an accepted round's
-        workers commit their state and its sequences join the replay store."""
+    def _steer(self, round_index: int, evals: dict | None, gate: list[str]) -> bool:
+        """The gate's and the forgetting budget's steering of the next rounds
+        (trainer/control.py); returns whether this round's rows count as consumed (the rows
+        of a first rejection are trained again once)."""
+        if not evals or not self.steered:
+            return True
+        r, control = self.config.replay, dataclasses.replace(self.state.control, decisions=[])
+        base = ratio_at(r, round_index=round_index + 1)
+        strata = list(ray.get(self.replay.sizes.remote()))
+        if self.protected:
+            control = after_gate(control, rejected=bool(gate), covers=self.covers,
+                                 regressed=[g.split(":")[0] for g in gate], strata=strata,
+                                 max_ratio=r.max_ratio, base_ratio=base)
+        if r.target_forgetting is not None and not gate:
+            control = budget_step(control, evals=evals, history=self.writer.history,
+                                  covers=self.covers, strata=strata, base_ratio=base,
+                                  target=r.target_forgetting, z=self.config.quality.z(),
+                                  max_ratio=r.max_ratio)
+        self.state.control = control
+        return not (gate and control.retry)
+
+    def _settle(self, round_index: int, result: RoundResult, *, accepted: bool,
+                consumed: bool = True) -> None:
+        """The round's rows are consumed (a rejected candidate's too, unless they are to be
+        retried); an accepted round's workers commit their state and its sequences join the
+        replay store."""
         self.state.round = round_index
-        for update in result.updates:
+        for update in result.updates if consumed else ():
             self.state.cursors[update.worker_id] = update.cursor
         if accepted:
             self.fleet.commit([u.worker_id for u in result.updates], round_index=round_index)
@@ -237,10 +273,10 @@ class Coordinator:
                                                    round_index=round_index))
 
     def _publish(self, result: RoundResult, evals: dict | None, *, gate: list[str],
-                 timing: Timing) -> None:
+                 consumed: bool, timing: Timing) -> None:
         number = self.state.version + 1
         self.writer.write(
-            number, state=self.state, result=result, gate=gate, timing=timing,
+            number, state=self.state, result=result, gate=gate, timing=timing, consumed=consumed,
             evaluate=(lambda: evals) if evals is not None else self._evaluate,
             outer_state=self.merger.state_dict(),
             nodes={s: p.get("node") for s, p in self.fleet.placement.items()},
@@ -251,6 +287,16 @@ class Coordinator:
                         self.state.round, number, "; ".join(gate))
         else:
             self.state.accepted = number
+
+    def _rejections_message(self, gate: list[str]) -> str:
+        count = self.state.control.rejections
+        return (f"the quality gate rejected {count} candidates in a row (quality.max_rejections"
+                f"={self.config.quality.max_rejections}); the last: {'; '.join(gate)}. The run "
+                f"stops at v{self.state.accepted:04d}, the last accepted version, instead of "
+                "consuming more data to no effect: the rows of a rejected round were retried "
+                "once with more replay and a lower learning rate, then counted as consumed "
+                "(versions/rejected/ lists them). Check the protected sets and worker.lr, then "
+                f"`tributary resume {self._user_run_dir()}`.")
 
     def _evaluate(self) -> dict[str, EvalResult]:
         return {data.name: evaluate(self.model, data) for data in self.eval_sets}

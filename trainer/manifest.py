@@ -19,8 +19,11 @@ from workers.types import SiteConfig
 
 @dataclass(frozen=True)
 class Timing:
+    """How the round went, beside what the manifest holds."""
+
     merge_seconds: float = 0.0
     round_seconds: float = 0.0
+    replay_ratio: float | None = None  # the replay share of each batch it trained with
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class Manifest:
     gate: list[str]
     round: int
     increments: dict[str, list[dict]]  # site -> [{file, start_row, end_row[, tokens]}]
+    # Rows a rejected candidate trained that are retried (not consumed): same form.
+    retried: dict[str, list[dict]]
     tokens: dict[str, dict[str, int]]  # site -> {new, replay}
     merge_weights: dict[str, float]
     eval: dict[str, dict[str, float]]
@@ -48,20 +53,22 @@ class Manifest:
     down: list[str]
     down_reasons: dict[str, str]
     replay: str  # the replay snapshot's folder, relative to the run dir
+    control: dict  # the replay/lr steering after this version (trainer/control.py)
     seed: int
 
     @classmethod
     def of(cls, *, number: int, evals: Mapping[str, EvalResult], result: RoundResult,
            state: RunState, gate: Sequence[str], history: Sequence[Mapping[str, EvalResult]],
-           sites: Sequence[SiteConfig], newest: Sequence[str], seed: int) -> Manifest:
+           sites: Sequence[SiteConfig], newest: Sequence[str], seed: int,
+           consumed: bool = True) -> Manifest:
         by_name = {s.name: s for s in sites}
         total = sum(u.weight for u in result.updates) or 1.0
+        rows = {u.worker_id: [dict(r.to_dict(), file=file_path(by_name[u.worker_id], r.file))
+                              for r in u.consumed] for u in result.updates}
         return cls(
             parent=version_name(state.accepted) if number > 0 else None,
             status="rejected" if gate else "accepted", gate=list(gate), round=state.round,
-            increments={u.worker_id: [dict(r.to_dict(), file=file_path(by_name[u.worker_id],
-                                                                       r.file))
-                                      for r in u.consumed] for u in result.updates},
+            increments=rows if consumed else {}, retried={} if consumed else rows,
             tokens={u.worker_id: {"new": u.metrics["new_tokens"],
                                   "replay": u.metrics["replay_tokens"]} for u in result.updates},
             merge_weights={u.worker_id: u.weight / total for u in result.updates},
@@ -75,7 +82,8 @@ class Manifest:
             skipped={name: sorted(files) for name, files in sorted(state.skipped.items())},
             exhausted=sorted(state.exhausted), down=sorted(state.down),
             down_reasons=dict(sorted(state.down_reasons.items())),
-            replay=f"replay/{version_name(number)}", seed=seed)
+            replay=f"replay/{version_name(number)}", control=state.control.to_dict(),
+            seed=seed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,6 +111,8 @@ class RoundRecord:
     backward_transfer: float | None
     newest_gain: float | None
     merge_weights: dict[str, float]
+    replay_ratio: float | None
+    replay_control: dict  # the steering in force after this round: ratio, weights, lr, why
     nodes: dict[str, str | None]
     per_site: dict[str, dict]  # metric -> {site: value}, flattened into the line
     merge_seconds: float
@@ -126,7 +136,9 @@ class RoundRecord:
             forgetting=manifest.forgetting,
             backward_transfer=manifest.transfer["backward_transfer"],
             newest_gain=manifest.transfer["newest_gain"],
-            merge_weights=manifest.merge_weights, nodes={s: nodes.get(s) for s in by_site},
+            merge_weights=manifest.merge_weights, replay_ratio=timing.replay_ratio,
+            replay_control=manifest.control,
+            nodes={s: nodes.get(s) for s in by_site},
             per_site={key: {s: m.get(name, default) for s, m in by_site.items()}
                       for key, name, default in PER_SITE},
             merge_seconds=timing.merge_seconds, round_seconds=timing.round_seconds,

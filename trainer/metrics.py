@@ -44,6 +44,11 @@ class RayMetrics:
         self.bytes = metric(Counter, "tributary_bytes_total",
                             "Bytes of weights and deltas moved per worker", "site", "direction")
         self.merge_seconds = metric(Gauge, "tributary_merge_seconds", "Merge time")
+        self.replay_ratio = metric(Gauge, "tributary_replay_ratio",
+                                   "Replay share of each batch in force (steered by the "
+                                   "forgetting budget and the gate)")
+        self.lr_scale = metric(Gauge, "tributary_lr_scale",
+                               "Peak learning rate's factor in force (lowered after a rejection)")
         self.overhead_seconds = metric(Gauge, "tributary_round_overhead_seconds",
                                        "Round wall time minus the slowest worker's training")
         self.quarantined = metric(Counter, "tributary_quarantined_files_total",
@@ -80,6 +85,11 @@ class RayMetrics:
                     self.bytes.inc(float(count), tags={"site": site, "direction": direction})
         if "merge_seconds" in record:
             self.merge_seconds.set(record["merge_seconds"])
+        if record.get("replay_ratio") is not None:
+            self.replay_ratio.set(record["replay_ratio"])
+        control = record.get("replay_control") or {}
+        if "lr_scale" in control:
+            self.lr_scale.set(control["lr_scale"])
         if "overhead_seconds" in record:
             self.overhead_seconds.set(record["overhead_seconds"])
         self.count_failures({**record.get("failures", {}), **record.get("rejected", {})})

@@ -3,10 +3,12 @@ folders a resume loads, read from the newest complete manifest."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer import checkpoint
+from trainer.control import Control
 from trainer.evaluate import EvalResult
 from trainer.state import RunError, RunState
 from workers.types import Cursor, SiteConfig
@@ -35,7 +37,9 @@ def resume_point(run_dir: Path, *, sites: list[SiteConfig]) -> ResumePoint:
         round=newest["round"], version=newest["version"], accepted=accepted,
         cursors={s.name: Cursor.from_dict(newest["cursors"].get(s.name, {})) for s in sites},
         exhausted=set(newest.get("exhausted", [])),
-        skipped={site: set(names) for site, names in newest.get("skipped", {}).items()})
+        skipped={site: set(names) for site, names in newest.get("skipped", {}).items()},
+        # A resume gives the gate a fresh count of rejections in a row.
+        control=dataclasses.replace(Control.from_dict(newest.get("control", {})), rejections=0))
     history = [{k: EvalResult.from_dict(v) for k, v in m["eval"].items()} for m in manifests
                if m.get("status") != "rejected"]
     return ResumePoint(state=state, history=history, version_dir=latest,

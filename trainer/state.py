@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from trainer.control import Control
 from workers.types import Cursor, SiteConfig, WorkerUpdate
 
 
@@ -25,6 +26,7 @@ class RunState:
     missed: dict[str, int] = field(default_factory=dict)  # rounds failed in a row, per site
     skipped: dict[str, set[str]] = field(default_factory=dict)  # site -> damaged file names
     down_reasons: dict[str, str] = field(default_factory=dict)  # why a site is left out
+    control: Control = field(default_factory=Control)  # replay and lr steering
 
     def active(self, sites: Sequence[SiteConfig]) -> list[str]:
         """Sites still asked to train: not out of rows, not left out."""

@@ -51,7 +51,7 @@ class VersionWriter:
               evaluate: Callable[[], dict[str, EvalResult]], gate: Sequence[str] = (),
               outer_state: Mapping[str, torch.Tensor] | None = None,
               timing: Timing | None = None, nodes: Mapping[str, str | None] | None = None,
-              background: bool = False) -> None:
+              consumed: bool = True, background: bool = False) -> None:
         """Write version `number`. What it records of the run's state and the replay store is
         taken now; `latest` moves only once it is evaluated and written."""
         state = copy.deepcopy(state)
@@ -64,7 +64,7 @@ class VersionWriter:
             ray.get(replay_saved)
             manifest = Manifest.of(number=number, evals=evals, result=result, state=state,
                                    gate=gate, history=self.history, sites=self.sites,
-                                   newest=self.newest, seed=self.seed)
+                                   newest=self.newest, seed=self.seed, consumed=consumed)
             record = RoundRecord.of(number=number, manifest=manifest, result=result,
                                     timing=timing or Timing(), nodes=nodes or {})
             # The metrics line goes first: a crash before the version is published leaves a

@@ -8,18 +8,23 @@ from workers.replay import ratio_at
 from workers.types import TrainSpec
 
 
-def replay_per_batch(train: TrainSpec, *, round_index: int, replay: bool = True) -> int:
-    """Replay sequences in each batch of a round (0 without a replay source)."""
-    ratio = ratio_at(train.replay, round_index=round_index)
+def replay_per_batch(train: TrainSpec, *, round_index: int, replay: bool = True,
+                     ratio: float | None = None) -> int:
+    """Replay sequences in each batch of a round (0 without a replay source); `ratio`, when
+    the coordinator steers it, instead of the config's."""
+    ratio = ratio_at(train.replay, round_index=round_index) if ratio is None else ratio
     if not replay or ratio <= 0:
         return 0
-    # The config check keeps this in [1, batch_size - 1]: every batch has new data.
-    return round(ratio * train.worker.batch_size)
+    # Every batch keeps at least one replay and one new sequence (the config's ratios are
+    # checked to; a steered ratio is held to it here).
+    batch = train.worker.batch_size
+    return min(max(round(ratio * batch), 1), batch - 1)
 
 
-def new_token_budget(train: TrainSpec, *, round_index: int, replay: bool = True) -> int:
+def new_token_budget(train: TrainSpec, *, round_index: int, replay: bool = True,
+                     ratio: float | None = None) -> int:
     """New tokens one pass of a round takes: local_steps batches of their new share."""
     w = train.worker
     new_per_batch = w.batch_size - replay_per_batch(train, round_index=round_index,
-                                                    replay=replay)
+                                                    replay=replay, ratio=ratio)
     return w.local_steps * new_per_batch * w.seq_len

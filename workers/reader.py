@@ -8,13 +8,16 @@ a storage fault that persists raises StorageUnavailable (the caller sits the rou
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import pyarrow as pa
 
 from workers.increments import increment_files, iter_rows
 from workers.packing import pack_stream
+from workers.replay import with_strata
 from workers.storage import DataFile
 from workers.types import Cursor, RowRange, SiteConfig
 
@@ -32,9 +35,11 @@ class NewRows:
 
 
 class RowReader:
-    def __init__(self, *, site: SiteConfig, tokenizer, seq_len: int, max_row_chars: int) -> None:
+    def __init__(self, *, site: SiteConfig, tokenizer, seq_len: int, max_row_chars: int,
+                 stratum: Callable[[str], str] = lambda file: file) -> None:
         self.site, self.tokenizer = site, tokenizer
         self.seq_len, self.max_row_chars = seq_len, max_row_chars
+        self.stratum = stratum  # the replay stratum of a file's sequences
         # The last row a round stopped inside, tokenized: the next round continues it.
         self.open_row: tuple[str, int, list[int]] | None = None
 
@@ -42,7 +47,7 @@ class RowReader:
         """Exactly `tokens` tokens from the cursor on (fewer only when the site runs out)."""
         damaged: list[dict] = []
         stream: list[int] = []
-        ranges = []
+        ranges, starts = [], []  # starts: (offset in the stream, file) of each row's tokens
         rows = iter_rows(self._files(skip, damaged), cursor, text_column=self.site.text_column,
                          max_row_chars=self.max_row_chars, skip=skip,
                          on_bad_file=lambda path, why: damaged.append(self._record(path, why)))
@@ -56,13 +61,22 @@ class RowReader:
             start = cursor.token if (row_range.file, row_range.start_row) == (
                 cursor.file, cursor.row) else 0
             end = min(len(ids), start + tokens - len(stream))
+            starts.append((len(stream), row_range.file))
             stream.extend(ids[start:end])
             ranges.append(dataclasses.replace(row_range, start_token=start or None,
                                               end_token=end if end < len(ids) else None))
             self.open_row = (row_range.file, row_range.start_row, ids) if end < len(ids) else None
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return NewRows(ranges, pack_stream(stream, seq_len=self.seq_len, pad_id=pad), damaged)
+        sequences = pack_stream(stream, seq_len=self.seq_len, pad_id=pad)
+        return NewRows(ranges, with_strata(sequences, self._strata(starts, sequences.num_rows)),
+                       damaged)
+
+    def _strata(self, starts: list[tuple[int, str]], count: int) -> list[str]:
+        """Each sequence's stratum: that of the file its first token came from."""
+        offsets = [offset for offset, _ in starts]
+        return [self.stratum(starts[bisect.bisect_right(offsets, i * self.seq_len) - 1][1])
+                for i in range(count)]
 
     def _files(self, skip: frozenset[str], damaged: list[dict]) -> list[DataFile]:
         """The site's files; one that is a link leading out of the site's folder is refused

@@ -1,30 +1,41 @@
-"""The replay store: per-site reservoir samples of token sequences, as Arrow.
+"""The replay store: stratified reservoir samples of token sequences, as Arrow.
 
 The coordinator runs one as a Ray actor shared by all sites (`replay.scope: shared`); with
 `replay.scope: site` each worker keeps its own, and its samples never leave the site.
 
-Each site has its own reservoir (Algorithm R, seeded), so every sequence a site ever
-offered has the same chance to be held, and the store never exceeds its capacity. Each held
-sequence remembers the round it was added in. `sample` draws with replacement by the store's
-`ReplayConfig` (sites pooled or balanced; uniform over age or weighted towards older rounds),
-with an RNG seeded by the caller, so a (run, round, site) triple always gets the same sample.
-Persisted as one Parquet file per site plus a JSON file with the counts and RNG states.
+Sequences are held by stratum: each increment file is its own stratum (or a user-named group
+of files, `replay.groups`; or, with `replay.strata: site`, each site). Every stratum has its
+own reservoir (Algorithm R, seeded), and the store's capacity is split evenly among the strata
+it holds — when a new increment arrives, the older strata give up sequences uniformly at
+random, so the oldest knowledge keeps a fixed share of memory however much new data comes.
+`sample` draws with replacement by a stated rule (`replay.balance`): every stratum the same
+share ("strata"), shares in a user-given mix ("mix"), every site the same share ("sites"), or
+every held sequence the same chance ("pooled"); `replay.age_weight` tilts towards older
+material, and the forgetting budget's per-stratum weights (trainer/control.py) multiply on
+top. The caller seeds the RNG, so a (run, round, site) triple always gets the same sample.
+Persisted as one Parquet file per stratum plus a JSON file with the counts and RNG states.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workers.fsio import atomic_dir
 from workers.packing import empty_sequences, sequences_table, to_arrays
 
-BALANCE_MODES = ("pooled", "sites")
+BALANCE_MODES = ("strata", "mix", "sites", "pooled")
+STRATA_KINDS = ("file", "site")
+STRATUM = "stratum"  # the column of a sequences table naming each sequence's stratum
 
 
 @dataclass(frozen=True)
@@ -38,22 +49,32 @@ class RatioStep:
 @dataclass(frozen=True)
 class ReplayConfig:
     """The `replay:` section of a run's config: how much of each batch is replayed, what the
-    store holds and how samples are drawn from it.
-
-    `balance`: "pooled" gives every held sequence the same chance (a site that contributed
-    more is replayed more); "sites" gives every site the same share whatever it holds.
-    `age_weight`: 0 draws uniformly over age; w > 0 weighs a sequence by (1 + its age in
-    rounds)^w, so older increments, the ones most at risk of being forgotten, come back more.
-    """
+    store holds and how samples are drawn from it (see the module's docstring)."""
 
     ratio: float = 0.25
     capacity_tokens: int = 1_000_000
     # "shared": one store for all sites; "site": each worker keeps its own (data stays there).
     scope: str = "shared"
-    balance: str = "pooled"
+    strata: str = "file"  # what a stratum is: an increment file (or group), or a whole site
+    # Named groups of files, each one stratum: {name: ["site/pattern*.parquet", ...]}.
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    balance: str = "strata"
+    mix: dict[str, float] = field(default_factory=dict)  # balance "mix": stratum -> share
+    # 0: uniform over age; w > 0 weighs by (1 + age in rounds)^w, favouring older material.
     age_weight: float = 0.0
     # The ratio from a round on, e.g. [{from_round: 10, ratio: 0.5}] after a known shift.
     schedule: list[RatioStep] = field(default_factory=list)
+    # The forgetting budget (trainer/control.py): None turns it off.
+    target_forgetting: float | None = None
+    max_ratio: float = 0.5
+
+    def stratum(self, site: str, file: str) -> str:
+        """The stratum a site's increment file belongs to."""
+        if self.strata == "site":
+            return site
+        key = f"{site}/{file}"
+        return next((name for name, patterns in self.groups.items()
+                     if any(fnmatch.fnmatchcase(key, p) for p in patterns)), key)
 
 
 def ratio_at(replay: ReplayConfig, *, round_index: int) -> float:
@@ -69,6 +90,15 @@ def ratio_at(replay: ReplayConfig, *, round_index: int) -> float:
 def site_key(site: str) -> int:
     """A stable integer for a site name, to seed its random streams."""
     return int.from_bytes(site.encode()[:8].ljust(8, b"\0"), "little")
+
+
+def _name_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+
+
+def with_strata(sequences: pa.Table, strata: list[str]) -> pa.Table:
+    """A sequences table with each sequence's stratum named."""
+    return sequences.append_column(STRATUM, pa.array(strata, pa.string()))
 
 
 class Reservoir:
@@ -98,6 +128,14 @@ class Reservoir:
                 self.lengths[slot] = lengths[row]
                 self.rounds[slot] = round_index
 
+    def shrink(self, capacity: int) -> None:
+        """Hold at most `capacity`: a uniform subset of what is held stays uniform."""
+        self.capacity = capacity
+        if len(self) > capacity:
+            keep = np.sort(self.rng.choice(len(self), size=capacity, replace=False))
+            self.ids, self.lengths, self.rounds = (self.ids[keep], self.lengths[keep],
+                                                   self.rounds[keep])
+
     def __len__(self) -> int:
         return len(self.lengths)
 
@@ -106,79 +144,135 @@ class Reservoir:
             return empty_sequences()
         return sequences_table(self.ids, self.lengths)
 
-    def weights(self, *, policy: ReplayConfig, round_index: int) -> np.ndarray:
-        """Unnormalised sampling weight of each held sequence under `policy`."""
+    def age_weights(self, *, age_weight: float, round_index: int) -> np.ndarray:
         age = np.maximum(round_index - self.rounds, 0).astype(np.float64)
-        weights = (1.0 + age) ** policy.age_weight
-        if policy.balance == "sites":
-            weights /= weights.sum()  # every site's total mass is 1
-        return weights
+        return (1.0 + age) ** age_weight
 
 
 class ReplayStore:
-    def __init__(self, *, capacity_per_site: int, seed: int,
-                 policy: ReplayConfig | None = None) -> None:
-        self.capacity_per_site = capacity_per_site
+    def __init__(self, *, capacity: int, seed: int, policy: ReplayConfig | None = None) -> None:
+        self.capacity = capacity  # sequences, split evenly among the strata
         self.seed = seed
         self.policy = policy or ReplayConfig()
-        self.sites: dict[str, Reservoir] = {}
-
-    def _reservoir(self, site: str) -> Reservoir:
-        if site not in self.sites:
-            self.sites[site] = Reservoir(capacity=self.capacity_per_site,
-                                         seed=[self.seed, site_key(site)])
-        return self.sites[site]
+        self.strata: dict[str, Reservoir] = {}
+        self.site_of: dict[str, str] = {}  # stratum -> the site it came from
 
     def add(self, site: str, sequences: pa.Table, *, round_index: int) -> int:
-        """Offer a site's sequences trained in `round_index`; returns how many it now holds."""
-        reservoir = self._reservoir(site)
-        if sequences.num_rows:
-            reservoir.offer(*to_arrays(sequences), round_index=round_index)
-        return len(reservoir)
+        """Offer a site's sequences trained in `round_index` (each to its stratum, the site
+        itself when they name none); returns how many the store now holds."""
+        if not sequences.num_rows:
+            return self.held()
+        names = (sequences.column(STRATUM).to_pylist() if STRATUM in sequences.column_names
+                 else [site] * sequences.num_rows)
+        for name in dict.fromkeys(names):  # in order of first appearance: deterministic
+            rows = sequences.filter(pc.equal(pa.array(names), name))
+            self._reservoir(name, site=site).offer(*to_arrays(rows), round_index=round_index)
+        return self.held()
 
-    def sample(self, count: int, seed: list, *, round_index: int = 0) -> pa.Table:
-        """`count` sequences drawn with replacement by the policy, as seen from `round_index`;
-        empty if nothing is held yet."""
-        held = [self.sites[name] for name in sorted(self.sites) if len(self.sites[name])]
-        if count <= 0 or not held:
+    def _reservoir(self, name: str, *, site: str) -> Reservoir:
+        if name not in self.strata:
+            self.strata[name] = Reservoir(capacity=self.capacity,
+                                          seed=[self.seed, _name_key(name)])
+            self.site_of[name] = site
+            share = max(1, self.capacity // len(self.strata))
+            for reservoir in self.strata.values():  # the newcomer takes an equal share
+                reservoir.shrink(share)
+        return self.strata[name]
+
+    def clear(self) -> None:
+        self.strata, self.site_of = {}, {}
+
+    def held(self) -> int:
+        return sum(len(r) for r in self.strata.values())
+
+    def sample(self, count: int, seed: list, *, round_index: int = 0,
+               weights: Mapping[str, float] | None = None) -> pa.Table:
+        """`count` sequences drawn with replacement by the store's rule, as seen from
+        `round_index`; `weights` multiply strata's shares (the forgetting budget). Empty if
+        nothing is held yet."""
+        names = [n for n in sorted(self.strata) if len(self.strata[n])]
+        if count <= 0 or not names:
             return empty_sequences()
-        pool = pa.concat_tables([r.table() for r in held])
-        weights = np.concatenate(
-            [r.weights(policy=self.policy, round_index=round_index) for r in held])
-        picks = np.random.default_rng(seed).choice(
-            pool.num_rows, size=count, p=weights / weights.sum())
+        pool = pa.concat_tables([self.strata[n].table() for n in names])
+        mass = np.concatenate([self._mass(n, names, round_index, weights or {}) for n in names])
+        picks = np.random.default_rng(seed).choice(pool.num_rows, size=count,
+                                                   p=mass / mass.sum())
         return pool.take(pa.array(picks))
 
+    def _mass(self, name: str, names: list[str], round_index: int,
+              weights: Mapping[str, float]) -> np.ndarray:
+        """Each held sequence's unnormalised chance of being drawn."""
+        p, reservoir = self.policy, self.strata[name]
+        per_sequence = reservoir.age_weights(age_weight=p.age_weight, round_index=round_index)
+        if p.balance == "pooled":  # every held sequence, by its own age
+            return per_sequence * weights.get(name, 1.0)
+        if p.balance == "sites":  # every site's total mass is 1
+            site = self.site_of[name]
+            total = sum(self.strata[n].age_weights(age_weight=p.age_weight,
+                                                   round_index=round_index).sum()
+                        for n in names if self.site_of[n] == site)
+            return per_sequence / total
+        # "strata" and "mix": the stratum's mass (by rule, by its age — rounds since it
+        # arrived — and by the budget's weight), spread evenly over what it holds.
+        share = p.mix.get(name, 0.0) if p.balance == "mix" else 1.0
+        age = max(round_index - int(reservoir.rounds.min()), 0)
+        mass = share * (1.0 + age) ** p.age_weight * weights.get(name, 1.0)
+        return np.full(len(reservoir), mass / len(reservoir))
+
+    def shares(self, *, round_index: int, weights: Mapping[str, float] | None = None
+               ) -> dict[str, float]:
+        """Each stratum's expected share of a sample."""
+        names = [n for n in sorted(self.strata) if len(self.strata[n])]
+        mass = {n: self._mass(n, names, round_index, weights or {}).sum() for n in names}
+        total = sum(mass.values()) or 1.0
+        return {n: m / total for n, m in mass.items()}
+
     def sizes(self) -> dict[str, dict]:
-        return {name: {"held": len(r), "seen": r.seen} for name, r in sorted(self.sites.items())}
+        return {name: {"held": len(r), "seen": r.seen} for name, r in sorted(self.strata.items())}
 
     # ------------------------------------------------------------------ persistence
 
     def save(self, folder: str) -> None:
         """Write the store to `folder` atomically (temp folder, then rename)."""
         with atomic_dir(Path(folder)) as tmp:
-            state = {"capacity_per_site": self.capacity_per_site, "seed": self.seed, "sites": {}}
-            for name, reservoir in self.sites.items():
+            state = {"capacity": self.capacity, "seed": self.seed, "strata": []}
+            for index, (name, reservoir) in enumerate(self.strata.items()):
                 table = reservoir.table().append_column("round", pa.array(reservoir.rounds))
-                pq.write_table(table, tmp / f"{name}.parquet")
-                state["sites"][name] = {"seen": reservoir.seen,
-                                        "rng": reservoir.rng.bit_generator.state}
+                pq.write_table(table, tmp / f"stratum-{index:04d}.parquet")
+                state["strata"].append({"name": name, "site": self.site_of[name],
+                                        "capacity": reservoir.capacity, "seen": reservoir.seen,
+                                        "rng": reservoir.rng.bit_generator.state})
             (tmp / "state.json").write_text(json.dumps(state))
 
     def restore(self, folder: str) -> None:
         """Replace this store's content with the snapshot saved in `folder`."""
         folder = Path(folder)
-        state = json.loads((folder / "state.json").read_text())
-        self.capacity_per_site, self.seed = state["capacity_per_site"], state["seed"]
-        self.sites = {}
-        for name, site in state["sites"].items():
-            reservoir = self._reservoir(name)
-            reservoir.seen = site["seen"]
-            reservoir.rng.bit_generator.state = site["rng"]
-            table = pq.read_table(folder / f"{name}.parquet")
+        state = _current(json.loads((folder / "state.json").read_text()))
+        self.capacity, self.seed = state["capacity"], state["seed"]
+        self.strata, self.site_of = {}, {}
+        for index, entry in enumerate(state["strata"]):
+            name = entry["name"]
+            reservoir = self.strata[name] = Reservoir(capacity=entry["capacity"],
+                                                      seed=[self.seed, _name_key(name)])
+            self.site_of[name] = entry["site"]
+            reservoir.seen = entry["seen"]
+            reservoir.rng.bit_generator.state = entry["rng"]
+            table = pq.read_table(folder / entry.get("file", f"stratum-{index:04d}.parquet"))
             if table.num_rows:
                 ids, lengths = to_arrays(table)
                 reservoir.ids, reservoir.lengths = ids.astype(np.int32), lengths.astype(np.int32)
                 rounds = (table.column("round").to_numpy() if "round" in table.column_names
                           else np.zeros(table.num_rows))  # a snapshot from before ages were kept
                 reservoir.rounds = rounds.astype(np.int32)
+
+
+def _current(state: dict) -> dict:
+    """A snapshot in today's layout; one written before strata (one reservoir per site, each
+    of `capacity_per_site`) reads as one stratum per site."""
+    if "strata" in state:
+        return state
+    sites = state["sites"]
+    return {"capacity": state["capacity_per_site"] * max(1, len(sites)), "seed": state["seed"],
+            "strata": [{"name": name, "site": name, "capacity": state["capacity_per_site"],
+                        "seen": site["seen"], "rng": site["rng"], "file": f"{name}.parquet"}
+                       for name, site in sites.items()]}

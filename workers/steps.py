@@ -31,6 +31,8 @@ class RoundPlan:
     replay_per_batch: int
     increment_step: int
     run_step: int
+    lr_scale: float = 1.0  # the gate lowers the peak lr after a rejection
+    replay_weights: dict[str, float] = field(default_factory=dict)  # by stratum
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,9 @@ class Trained:
 
 class RoundSteps:
     def __init__(self, *, engine, train: TrainSpec, group: GroupSpec, site: str,
-                 sample_replay: Callable[[int, int], pa.Table]) -> None:
+                 sample_replay: Callable[[int, int, dict], pa.Table]) -> None:
         self.engine, self.train, self.group, self.site = engine, train, group, site
-        self.sample_replay = sample_replay  # (count, round_index) -> sequences
+        self.sample_replay = sample_replay  # (count, round_index, weights) -> sequences
         self.device = engine.device
 
     def run(self, plan: RoundPlan, new: pa.Table, holdout: pa.Table | None, *,
@@ -59,8 +61,8 @@ class RoundSteps:
         stopping = self.train.worker.early_stopping
         per_epoch = max(1, math.ceil(new.num_rows / plan.new_per_batch))
         rows = per_epoch * plan.replay_per_batch
-        replay = (self.sample_replay(stopping.max_epochs * rows, plan.round_index) if rows
-                  else empty_sequences())
+        replay = (self.sample_replay(stopping.max_epochs * rows, plan.round_index,
+                                     plan.replay_weights) if rows else empty_sequences())
         new_arrays = to_arrays(new)  # converted once, reused by every pass
         held_arrays = to_arrays(holdout) if holdout is not None else None
         losses, lrs, held_out, best, stale = [], [], [], math.inf, 0
@@ -123,8 +125,8 @@ class RoundSteps:
 
     def _set_lr(self, plan: RoundPlan, step: int) -> float:
         w = self.train.worker
-        lr = lr_at(w.lr_schedule, peak=w.lr, increment_step=plan.increment_step + step,
-                   run_step=plan.run_step + step)
+        lr = lr_at(w.lr_schedule, peak=w.lr * plan.lr_scale,
+                   increment_step=plan.increment_step + step, run_step=plan.run_step + step)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         return lr

@@ -165,6 +165,11 @@ class RoundTask:
     max_new_tokens: int
     skip: tuple[str, ...] = ()  # the site's files recorded as damaged: never read again
     shards: tuple[tuple[str, ...], ...] = ()  # sharded merging: the delta's slices
+    # The forgetting budget's and the gate's steering (trainer/control.py): this round's
+    # replay ratio (None: the config's), replay weights by stratum, and peak-lr factor.
+    replay_ratio: float | None = None
+    replay_weights: tuple[tuple[str, float], ...] = ()
+    lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)

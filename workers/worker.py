@@ -62,11 +62,12 @@ class Worker:
         self.group = group or GroupSpec(rank=0, size=1, master_addr="127.0.0.1", master_port=0)
         self.replay, self.local_replay = replay, None
         if train.local_replay_capacity > 0:  # replay.scope: site — samples stay here
-            self.local_replay = ReplayStore(capacity_per_site=train.local_replay_capacity,
+            self.local_replay = ReplayStore(capacity=train.local_replay_capacity,
                                             seed=train.seed, policy=train.replay)
             self.replay = self.local_replay.sample
         self.reader = RowReader(site=site, tokenizer=tokenizer, seq_len=train.worker.seq_len,
-                                max_row_chars=train.worker.max_row_chars)
+                                max_row_chars=train.worker.max_row_chars,
+                                stratum=lambda file: train.replay.stratum(site.name, file))
         self.states = StateStore(state_dir, uri=state_uri)
         self.engine = self._engine(model_config)
         self.device = self.engine.device
@@ -118,7 +119,7 @@ class Worker:
         self.pending = None
         has_replay = self.replay is not None
         tokens = min(task.max_new_tokens, new_token_budget(
-            self.train, round_index=task.round_index, replay=has_replay))
+            self.train, round_index=task.round_index, replay=has_replay, ratio=task.replay_ratio))
         try:
             rows = self.reader.read(task.cursor, tokens=tokens, skip=frozenset(task.skip))
         except StorageUnavailable as exc:  # not the data's fault: sit out, read it later
@@ -126,13 +127,15 @@ class Worker:
             return NoData(self.site.name, task.round_index, unavailable=str(exc))
         if not rows.ranges:
             return NoData(self.site.name, task.round_index, quarantined=tuple(rows.damaged))
-        replay = replay_per_batch(self.train, round_index=task.round_index, replay=has_replay)
+        replay = replay_per_batch(self.train, round_index=task.round_index, replay=has_replay,
+                                  ratio=task.replay_ratio)
         plan = RoundPlan(round_index=task.round_index,
                          new_per_batch=self.train.worker.batch_size - replay,
                          replay_per_batch=replay,
                          increment_step=increment_step(task.cursor,
                                                        first_file=rows.ranges[0].file),
-                         run_step=task.cursor.run_steps)
+                         run_step=task.cursor.run_steps, lr_scale=task.lr_scale,
+                         replay_weights=dict(task.replay_weights))
         return self._train(task, plan, rows, weights, base)
 
     def _train(self, task: RoundTask, plan: RoundPlan, rows: NewRows, weights: dict,
@@ -197,11 +200,11 @@ class Worker:
                      "tokens_per_s": (new_tokens * trained.epochs + trained.replay_tokens)
                      / trained.seconds if trained.seconds else 0.0})
 
-    def _sample_replay(self, count: int, round_index: int) -> pa.Table:
+    def _sample_replay(self, count: int, round_index: int, weights: dict) -> pa.Table:
         if count == 0 or self.replay is None:
             return empty_sequences()
         return self.replay(count, [self.train.seed, round_index, site_key(self.site.name)],
-                           round_index=round_index)
+                           round_index=round_index, weights=weights)
 
     def _delta(self, global_weights: dict) -> dict[str, np.ndarray]:
         delta = {}
@@ -245,7 +248,7 @@ class Worker:
             self.committed_round = 0
         rng.restore((rng.load(saved) if saved else None) or self.initial_rng)
         if self.local_replay is not None:
-            self.local_replay.sites = {}
+            self.local_replay.clear()
             if saved is not None and (saved / "replay").is_dir():
                 self.local_replay.restore(str(saved / "replay"))
         self.residual = None

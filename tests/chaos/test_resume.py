@@ -113,3 +113,32 @@ def test_lora_resumes_bit_identically_after_a_kill_after_the_merge(
     kill_and_resume(config, killed, tmp_path, point="merged:2", noisy=0)
     assert identical(files_of(straight, "v0002"), files_of(killed, "v0002"))
     assert all_manifests(straight)[-1]["cursors"] == all_manifests(killed)[-1]["cursors"]
+
+
+BUDGET = {"rounds": 3, "replay.target_forgetting": 0.0, "quality.confidence": 0.5,
+          "eval[0].covers": {"site": "notes"}, "eval[1].covers": {"site": "speeches"}}
+
+
+def test_the_forgetting_budget_steers_replay_and_resumes_bit_identically(
+        ray_cluster, demo_root, notes_site, tmp_path):
+    """Round 2's noise makes every set forget: the budget (here 0, acting on any change)
+    raises the replay ratio and the weights of the strata those sets cover; round 3 trains
+    with them; a kill after round 3's merge resumes to the same weights and decisions."""
+    straight = tmp_path / "straight"
+    worker = misbehaving.noisy_worker(round_index=NOISY_ROUND, scale=0.5)
+    run_training(tiny_config(demo_root, notes_site, straight, **BUDGET), worker_cls=worker)
+    manifests = all_manifests(straight)
+    control = manifests[2]["control"]
+    actions = {d["set"]: d["action"] for d in control["decisions"]}
+    assert actions == {"shakespeare": "raise", "code": "raise"}
+    assert control["ratio"] > 0.25 and control["weights"]
+    assert all(k.startswith(("notes/", "speeches/")) for k in control["weights"])
+    records = read_metrics(straight)
+    assert records[3]["replay_ratio"] == control["ratio"]  # round 3 trained with it
+
+    killed = tmp_path / "killed"
+    kill_and_resume(tiny_config(demo_root, notes_site, killed, **BUDGET), killed, tmp_path,
+                    point="merged:3", noisy=NOISY_ROUND)
+    assert identical(files_of(straight, "v0003"), files_of(killed, "v0003"))
+    assert [m["control"] for m in all_manifests(straight)] == [
+        m["control"] for m in all_manifests(killed)]

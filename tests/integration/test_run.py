@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -54,9 +55,16 @@ def test_versions_manifests_and_metrics_are_written(two_rounds):
     measured = perplexity(saved, data)
     assert last["eval"]["shakespeare"]["perplexity"] == pytest.approx(measured, rel=1e-6)
     assert records[-1]["eval_perplexity"]["shakespeare"] == pytest.approx(measured, rel=1e-6)
-    files = sorted((run_dir / last["replay"]).glob("*.parquet"))
-    assert [f.name for f in files] == ["notes.parquet", "speeches.parquet"]
-    replay = ds.dataset([str(f) for f in files], format="parquet").to_table()
+    snapshot = run_dir / last["replay"]
+    strata = json.loads((snapshot / "state.json").read_text())["strata"]
+    # One stratum per increment file trained (replay.strata: file), each from its site (a
+    # sequence belongs to the file of its first token).
+    trained = {f"{site}/{Path(r['file']).name}" for m in all_manifests(run_dir)
+               for site, ranges in m["increments"].items() for r in ranges}
+    assert len(strata) >= 2 and {s["name"] for s in strata} <= trained
+    assert all(s["name"].startswith(s["site"] + "/") for s in strata)
+    replay = ds.dataset(sorted(str(f) for f in snapshot.glob("*.parquet")),
+                        format="parquet").to_table()
     assert replay.num_rows > 0 and replay.column_names == ["input_ids", "length", "round"]
     assert set(replay.column("round").to_pylist()) <= {1, 2}  # the round each arrived in
 
@@ -182,5 +190,6 @@ def test_site_scoped_replay_never_leaves_the_site(ray_cluster, demo_root, notes_
     assert all(tokens["replay"] > 0 for tokens in last["tokens"].values())  # replay was used
     assert list((run_dir / last["replay"]).glob("*.parquet")) == []  # nothing reached the store
     for site in ("speeches", "notes"):
-        local = run_dir / "sites" / site / "state" / "round-0002" / "replay" / f"{site}.parquet"
-        assert local.is_file(), f"{site} kept no local replay"
+        local = run_dir / "sites" / site / "state" / "round-0002" / "replay" / "state.json"
+        held = json.loads(local.read_text())["strata"]
+        assert held and all(s["site"] == site for s in held), f"{site} kept no local replay"

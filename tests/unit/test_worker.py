@@ -80,7 +80,7 @@ def test_round_returns_delta_weight_and_exact_rows(setup, demo_root, tmp_path):
 
 def test_same_inputs_give_identical_deltas_and_restore_continues_exactly(
         setup, demo_root, tmp_path):
-    store = ReplayStore(capacity_per_site=64, seed=0)
+    store = ReplayStore(capacity=64, seed=0)
     a = make_worker(setup, demo_root, tmp_path / "a", replay=store.sample)
     b = make_worker(setup, demo_root, tmp_path / "b", replay=store.sample)
     first_a = a.train_round(task(a, 1, Cursor()), setup[2])
