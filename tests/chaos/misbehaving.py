@@ -56,15 +56,16 @@ def failing_worker(*, site: str) -> type:
     return FailingWorker
 
 
-def noisy_worker(*, round_index: int, scale: float) -> type:
+def noisy_worker(*, round_index: int | None, scale: float) -> type:
     """A Worker class whose every site adds Gaussian noise (std `scale`) to its delta in
-    `round_index`: finite, of similar norm across sites, and harmful to the model."""
+    `round_index` (None: every round): finite, of similar norm across sites, and harmful to
+    the model."""
 
     class NoisyWorker(Worker):
         def train_round(self, task, weights, base=None):
             update = super().train_round(task, weights, base)
             round_index = task.round_index
-            if round_index != noisy_round or not update.delta:
+            if noisy_round not in (None, round_index) or not update.delta:
                 return update
             rng = np.random.default_rng(round_index)
             delta = {k: v + rng.normal(0, scale, v.shape).astype(np.float32)

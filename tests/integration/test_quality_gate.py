@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tests.chaos import misbehaving
 from tests.helpers import assert_rows_exactly_once, tiny_config
 from trainer.checkpoint import all_manifests
-from trainer.coordinator import run_training
+from trainer.coordinator import RunError, run_training
 from trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.integration
@@ -44,6 +44,36 @@ def test_regressing_candidate_is_rejected_and_the_run_continues(
     near = max((after[k] - before[k]).abs().max().item() for k in before)
     assert near < far / 10, "round 3 did not start from v0001"
     assert all(torch.isfinite(t).all() for t in after.values())
-    assert [r.get("status") for r in read_metrics(run_dir)] == [
-        "accepted", "accepted", "rejected", "accepted"]
-    assert_rows_exactly_once(run_dir, "notes", text_column="body")  # rejected rows count once
+    records = read_metrics(run_dir)
+    assert [r.get("status") for r in records] == ["accepted", "accepted", "rejected", "accepted"]
+    # A first rejection steers and retries: its rows are not consumed but trained again in
+    # round 3, with more replay and half the peak learning rate.
+    assert rejected["increments"] == {} and rejected["retried"]["notes"]
+    def start(r: dict) -> tuple:
+        return r["file"], r["start_row"], r.get("start_token")
+
+    assert (start(manifests["v0003"]["increments"]["notes"][0])
+            == start(rejected["retried"]["notes"][0]))  # the same rows, from the same place
+    assert rejected["control"]["retry"] and rejected["control"]["lr_scale"] == 0.5
+    assert max(records[3]["lr"]["notes"]) <= 0.5e-3 < max(records[1]["lr"]["notes"])
+    assert records[3]["replay_ratio"] > records[1]["replay_ratio"]
+    assert manifests["v0003"]["control"]["lr_scale"] == 1.0  # accepted: the lr recovers
+    assert_rows_exactly_once(run_dir, "notes", text_column="body")  # retried rows count once
+
+
+def test_a_gate_that_keeps_rejecting_stops_the_run_with_a_resume_hint(
+        ray_cluster, demo_root, notes_site, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(demo_root, notes_site, run_dir, rounds=6,
+                         **{"quality.max_rejections": 2})
+    protected = [dataclasses.replace(e, protected=e.name == "shakespeare") for e in config.eval]
+    config = dataclasses.replace(config, eval=protected)
+    worker = misbehaving.noisy_worker(round_index=None, scale=0.5)  # every round is harmful
+    with pytest.raises(RunError, match="rejected 2 candidates in a row") as caught:
+        run_training(config, worker_cls=worker)
+    assert "tributary resume" in str(caught.value) and "v0000" in str(caught.value)
+    manifests = all_manifests(run_dir, include_rejected=True)
+    assert [m["status"] for m in manifests] == ["accepted", "rejected", "rejected"]
+    # The first rejection's rows were retried; the retry's were set aside (consumed).
+    assert manifests[1]["increments"] == {} and manifests[2]["increments"]
+    assert_rows_exactly_once(run_dir, "notes", text_column="body")
