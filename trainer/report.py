@@ -18,7 +18,8 @@ def write_report(run_dir: Path, records: list[dict]) -> list[Path]:
     folder = Path(run_dir) / "report"
     folder.mkdir(exist_ok=True)
     paths = [_plot_per_set(records, "eval_perplexity", folder / "perplexity.png",
-                           title="Held-out perplexity per eval set", ylabel="perplexity",
+                           title="Held-out perplexity per eval set (±1 standard error)",
+                           ylabel="perplexity",
                            log=True),
              _plot_per_set(records, "forgetting", folder / "forgetting.png",
                            title="Forgetting per eval set (current / best so far − 1)",
@@ -35,7 +36,13 @@ def _plot_per_set(records: list[dict], key: str, path: Path, *, title: str, ylab
     names = sorted({name for r in records for name in r.get(key, {})})
     for name in names:
         points = [(r["round"], r[key][name]) for r in records if name in r.get(key, {})]
-        axes.plot(*zip(*points), marker="o", label=name)
+        line, = axes.plot(*zip(*points), marker="o", label=name)
+        errors = [r.get(f"{key.removesuffix('_perplexity')}_stderr", {}).get(name)
+                  for r in records if name in r.get(key, {})]
+        if key == "eval_perplexity" and all(e is not None for e in errors):
+            rounds, values = zip(*points)  # ±1 standard error, from the bootstrap
+            axes.errorbar(rounds, values, yerr=errors, fmt="none", ecolor=line.get_color(),
+                          capsize=3, alpha=0.7)
         rejected = [(r["round"], r[key][name]) for r in records
                     if r.get("status") == "rejected" and name in r.get(key, {})]
         if rejected:
