@@ -155,9 +155,9 @@ def demo_stream(data: Path, root: Path, *, size: Size, seed: int) -> Stream:
         speeches = pieces(_seeded(read_texts(era_file, text_column="text"), seed),
                           max_chars=2 * size.seq_len)
         taken = take_tokens(speeches, tokenizer, budget)
-        evals[f"era_{era_file.stem}"] = EvalSet(
-            write_rows(root / "eval" / f"era_{era_file.stem}.parquet", speeches[len(taken):]),
-            covers={"site": "speeches", "files": [f"{k:02d}.parquet"]})
+        era = f"era_{Path(era_file.name).stem}"
+        evals[era] = EvalSet(write_rows(root / "eval" / f"{era}.parquet", speeches[len(taken):]),
+                             covers={"site": "speeches", "files": [f"{k:02d}.parquet"]})
         sources = take_tokens(pieces(_seeded(read_texts(code_file, text_column="source"),
                                              seed), max_chars=2 * size.seq_len),
                               tokenizer, budget)
@@ -165,7 +165,7 @@ def demo_stream(data: Path, root: Path, *, size: Size, seed: int) -> Stream:
     evals["code"] = EvalSet(data / "eval" / "code.jsonl", covers={"site": "code"},
                             text_column="source")
     evals["shakespeare"] = EvalSet(data / "eval" / "shakespeare.txt")
-    newest = f"era_{eras[-1].stem}"
+    newest = f"era_{Path(eras[-1].name).stem}"
     return write_stream(root, rounds, evals, newest=[newest],
                         older=[n for n in evals if n.startswith("era_") and n != newest],
                         seed=seed)
