@@ -28,6 +28,11 @@ def version_name(number: int) -> str:
     return f"v{number:04d}"
 
 
+def version_number(folder: Path) -> int:
+    """vNNNN's number (names are zero-padded to 4 digits only: v10000 sorts before v9999)."""
+    return int(folder.name[1:])
+
+
 def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenizer,
                  manifest: dict, rejected: bool = False,
                  outer_state: dict[str, torch.Tensor] | None = None) -> Path:
@@ -82,7 +87,7 @@ def all_manifests(run_dir: Path, *, include_rejected: bool = False) -> list[dict
     folders = [p for p in (run_dir / VERSIONS).glob("v[0-9]*") if p.is_dir()]
     if include_rejected:
         folders += [p for p in (run_dir / VERSIONS / REJECTED).glob("v[0-9]*") if p.is_dir()]
-    return [read_manifest(p) for p in sorted(folders, key=lambda p: p.name)]
+    return [read_manifest(p) for p in sorted(folders, key=version_number)]
 
 
 def prune_versions(run_dir: Path, *, keep: int) -> list[Path]:
@@ -91,7 +96,7 @@ def prune_versions(run_dir: Path, *, keep: int) -> list[Path]:
     Returns the folders pruned."""
     pruned = []
     for folder in (run_dir / VERSIONS, run_dir / VERSIONS / REJECTED):
-        versions = sorted(p for p in folder.glob("v[0-9]*") if p.is_dir())
+        versions = sorted((p for p in folder.glob("v[0-9]*") if p.is_dir()), key=version_number)
         for old in versions[:-keep]:
             files = [f for f in old.iterdir() if f.name != "manifest.json"]
             for item in files:

@@ -29,7 +29,9 @@ MIN_LR_SCALE = 0.125
 
 @dataclass
 class Control:
-    ratio: float | None = None  # this run's replay ratio (None: the config's schedule)
+    # The replay ratio's factor over the config's (its schedule included), held so that the
+    # steered ratio stays within replay.max_ratio.
+    ratio_scale: float = 1.0
     weights: dict[str, float] = field(default_factory=dict)  # stratum -> replay weight
     lr_scale: float = 1.0  # the peak learning rate's factor (lowered after a rejection)
     retry: bool = False  # the last candidate was rejected: its rows are trained again once
@@ -65,29 +67,43 @@ def budget_step(control: Control, *, evals: Mapping[str, EvalResult],
         over, under = over or action == "raise", under and action == "lower"
         decisions.append({"set": name, "strata": targets, "forgetting": max(rise, 0.0),
                           "low": low, "high": high, "action": action})
-    ratio = control.ratio if control.ratio is not None else base_ratio
-    ratio = min(ratio * UP, max_ratio) if over else max(ratio / UP, base_ratio) if (
-        under and decisions) else ratio
-    return Control(ratio=ratio, weights={k: v for k, v in weights.items() if v != 1.0},
+    scale = control.ratio_scale
+    scale = (raised(scale, base_ratio=base_ratio, max_ratio=max_ratio) if over
+             else max(scale / UP, 1.0) if under and decisions else scale)
+    return Control(ratio_scale=scale, weights={k: v for k, v in weights.items() if v != 1.0},
                    lr_scale=control.lr_scale, retry=control.retry,
                    rejections=control.rejections, decisions=decisions)
 
 
+def raised(scale: float, *, base_ratio: float, max_ratio: float) -> float:
+    """The ratio's factor one step up, so that base_ratio × factor stays ≤ max_ratio."""
+    return min(scale * UP, max_ratio / base_ratio) if base_ratio > 0 else scale
+
+
+def steered_ratio(control: Control, *, base_ratio: float, max_ratio: float) -> float | None:
+    """The replay ratio a round trains with (None: the config's, unsteered)."""
+    if control.ratio_scale == 1.0:
+        return None
+    return min(base_ratio * control.ratio_scale, max_ratio)
+
+
 def after_gate(control: Control, *, rejected: bool, regressed: Sequence[str],
                covers: Mapping[str, Cover], strata: Sequence[str], max_ratio: float,
-               base_ratio: float) -> Control:
+               base_ratio: float, budget: bool = False) -> Control:
     """The gate's steering: after a rejection more replay of what regressed, a halved peak
-    lr, and one retry of the rows; after an acceptance the lr recovers step by step."""
+    lr, and one retry of the rows; after an acceptance the lr recovers step by step, and so
+    does the replay ratio (unless the forgetting budget, `budget`, is the one that sets it)."""
     if not rejected:
-        return Control(ratio=control.ratio, weights=control.weights,
+        scale = control.ratio_scale if budget else max(control.ratio_scale / UP, 1.0)
+        return Control(ratio_scale=scale, weights=control.weights,
                        lr_scale=min(1.0, control.lr_scale * 2), retry=False, rejections=0,
                        decisions=control.decisions)
     weights = dict(control.weights)
     for name in regressed:
         for stratum in covers[name].strata(strata) if name in covers else []:
             weights[stratum] = min(weights.get(stratum, 1.0) * UP, MAX_WEIGHT)
-    ratio = control.ratio if control.ratio is not None else base_ratio
     decision = {"gate": "rejected", "regressed": list(regressed), "retry": not control.retry}
-    return Control(ratio=min(ratio * UP, max_ratio), weights=weights,
+    return Control(ratio_scale=raised(control.ratio_scale, base_ratio=base_ratio,
+                                      max_ratio=max_ratio), weights=weights,
                    lr_scale=max(control.lr_scale / 2, MIN_LR_SCALE), retry=not control.retry,
                    rejections=control.rejections + 1, decisions=[*control.decisions, decision])

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cluster.connect import connect
 from trainer import checkpoint
 from trainer.config import Config, credential_keys, dump_config
-from trainer.control import after_gate, budget_step
+from trainer.control import after_gate, budget_step, steered_ratio
 from trainer.evaluate import EvalResult, evaluate, load_eval_set
 from trainer.faults import kill_point
 from trainer.fleet import SiteFleet
@@ -123,8 +123,8 @@ class Coordinator:
                 stop.wait(self.config.run.poll_s)
                 continue
             outcome = self.run_round(self.state.round + 1)
-            if outcome == "idle":  # watched sites, nothing new yet: look again later
-                self._say_waiting()
+            if outcome in ("idle", "unavailable"):  # nothing new, or storage down: look later
+                self._say_waiting(outcome)
                 stop.wait(self.config.run.poll_s)
                 continue
             self.waiting = False
@@ -137,16 +137,16 @@ class Coordinator:
 
     def run_round(self, round_index: int) -> str:
         """One round: "merged", "rejected" (the quality gate kept the previous version),
-        "failed" (too few valid updates; it is tried again) or "idle" (no site had anything
-        new; nothing is committed). With run.overlap the previous version is evaluated and
+        "failed" (too few valid updates; it is tried again), "idle" (no site had anything
+        new; nothing is committed) or "unavailable" (every site sat out on a storage fault). With run.overlap the previous version is evaluated and
         written while this round trains; the merge waits for it."""
         started = time.perf_counter()
         tasks = self._plan(round_index)
         with tqdm(total=len(tasks) + 1, desc=f"round {round_index}", leave=False,
                   disable=None) as bar:  # disable=None: no bar in a Ray job's log
             result, parts = self._collect(tasks, on_answer=lambda: bar.update(1))
-            if result.quiet:
-                return "idle"
+            if result.quiet or result.stalled:
+                return "idle" if result.quiet else "unavailable"
             if not self._quorum(result):
                 self._round_failed(round_index, result)
                 return "failed"
@@ -175,12 +175,14 @@ class Coordinator:
     def _plan(self, round_index: int) -> dict[str, RoundTask]:
         """Every active site's task: where it continues, what it may take, what it skips,
         and the replay and learning-rate steering in force."""
-        control = self.state.control
-        budget = new_token_budget(self.train, round_index=round_index, ratio=control.ratio)
+        control, r = self.state.control, self.config.replay
+        ratio = steered_ratio(control, base_ratio=ratio_at(r, round_index=round_index),
+                              max_ratio=r.max_ratio)
+        budget = new_token_budget(self.train, round_index=round_index, ratio=ratio)
         return {site: RoundTask(round_index=round_index, cursor=self.state.cursors[site],
                                 max_new_tokens=budget,
                                 skip=tuple(sorted(self.state.skipped.get(site, ()))),
-                                shards=self.merger.shards, replay_ratio=control.ratio,
+                                shards=self.merger.shards, replay_ratio=ratio,
                                 replay_weights=tuple(sorted(control.weights.items())),
                                 lr_scale=control.lr_scale)
                 for site in self.state.active(self.config.sites)}
@@ -209,7 +211,7 @@ class Coordinator:
         for site in gathered.idle:  # a watched site may get new files: it sits this round out
             if not next(s for s in self.config.sites if s.name == site).watch:
                 self.state.exhausted.add(site)
-        quarantined = [e for site, found in gathered.damaged.items()
+        quarantined = [e for site, found in sorted(gathered.damaged.items())
                        for e in note_damaged(self.run_dir, self.state, site, found)]
         refused = {u.worker_id: why for u in gathered.updates
                    if (why := self._report_problem(u, tasks[u.worker_id]))}
@@ -248,7 +250,8 @@ class Coordinator:
         if self.protected:
             control = after_gate(control, rejected=bool(gate), covers=self.covers,
                                  regressed=[g.split(":")[0] for g in gate], strata=strata,
-                                 max_ratio=r.max_ratio, base_ratio=base)
+                                 max_ratio=r.max_ratio, base_ratio=base,
+                                 budget=r.target_forgetting is not None)
         if r.target_forgetting is not None and not gate:
             control = budget_step(control, evals=evals, history=self.writer.history,
                                   covers=self.covers, strata=strata, base_ratio=base,
@@ -336,12 +339,13 @@ class Coordinator:
     def _done(self) -> bool:
         return self.config.rounds is not None and self.state.round >= self.config.rounds
 
-    def _say_waiting(self) -> None:
-        """One line when an idle watched run starts waiting, not one every poll."""
+    def _say_waiting(self, outcome: str) -> None:
+        """One line when an idle (or storage-bound) run starts waiting, not one every poll."""
         if not self.waiting:
-            print(f"No new data at any site after round {self.state.round}; waiting for new "
-                  f"increments (looking every run.poll_s={self.config.run.poll_s:g} s).",
-                  flush=True)
+            why = ("no new data at any site" if outcome == "idle" else
+                   "the storage of every site with rows left is unavailable")
+            print(f"After round {self.state.round}: {why}; waiting (looking every "
+                  f"run.poll_s={self.config.run.poll_s:g} s).", flush=True)
         self.waiting = True
 
     def _user_run_dir(self) -> str:

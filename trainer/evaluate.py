@@ -122,6 +122,8 @@ def perplexity(model: torch.nn.Module, data: EvalSet, *, batch_size: int = 8) ->
 def _resampled(doc_nll: np.ndarray, doc_tokens: np.ndarray) -> np.ndarray:
     """Mean NLL (log perplexity) of DRAWS resamples of the documents, the same resamples for
     any version of the same set."""
+    kept = doc_tokens > 0  # a trailing stretch of padding is no document
+    doc_nll, doc_tokens = doc_nll[kept], doc_tokens[kept]
     if len(doc_nll) < 2:
         return np.zeros(1)
     picks = np.random.default_rng(SEED).integers(0, len(doc_nll), (DRAWS, len(doc_nll)))

@@ -151,6 +151,9 @@ class SiteFleet:
     def _restarted(self, site: str, *, round_index: int) -> SiteWorkers:
         """The site's workers, created again (with their committed state) if they died."""
         if site not in self.actors:
+            problem = infeasible(self.demand(site))  # e.g. the node it was pinned to is gone
+            if problem is not None:
+                raise RuntimeError(f"cannot restart its workers: {problem}")
             workers = self._create(site)
             if round_index > 0:
                 ray.get(workers.call("restore", round_index=round_index))
@@ -211,7 +214,7 @@ class SiteFleet:
             on_answer()
             try:
                 answer = ray.get(ready[0])
-                ray.get(dispatched.followers.get(site, []))  # a group answers once all have
+                self._wait_followers(dispatched.followers.get(site, []), deadline=deadline)
             except Exception as exc:  # noqa: BLE001 - a dead actor or an error inside train_round
                 failures[site] = reason(exc)
                 self.drop(site)
@@ -228,6 +231,19 @@ class SiteFleet:
             self.drop(site)
         return Gathered(sorted(updates, key=lambda u: u.worker_id), failures, idle,
                         unavailable, damaged, dispatched.parts)
+
+    @staticmethod
+    def _wait_followers(refs: list, *, deadline: float) -> None:
+        """A group answers once all its ranks have, by the round's deadline (a rank stuck in
+        a collective, e.g. after reading other data than rank 0, must not hang the run)."""
+        if not refs:
+            return
+        done, pending = ray.wait(refs, num_returns=len(refs),
+                                 timeout=max(0.0, deadline - time.monotonic()))
+        if pending:
+            raise TimeoutError(f"{len(pending)} rank(s) of the site's group did not finish "
+                               "by the round's deadline")
+        ray.get(done)
 
     def count_misses(self, result: RoundResult, *, state: RunState) -> None:
         """Track sites that fail round after round; past worker.max_missed_rounds they are

@@ -20,11 +20,13 @@ from pathlib import Path, PurePosixPath
 import pyarrow.fs as pafs
 
 from trainer import checkpoint
+from trainer.resume import resume_manifest
 from workers.retry import retrying
 from workers.storage import (
     base_name,
     delete_tree,
     download_tree,
+    is_published,
     join,
     list_names,
     locate,
@@ -69,9 +71,9 @@ class Mirror:
     def _publish(self, number: int, *, rejected: bool, replay_dir: Path) -> None:
         name = checkpoint.version_name(number)
         parts = [checkpoint.VERSIONS, checkpoint.REJECTED] if rejected else [checkpoint.VERSIONS]
-        publish_folder(self.local.joinpath(*parts, name), join(self.uri, *parts, name))
-        if replay_dir.is_dir():
+        if replay_dir.is_dir():  # first: a complete version always finds its snapshot
             publish_folder(replay_dir, join(self.uri, "replay", name))
+        publish_folder(self.local.joinpath(*parts, name), join(self.uri, *parts, name))
         for file in ("metrics.jsonl", "config.yaml"):
             if (self.local / file).is_file():
                 write_text(join(self.uri, file), (self.local / file).read_text())
@@ -106,20 +108,22 @@ class Mirror:
         for parts in ([checkpoint.VERSIONS], [checkpoint.VERSIONS, checkpoint.REJECTED]):
             for name in [n for n in list_names(join(self.uri, *parts))
                          if VERSION_NAME.fullmatch(n)]:
+                remote = join(self.uri, *parts, name)
+                if name != latest and not is_published(remote):
+                    continue  # uploaded part-way before a crash: as if it was never written
                 target = self.local.joinpath(*parts, name)
                 target.mkdir(parents=True)
                 if name == latest and len(parts) == 1:
-                    download_tree(join(self.uri, *parts, name), target)
+                    download_tree(remote, target)
                     continue
-                text = read_text(join(self.uri, *parts, name, "manifest.json"))
-                (target / "manifest.json").write_text(text or "{}")
+                (target / "manifest.json").write_text(read_text(join(remote, "manifest.json")))
         checkpoint.point_latest(self.local, latest)
         self._pull_replay()
 
     def _pull_replay(self) -> None:
-        """The replay snapshot named by the newest manifest (accepted or rejected)."""
-        manifests = checkpoint.all_manifests(self.local, include_rejected=True)
-        replay = max(manifests, key=lambda m: m.get("version", -1)).get("replay")
+        """The replay snapshot the resume starts from (trainer/resume.py picks it the same
+        way: the newest manifest that is rejected or not past `latest`)."""
+        replay = resume_manifest(self.local).get("replay")
         if replay:
             parts = PurePosixPath(replay).parts
             # A manifest read from a bucket is input: its path must stay in replay/vNNNN.

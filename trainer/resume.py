@@ -29,10 +29,9 @@ def resume_point(run_dir: Path, *, sites: list[SiteConfig]) -> ResumePoint:
     latest = checkpoint.latest_version(run_dir)
     if latest is None:
         raise RunError(f"{run_dir} has no versions/latest; start it with `tributary run`")
+    manifests = _usable(run_dir)
+    newest = resume_manifest(run_dir)
     accepted = checkpoint.read_manifest(latest)["version"]
-    manifests = [m for m in checkpoint.all_manifests(run_dir, include_rejected=True)
-                 if m.get("status") == "rejected" or m["version"] <= accepted]
-    newest = max(manifests, key=lambda m: m["version"])
     state = RunState(
         round=newest["round"], version=newest["version"], accepted=accepted,
         cursors={s.name: Cursor.from_dict(newest["cursors"].get(s.name, {})) for s in sites},
@@ -44,3 +43,16 @@ def resume_point(run_dir: Path, *, sites: list[SiteConfig]) -> ResumePoint:
                if m.get("status") != "rejected"]
     return ResumePoint(state=state, history=history, version_dir=latest,
                        replay_dir=run_dir / newest["replay"])
+
+
+def resume_manifest(run_dir: Path) -> dict:
+    """The manifest a resume continues from: the newest one that is rejected or not past
+    `latest` (an accepted version renamed into place just before a crash is done again)."""
+    return max(_usable(run_dir), key=lambda m: m["version"])
+
+
+def _usable(run_dir: Path) -> list[dict]:
+    latest = checkpoint.latest_version(run_dir)
+    accepted = checkpoint.read_manifest(latest)["version"]
+    return [m for m in checkpoint.all_manifests(run_dir, include_rejected=True)
+            if m.get("status") == "rejected" or m["version"] <= accepted]

@@ -53,6 +53,12 @@ class RoundResult:
     unavailable: dict[str, str] = field(default_factory=dict)  # site -> storage fault (sat out)
 
     @property
+    def stalled(self) -> bool:
+        """Every site that had work sat out on a storage fault: nothing to merge, nothing
+        failed — wait and try again (sites that stay stalled go down, worker.max_missed_rounds)."""
+        return bool(self.unavailable) and not (self.updates or self.failures or self.rejected)
+
+    @property
     def quiet(self) -> bool:
         """Every site answered that it has nothing new: nothing to merge or count."""
         return not (self.updates or self.failures or self.rejected or self.unavailable)

@@ -16,7 +16,7 @@ import numpy as np
 from trainer.merge import finite_problem, layout_problem
 from workers.increments import FORMATS, cursor_after
 from workers.packing import real_tokens
-from workers.storage import list_files
+from workers.storage import is_uri, list_files
 from workers.types import Cursor, RowRange, WorkerUpdate
 
 
@@ -121,8 +121,12 @@ def _rows_problem(ranges: Sequence[RowRange], previous: Cursor, listed: set[str]
 
 
 def listed_names(location: str) -> set[str] | None:
-    """The site's file names as the coordinator sees them; None where it cannot list them (a
-    folder local to the site's node, storage that is down): that check is then skipped."""
+    """The site's file names as the coordinator sees them, for a site on object storage
+    (s3://, gs://, ...); None otherwise, and the check is skipped: a local path may name
+    another folder on the coordinator's node than on the site's, and storage that is down
+    cannot say."""
+    if not is_uri(location):
+        return None
     try:  # one look, no retries: a slow store must not hold the round up
         return {f.name for f in list_files(location, suffixes=set(FORMATS))}
     except (OSError, ValueError):

@@ -76,7 +76,7 @@ class VersionWriter:
                                     rejected=bool(gate), outer_state=outer)
             if not gate:
                 self.history.append(evals)
-            self._prune(keep=checkpoint.version_name(number))
+            self._prune(keep=number)
             if self.mirror is not None:
                 self.mirror.publish(number, rejected=bool(gate), replay_dir=replay_dir)
                 self.mirror.prune()
@@ -98,9 +98,9 @@ class VersionWriter:
         """Failures of a round that produced no version (so no metrics line)."""
         self.metrics.count_failures(dict(reasons))
 
-    def _prune(self, *, keep: str) -> None:
+    def _prune(self, *, keep: int) -> None:
         for folder in (self.run_dir / "replay").glob("v[0-9]*"):
-            if folder.name < keep:
+            if checkpoint.version_number(folder) < keep:
                 shutil.rmtree(folder, ignore_errors=True)
         if self.keep_versions is not None:
             checkpoint.prune_versions(self.run_dir, keep=self.keep_versions)

@@ -131,10 +131,10 @@ def test_the_forgetting_budget_steers_replay_and_resumes_bit_identically(
     control = manifests[2]["control"]
     actions = {d["set"]: d["action"] for d in control["decisions"]}
     assert actions == {"shakespeare": "raise", "code": "raise"}
-    assert control["ratio"] > 0.25 and control["weights"]
+    assert control["ratio_scale"] > 1 and control["weights"]
     assert all(k.startswith(("notes/", "speeches/")) for k in control["weights"])
     records = read_metrics(straight)
-    assert records[3]["replay_ratio"] == control["ratio"]  # round 3 trained with it
+    assert records[3]["replay_ratio"] == min(0.25 * control["ratio_scale"], 0.5)  # round 3
 
     killed = tmp_path / "killed"
     kill_and_resume(tiny_config(demo_root, notes_site, killed, **BUDGET), killed, tmp_path,
