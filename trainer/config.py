@@ -83,15 +83,24 @@ class Cover:
     site: str
     files: list[str] = field(default_factory=list)
 
-    def strata(self, known: Sequence[str]) -> list[str]:
-        """The replay strata among `known` that hold these increments (the file names
-        themselves when the strata are not known here: replay.scope site)."""
-        if not self.files:
-            return [s for s in known if s == self.site or s.startswith(self.site + "/")]
-        patterns = [f"{self.site}/{f}" for f in self.files]
+    def strata(self, known: Sequence[str], *, groups: dict[str, list[str]] | None = None
+               ) -> list[str]:
+        """The replay strata among `known` that hold these increments: files of the site
+        (`site/file`), a named group holding such files (`replay.groups`), or the site itself
+        (`replay.strata: site`). The file names themselves when the strata are not known
+        here (`replay.scope: site`: they live on the workers)."""
+        patterns = [f"{self.site}/{f}" for f in self.files or ["*"]]
         if not known:
-            return patterns
-        return [s for s in known if any(fnmatch.fnmatchcase(s, p) for p in patterns)]
+            return patterns if self.files else [self.site]
+        groups = groups or {}
+        return [s for s in known if s == self.site
+                or (s in groups and any(_overlap(p, g) for p in patterns for g in groups[s]))
+                or (s not in groups and any(fnmatch.fnmatchcase(s, p) for p in patterns))]
+
+
+def _overlap(pattern: str, group: str) -> bool:
+    """Can a file match both patterns? (Either one matching the other is taken as yes.)"""
+    return fnmatch.fnmatchcase(pattern, group) or fnmatch.fnmatchcase(group, pattern)
 
 
 @dataclass(frozen=True)

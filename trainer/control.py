@@ -49,7 +49,7 @@ class Control:
 def budget_step(control: Control, *, evals: Mapping[str, EvalResult],
                 history: Sequence[Mapping[str, EvalResult]], covers: Mapping[str, Cover],
                 strata: Sequence[str], target: float, z: float, base_ratio: float,
-                max_ratio: float) -> Control:
+                max_ratio: float, groups: dict[str, list[str]] | None = None) -> Control:
     """One decision of the forgetting budget after an accepted version."""
     decisions, weights, over, under = [], dict(control.weights), False, True
     for name, cover in covers.items():
@@ -58,7 +58,7 @@ def budget_step(control: Control, *, evals: Mapping[str, EvalResult],
             continue
         best = min(seen, key=lambda r: r.perplexity)
         rise, low, high = change_bounds(evals[name], best, z=z)
-        targets = cover.strata(strata)
+        targets = cover.strata(strata, groups=groups)
         action = "raise" if low > target else "lower" if high < target else "hold"
         for stratum in targets:
             w = weights.get(stratum, 1.0)
@@ -89,7 +89,8 @@ def steered_ratio(control: Control, *, base_ratio: float, max_ratio: float) -> f
 
 def after_gate(control: Control, *, rejected: bool, regressed: Sequence[str],
                covers: Mapping[str, Cover], strata: Sequence[str], max_ratio: float,
-               base_ratio: float, budget: bool = False) -> Control:
+               base_ratio: float, budget: bool = False,
+               groups: dict[str, list[str]] | None = None) -> Control:
     """The gate's steering: after a rejection more replay of what regressed, a halved peak
     lr, and one retry of the rows; after an acceptance the lr recovers step by step, and so
     does the replay ratio (unless the forgetting budget, `budget`, is the one that sets it)."""
@@ -100,7 +101,7 @@ def after_gate(control: Control, *, rejected: bool, regressed: Sequence[str],
                        decisions=control.decisions)
     weights = dict(control.weights)
     for name in regressed:
-        for stratum in covers[name].strata(strata) if name in covers else []:
+        for stratum in covers[name].strata(strata, groups=groups) if name in covers else []:
             weights[stratum] = min(weights.get(stratum, 1.0) * UP, MAX_WEIGHT)
     decision = {"gate": "rejected", "regressed": list(regressed), "retry": not control.retry}
     return Control(ratio_scale=raised(control.ratio_scale, base_ratio=base_ratio,

@@ -250,11 +250,12 @@ class Coordinator:
         if self.protected:
             control = after_gate(control, rejected=bool(gate), covers=self.covers,
                                  regressed=[g.split(":")[0] for g in gate], strata=strata,
-                                 max_ratio=r.max_ratio, base_ratio=base,
+                                 max_ratio=r.max_ratio, base_ratio=base, groups=r.groups,
                                  budget=r.target_forgetting is not None)
         if r.target_forgetting is not None and not gate:
             control = budget_step(control, evals=evals, history=self.writer.history,
                                   covers=self.covers, strata=strata, base_ratio=base,
+                                  groups=r.groups,
                                   target=r.target_forgetting, z=self.config.quality.z(),
                                   max_ratio=r.max_ratio)
         self.state.control = control

@@ -86,3 +86,14 @@ def test_the_state_round_trips_through_a_manifest():
     control = Control(ratio_scale=1.5, weights={"a/b": 1.5}, lr_scale=0.5, retry=True,
                       rejections=1, decisions=[{"set": "x", "action": "raise"}])
     assert Control.from_dict(json.loads(json.dumps(control.to_dict()))) == control
+
+
+def test_covers_find_file_strata_named_groups_and_whole_sites():
+    cover = Cover(site="speeches", files=["17*"])
+    known = ["speeches/1790s.parquet", "speeches/1990s.parquet", "old_eras", "new_eras",
+             "speeches", "code/01.jsonl"]
+    groups = {"old_eras": ["speeches/17*", "speeches/18*"], "new_eras": ["speeches/19*"]}
+    assert cover.strata(known, groups=groups) == ["speeches/1790s.parquet", "old_eras",
+                                                  "speeches"]
+    assert Cover(site="code").strata(known) == ["code/01.jsonl"]
+    assert cover.strata([]) == ["speeches/17*"]  # strata on the workers: by name
