@@ -38,6 +38,9 @@ class Manifest:
     increments: dict[str, list[dict]]  # site -> [{file, start_row, end_row[, tokens]}]
     # Rows a rejected candidate trained that are retried (not consumed): same form.
     retried: dict[str, list[dict]]
+    # Every update merged into this version: site, the version it trained from, how many
+    # versions were published since (staleness), its weight's discount, weight and rows.
+    lineage: list[dict]
     tokens: dict[str, dict[str, int]]  # site -> {new, replay}
     merge_weights: dict[str, float]
     eval: dict[str, dict[str, float]]
@@ -60,18 +63,28 @@ class Manifest:
     def of(cls, *, number: int, evals: Mapping[str, EvalResult], result: RoundResult,
            state: RunState, gate: Sequence[str], history: Sequence[Mapping[str, EvalResult]],
            sites: Sequence[SiteConfig], newest: Sequence[str], seed: int,
-           consumed: bool = True) -> Manifest:
+           consumed: bool = True, lineage: Sequence[Mapping] | None = None) -> Manifest:
         by_name = {s.name: s for s in sites}
         total = sum(u.weight for u in result.updates) or 1.0
-        rows = {u.worker_id: [dict(r.to_dict(), file=file_path(by_name[u.worker_id], r.file))
-                              for r in u.consumed] for u in result.updates}
+        rows, tokens, weights = {}, {}, {}
+        for u in result.updates:  # a site may have more than one update (merge.mode async)
+            rows.setdefault(u.worker_id, []).extend(
+                dict(r.to_dict(), file=file_path(by_name[u.worker_id], r.file))
+                for r in u.consumed)
+            counted = tokens.setdefault(u.worker_id, {"new": 0, "replay": 0})
+            counted["new"] += u.metrics["new_tokens"]
+            counted["replay"] += u.metrics["replay_tokens"]
+            weights[u.worker_id] = weights.get(u.worker_id, 0.0) + u.weight / total
+        parent = version_name(state.accepted) if number > 0 else None
+        lineage = lineage if lineage is not None else [
+            {"site": u.worker_id, "base": parent, "staleness": 0, "discount": 1.0,
+             "weight": u.weight / total, "rows": rows[u.worker_id]} for u in result.updates]
         return cls(
-            parent=version_name(state.accepted) if number > 0 else None,
+            parent=parent,
             status="rejected" if gate else "accepted", gate=list(gate), round=state.round,
             increments=rows if consumed else {}, retried={} if consumed else rows,
-            tokens={u.worker_id: {"new": u.metrics["new_tokens"],
-                                  "replay": u.metrics["replay_tokens"]} for u in result.updates},
-            merge_weights={u.worker_id: u.weight / total for u in result.updates},
+            lineage=[dict(entry) for entry in lineage],
+            tokens=tokens, merge_weights=weights,
             eval={name: result.to_dict() for name, result in evals.items()},
             forgetting=forgetting([perplexities(h) for h in history], perplexities(evals)),
             transfer=transfer(perplexities(history[0] if history else evals),
