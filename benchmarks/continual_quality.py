@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--seeds", type=int, help="seeds per stream (default: 3, quick: 1)")
     parser.add_argument("--lr", type=float, help="peak inner learning rate of every arm")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the summaries of arms an earlier invocation finished")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
     size = dataclasses.replace(size, lr=args.lr or size.lr, seeds=args.seeds or size.seeds)
@@ -101,7 +103,7 @@ def main() -> None:
             for arm in args.arms:
                 results.setdefault(name, {}).setdefault(arm, []).append(
                     run_arm(arm, stream, out / "runs" / f"{name}-{seed}-{arm}", size=size,
-                            seed=seed))
+                            seed=seed, reuse=args.reuse))
         (out / "results.json").write_text(json.dumps({"size": size.__dict__, "runs": results},
                                                      indent=1))
     text = report(results)
@@ -109,7 +111,11 @@ def main() -> None:
     print(text)
 
 
-def run_arm(arm: str, stream: Stream, run_dir: Path, *, size: Size, seed: int) -> dict:
+def run_arm(arm: str, stream: Stream, run_dir: Path, *, size: Size, seed: int,
+            reuse: bool = False) -> dict:
+    done = run_dir / "summary.json"  # written last: an arm cut short has none
+    if reuse and done.exists():
+        return json.loads(done.read_text())
     started = time.perf_counter()
     shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
     run_training(arm_config(arm, stream, run_dir, size=size, seed=seed))
@@ -117,6 +123,7 @@ def run_arm(arm: str, stream: Stream, run_dir: Path, *, size: Size, seed: int) -
                         seconds=time.perf_counter() - started)
     for folder in ("versions", "replay", "sites"):  # the tables need metrics.jsonl only
         shutil.rmtree(run_dir / folder, ignore_errors=True)
+    done.write_text(json.dumps(summary))
     print(f"{run_dir.name}: {summary['seconds']:.0f} s, mean perplexity "
           f"{summary['mean']:.2f}, forgetting {summary['forgetting']:.3f}", flush=True)
     return summary

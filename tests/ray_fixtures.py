@@ -56,7 +56,9 @@ EXPECTED_METRICS = {"ray_tributary_round", "ray_tributary_version",
                     "ray_tributary_backward_transfer", "ray_tributary_newest_gain",
                     "ray_tributary_learning_rate", "ray_tributary_bytes_total",
                     "ray_tributary_round_overhead_seconds", "ray_tributary_replay_ratio",
-                    "ray_tributary_lr_scale"}
+                    "ray_tributary_lr_scale", "ray_tributary_staleness"}
+# Served by a merge.mode async run besides those.
+ASYNC_METRICS = {"ray_tributary_updates_per_minute", "ray_tributary_idle_seconds"}
 ON_FAILURE_METRICS = {"ray_tributary_worker_failures_total",
                       "ray_tributary_quarantined_files_total"}
 

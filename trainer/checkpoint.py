@@ -21,6 +21,8 @@ from workers.fsio import atomic_dir, atomic_write, fsync_dir
 VERSIONS = "versions"
 LATEST = "latest"
 REJECTED = "rejected"  # versions/rejected/vNNNN: candidates the quality gate refused
+# versions/superseded/vNNNN: versions past a resume's starting point (their rows are trained again)
+SUPERSEDED = "superseded"
 OUTER_STATE = "outer_state.safetensors"  # the merge strategy's optimizer state, if any
 
 
@@ -35,16 +37,19 @@ def version_number(folder: Path) -> int:
 
 def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenizer,
                  manifest: dict, rejected: bool = False,
-                 outer_state: dict[str, torch.Tensor] | None = None) -> Path:
+                 outer_state: dict[str, torch.Tensor] | None = None,
+                 weights: bool = True) -> Path:
     """Write version `number` with its manifest (and the merge strategy's outer-optimizer
     state, if it keeps one) and point `latest` at it (a rejected version goes to
-    versions/rejected/ and `latest` stays where it is)."""
+    versions/rejected/ and `latest` stays where it is). `weights=False` writes the manifest
+    only (run.eval_every): such a version is lineage, never `latest`."""
     versions = run_dir / VERSIONS / REJECTED if rejected else run_dir / VERSIONS
     final = versions / version_name(number)
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if outer_state:
+        if weights:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        if outer_state and weights:
             save_file({k: v.contiguous() for k, v in outer_state.items()}, str(tmp / OUTER_STATE))
         weights = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
         full = {**manifest, "version": number, "name": version_name(number),
@@ -52,7 +57,7 @@ def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenize
         write_json(tmp / "manifest.json", full)
         kill_point("checkpoint", manifest.get("round", 0))  # written, not yet renamed
     kill_point("renamed", manifest.get("round", 0))  # in place, `latest` not yet moved
-    if not rejected:
+    if not rejected and weights:
         point_latest(run_dir, version_name(number))
     return final
 
@@ -94,10 +99,11 @@ def prune_versions(run_dir: Path, *, keep: int) -> list[Path]:
     """Drop the weights of all but the newest `keep` accepted (and rejected) versions; their
     manifest.json stays, so lineage is complete. `latest` is always among those kept.
     Returns the folders pruned."""
-    pruned = []
+    pruned, latest = [], latest_version(run_dir)
     for folder in (run_dir / VERSIONS, run_dir / VERSIONS / REJECTED):
-        versions = sorted((p for p in folder.glob("v[0-9]*") if p.is_dir()), key=version_number)
-        for old in versions[:-keep]:
+        versions = sorted((p for p in folder.glob("v[0-9]*") if p.is_dir()
+                           and any(p.glob("*.safetensors"))), key=version_number)
+        for old in [v for v in versions[:-keep] if v.resolve() != latest]:
             files = [f for f in old.iterdir() if f.name != "manifest.json"]
             for item in files:
                 if item.is_dir():
@@ -107,6 +113,37 @@ def prune_versions(run_dir: Path, *, keep: int) -> list[Path]:
             if files:
                 pruned.append(old)
     return pruned
+
+
+def supersede(run_dir: Path, *, after: int) -> list[Path]:
+    """Move accepted versions past `after` (a resume's starting point) to
+    versions/superseded/: their rows are trained again, so their manifests no longer count
+    in the lineage; kept for the audit. Returns the new folders."""
+    return _move_versions(run_dir, after=after, to=SUPERSEDED)
+
+
+def reject_versions(run_dir: Path, *, after: int, why: str) -> list[Path]:
+    """Move accepted versions past `after` to versions/rejected/, marked rejected with `why`
+    (merge.mode async: a rejected version takes back the merges since the last evaluated
+    one; their rows stay consumed, as a rejected version's do). Returns the new folders."""
+    moved = _move_versions(run_dir, after=after, to=REJECTED)
+    for folder in moved:
+        manifest = read_manifest(folder)
+        write_json(folder / "manifest.json",
+                   {**manifest, "status": "rejected", "gate": [*manifest["gate"], why]})
+    return moved
+
+
+def _move_versions(run_dir: Path, *, after: int, to: str) -> list[Path]:
+    moved = []
+    for folder in sorted((run_dir / VERSIONS).glob("v[0-9]*"), key=version_number):
+        if folder.is_dir() and not folder.is_symlink() and version_number(folder) > after:
+            target = run_dir / VERSIONS / to / folder.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(folder, target)
+            moved.append(target)
+    return moved
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -63,6 +63,9 @@ class RunConfig:
     overlap: bool = True
     # With watched sites: how long to wait before looking again when no site has anything new.
     poll_s: float = 10.0
+    # Evaluate (and gate, and write the weights of) every N-th version; every version's
+    # manifest is written. Mostly for merge.mode async, whose merges come often.
+    eval_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -338,6 +341,7 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
     need(config.rounds is None or config.rounds >= 1, "rounds",
          f"must be at least 1, or null to run until stopped; found {config.rounds}")
     need(config.run.poll_s > 0, "run.poll_s", "must be greater than 0")
+    need(config.run.eval_every >= 1, "run.eval_every", "must be at least 1")
     need(config.cluster.placement_timeout_s > 0, "cluster.placement_timeout_s",
          "must be greater than 0")
     keep = config.run.keep_versions
@@ -415,6 +419,10 @@ def _check_merge(config: Config, problems: list[str]) -> None:
     need(m.round_timeout_s > 0, "merge.round_timeout_s", "must be greater than 0")
     need(m.max_norm_ratio > 1, "merge.max_norm_ratio", "must be greater than 1")
     need(m.max_round_attempts >= 1, "merge.max_round_attempts", "must be at least 1")
+    need(m.mode in ("sync", "async"), "merge.mode", f"must be 'sync' or 'async', found {m.mode!r}")
+    need(m.buffer >= 1, "merge.buffer", "must be at least 1")
+    need(m.staleness_exponent >= 0, "merge.staleness_exponent", "must not be negative")
+    need(m.max_staleness >= 0, "merge.max_staleness", "must not be negative")
     _check_strategy(m, problems)
 
 

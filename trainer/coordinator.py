@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from cluster.connect import connect
 from trainer import checkpoint
+from trainer.asynchronous import AsyncLoop
 from trainer.config import Config, credential_keys, dump_config
 from trainer.control import after_gate, budget_step, steered_ratio
 from trainer.evaluate import EvalResult, evaluate, load_eval_set
@@ -70,12 +71,16 @@ class Coordinator:
         self.covers = {e.name: e.covers for e in config.eval if e.covers is not None}
         # The gate and the forgetting budget steer the next rounds from this one's evaluation.
         self.steered = bool(self.protected) or config.replay.target_forgetting is not None
+        # A synchronous gate takes back the last merge; an asynchronous one goes back to the
+        # last evaluated version (trainer/asynchronous.py keeps that snapshot itself).
         self.merger = build_merger(config.merge, weights=self.global_weights,
-                                   keep_previous=bool(self.protected))
+                                   keep_previous=bool(self.protected)
+                                   and config.merge.mode == "sync")
         self.eval_sets = [load_eval_set(e, tokenizer=self.tokenizer, seq_len=config.worker.seq_len)
                           for e in config.eval]
         self.table = RoundTable(sites=[s.name for s in config.sites],
-                                eval_sets=[e.name for e in config.eval])
+                                eval_sets=[e.name for e in config.eval],
+                                staleness=config.merge.mode == "async")
         if point:
             self._restore(point)
         self.writer = VersionWriter.for_run(
@@ -87,7 +92,11 @@ class Coordinator:
         self.waiting = False  # an idle watched run has said that it waits
 
     def _restore(self, point: ResumePoint) -> None:
-        """The merger's outer state and the replay store as the resumed version left them."""
+        """The merger's outer state and the replay store as the resumed version left them;
+        accepted versions past that point are set aside (their rows are trained again)."""
+        superseded = checkpoint.supersede(self.run_dir, after=self.state.version)
+        if self.mirror is not None:
+            self.mirror.moved(superseded, to=checkpoint.SUPERSEDED)
         self.merger.load_state_dict(checkpoint.load_outer_state(point.version_dir))
         ray.get(self.replay.restore.remote(str(point.replay_dir)))
         MetricsLog.drop_after(self.run_dir, round_index=self.state.round)
@@ -104,7 +113,10 @@ class Coordinator:
         self._start_fleet()
         try:
             with StopSignal() as stop:
-                self._loop(stop)
+                if self.config.merge.mode == "async":
+                    AsyncLoop(self).run(stop)
+                else:
+                    self._loop(stop)
                 if stop.requested:
                     print(f"Stopped by {stop.requested} after round {self.state.round}; "
                           f"`tributary resume {self._user_run_dir()}` carries on.")
@@ -173,19 +185,26 @@ class Coordinator:
     # ------------------------------------------------------------------ steps of a round
 
     def _plan(self, round_index: int) -> dict[str, RoundTask]:
-        """Every active site's task: where it continues, what it may take, what it skips,
-        and the replay and learning-rate steering in force."""
-        control, r = self.state.control, self.config.replay
-        ratio = steered_ratio(control, base_ratio=ratio_at(r, round_index=round_index),
-                              max_ratio=r.max_ratio)
-        budget = new_token_budget(self.train, round_index=round_index, ratio=ratio)
-        return {site: RoundTask(round_index=round_index, cursor=self.state.cursors[site],
-                                max_new_tokens=budget,
-                                skip=tuple(sorted(self.state.skipped.get(site, ()))),
-                                shards=self.merger.shards, replay_ratio=ratio,
-                                replay_weights=tuple(sorted(control.weights.items())),
-                                lr_scale=control.lr_scale)
+        """Every active site's task for the round."""
+        return {site: self.task(site, index=round_index, schedule=round_index,
+                                cursor=self.state.cursors[site])
                 for site in self.state.active(self.config.sites)}
+
+    def task(self, site: str, *, index: int, schedule: int, cursor) -> RoundTask:
+        """A site's task: where it continues, what it may take, what it skips, and the
+        replay and learning-rate steering in force. `index` numbers the site's committed
+        states (the round; in merge.mode async the site's own count), `schedule` is the
+        round the replay schedule is read at."""
+        control, r = self.state.control, self.config.replay
+        ratio = steered_ratio(control, base_ratio=ratio_at(r, round_index=schedule),
+                              max_ratio=r.max_ratio)
+        return RoundTask(round_index=index, cursor=cursor,
+                         max_new_tokens=new_token_budget(self.train, round_index=schedule,
+                                                         ratio=ratio),
+                         skip=tuple(sorted(self.state.skipped.get(site, ()))),
+                         shards=self.merger.shards, replay_ratio=ratio,
+                         replay_weights=tuple(sorted(control.weights.items())),
+                         lr_scale=control.lr_scale)
 
     def _broadcast(self) -> tuple:
         """This round's weights in the object store (read zero-copy by every worker on a
@@ -324,8 +343,11 @@ class Coordinator:
     def _start_fleet(self) -> None:
         """Start every site's workers; those the cluster cannot place are left out, and the
         run stops if too few remain for merge.min_workers."""
-        left_out = self.fleet.start(self.state.active(self.config.sites),
-                                    round_index=self.state.round)
+        # Workers restore the state they committed by then: per round (sync), or per task
+        # of their own (async).
+        committed = (self.state.sequence if self.config.merge.mode == "async"
+                     else self.state.round)
+        left_out = self.fleet.start(self.state.active(self.config.sites), round_index=committed)
         self.state.leave_out(left_out)
         placeable = len(self.config.sites) - len(self.state.down)
         needed = self.config.merge.min_workers

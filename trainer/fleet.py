@@ -82,7 +82,8 @@ class SiteFleet:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, names: list[str], *, round_index: int) -> dict[str, str]:
+    def start(self, names: list[str], *, round_index: int | Mapping[str, int]
+              ) -> dict[str, str]:
         """Start these sites' workers (restoring the state committed by `round_index`).
         Returns {site: why} for those the cluster cannot place: reported within seconds,
         not waited on. One that fails to start otherwise is retried in its round."""
@@ -107,7 +108,9 @@ class SiteFleet:
                       "resume` tries again).", site, why)
             self.drop(site)
         for site in [s for s in starting if s not in left_out]:
-            self._ready(site, round_index=round_index)
+            committed = (round_index.get(site, 0) if isinstance(round_index, Mapping)
+                         else round_index)
+            self._ready(site, round_index=committed)
         return left_out
 
     def demand(self, site: str) -> dict[str, float]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trainer.checkpoint import version_name
 from trainer.evaluate import EvalResult
@@ -14,7 +14,7 @@ from trainer.quality import forgetting, perplexities, transfer
 from trainer.state import RoundResult, RunState
 from workers.increments import FORMATS
 from workers.storage import base_name, join, redact
-from workers.types import SiteConfig
+from workers.types import SiteConfig, WorkerUpdate
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,10 @@ class Timing:
     merge_seconds: float = 0.0
     round_seconds: float = 0.0
     replay_ratio: float | None = None  # the replay share of each batch it trained with
+    # merge.mode async, per site since the run (or resume) began: merged updates per
+    # minute, and seconds with no task in flight.
+    updates_per_min: Mapping[str, float] = field(default_factory=dict)
+    idle_seconds: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class Manifest:
     down_reasons: dict[str, str]
     replay: str  # the replay snapshot's folder, relative to the run dir
     control: dict  # the replay/lr steering after this version (trainer/control.py)
+    sequence: dict[str, int]  # merge.mode async: each site's count of tasks merged
     seed: int
 
     @classmethod
@@ -66,24 +71,28 @@ class Manifest:
            consumed: bool = True, lineage: Sequence[Mapping] | None = None) -> Manifest:
         by_name = {s.name: s for s in sites}
         total = sum(u.weight for u in result.updates) or 1.0
-        rows, tokens, weights = {}, {}, {}
-        for u in result.updates:  # a site may have more than one update (merge.mode async)
-            rows.setdefault(u.worker_id, []).extend(
-                dict(r.to_dict(), file=file_path(by_name[u.worker_id], r.file))
-                for r in u.consumed)
+        parent = version_name(state.accepted) if number > 0 else None
+        # How each update came to be merged (merge.mode async: its base version, staleness
+        # and discount); a synchronous round's updates all trained from the parent.
+        extras = lineage if lineage is not None else [
+            {"base": parent, "staleness": 0, "discount": 1.0}] * len(result.updates)
+        entries, rows, tokens, weights = [], {}, {}, {}
+        for u, extra in zip(result.updates, extras, strict=True):
+            # A site may have more than one update in a version (merge.mode async).
+            mine = [dict(r.to_dict(), file=file_path(by_name[u.worker_id], r.file))
+                    for r in u.consumed]
+            entries.append({"site": u.worker_id, **extra, "weight": u.weight / total,
+                            "rows": mine})
+            rows.setdefault(u.worker_id, []).extend(mine)
             counted = tokens.setdefault(u.worker_id, {"new": 0, "replay": 0})
             counted["new"] += u.metrics["new_tokens"]
             counted["replay"] += u.metrics["replay_tokens"]
             weights[u.worker_id] = weights.get(u.worker_id, 0.0) + u.weight / total
-        parent = version_name(state.accepted) if number > 0 else None
-        lineage = lineage if lineage is not None else [
-            {"site": u.worker_id, "base": parent, "staleness": 0, "discount": 1.0,
-             "weight": u.weight / total, "rows": rows[u.worker_id]} for u in result.updates]
         return cls(
             parent=parent,
             status="rejected" if gate else "accepted", gate=list(gate), round=state.round,
             increments=rows if consumed else {}, retried={} if consumed else rows,
-            lineage=[dict(entry) for entry in lineage],
+            lineage=entries,
             tokens=tokens, merge_weights=weights,
             eval={name: result.to_dict() for name, result in evals.items()},
             forgetting=forgetting([perplexities(h) for h in history], perplexities(evals)),
@@ -96,7 +105,7 @@ class Manifest:
             exhausted=sorted(state.exhausted), down=sorted(state.down),
             down_reasons=dict(sorted(state.down_reasons.items())),
             replay=f"replay/{version_name(number)}", control=state.control.to_dict(),
-            seed=seed)
+            sequence=dict(sorted(state.sequence.items())), seed=seed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,6 +133,9 @@ class RoundRecord:
     backward_transfer: float | None
     newest_gain: float | None
     merge_weights: dict[str, float]
+    staleness: dict[str, list[int]]  # site -> staleness of each of its updates in the version
+    updates_per_min: dict[str, float]
+    idle_seconds: dict[str, float]
     replay_ratio: float | None
     replay_control: dict  # the steering in force after this round: ratio, weights, lr, why
     nodes: dict[str, str | None]
@@ -135,7 +147,7 @@ class RoundRecord:
     @classmethod
     def of(cls, *, number: int, manifest: Manifest, result: RoundResult, timing: Timing,
            nodes: Mapping[str, str | None]) -> RoundRecord:
-        by_site = {u.worker_id: u.metrics for u in result.updates}
+        by_site = site_metrics(result.updates)
         slowest = max([m["train_seconds"] for m in by_site.values()] + [0.0])
         return cls(
             round=manifest.round, version=version_name(number), time=time.time(),
@@ -149,7 +161,12 @@ class RoundRecord:
             forgetting=manifest.forgetting,
             backward_transfer=manifest.transfer["backward_transfer"],
             newest_gain=manifest.transfer["newest_gain"],
-            merge_weights=manifest.merge_weights, replay_ratio=timing.replay_ratio,
+            merge_weights=manifest.merge_weights,
+            staleness={site: [e["staleness"] for e in manifest.lineage if e["site"] == site]
+                       for site in {e["site"] for e in manifest.lineage}},
+            updates_per_min=dict(timing.updates_per_min),
+            idle_seconds=dict(timing.idle_seconds),
+            replay_ratio=timing.replay_ratio,
             replay_control=manifest.control,
             nodes={s: nodes.get(s) for s in by_site},
             per_site={key: {s: m.get(name, default) for s, m in by_site.items()}
@@ -170,6 +187,22 @@ PER_SITE = [("new_tokens", "new_tokens", 0), ("replay_tokens", "replay_tokens", 
             ("bytes_received", "bytes_received", 0), ("train_seconds", "train_seconds", 0.0),
             ("epochs", "epochs", None), ("holdout_loss", "holdout_loss", None),
             ("lr", "lr", None)]
+
+
+def site_metrics(updates: Sequence[WorkerUpdate]) -> dict[str, dict]:
+    """Each site's worker metrics for the version: a site with several updates in it
+    (merge.mode async) counts their tokens, steps, bytes and seconds together; the rest
+    (loss, rates, the lr schedule) are its newest update's."""
+    by_site: dict[str, dict] = {}
+    for update in updates:
+        seen = by_site.get(update.worker_id)
+        by_site[update.worker_id] = dict(update.metrics) if seen is None else {
+            **update.metrics, **{k: seen.get(k, 0) + update.metrics.get(k, 0) for k in SUMMED}}
+    return by_site
+
+
+SUMMED = ("new_tokens", "replay_tokens", "steps", "bytes_sent", "bytes_received",
+          "train_seconds")
 
 
 def file_path(site: SiteConfig, name: str) -> str:

@@ -46,8 +46,7 @@ class LocalMerger:
     def propose(self, updates: list[WorkerUpdate], parts: Parts) -> float:
         """Take the outer step with the updates that carry weight; returns its seconds."""
         if self.keep_previous:
-            self.previous = ({k: v.clone() for k, v in self.weights.items()},
-                             {k: v.clone() for k, v in self.strategy.state_dict().items()})
+            self.snapshot()
         started = time.perf_counter()
         self._step([u for u in updates if u.weight > 0], parts)
         return time.perf_counter() - started
@@ -57,6 +56,15 @@ class LocalMerger:
 
     def reject(self) -> None:
         """The global model and the outer state go back to before `propose`."""
+        self.restore()
+
+    def snapshot(self) -> None:
+        """Hold the global model and outer state as they are now (asynchronous merging takes
+        this at every evaluated version, and a rejection goes back to it)."""
+        self.previous = ({k: v.clone() for k, v in self.weights.items()},
+                         {k: v.clone() for k, v in self.strategy.state_dict().items()})
+
+    def restore(self) -> None:
         weights, outer = self.previous
         for name, tensor in self.weights.items():
             tensor.copy_(weights[name])

@@ -49,6 +49,13 @@ class RayMetrics:
                                    "forgetting budget and the gate)")
         self.lr_scale = metric(Gauge, "tributary_lr_scale",
                                "Peak learning rate's factor in force (lowered after a rejection)")
+        self.staleness = metric(Gauge, "tributary_staleness",
+                                "Versions published since the newest merged update's base "
+                                "(0 in merge.mode sync)", "site")
+        self.updates_per_min = metric(Gauge, "tributary_updates_per_minute",
+                                      "Merged updates per minute (merge.mode async)", "site")
+        self.idle_seconds = metric(Gauge, "tributary_idle_seconds",
+                                   "Seconds with no task in flight (merge.mode async)", "site")
         self.overhead_seconds = metric(Gauge, "tributary_round_overhead_seconds",
                                        "Round wall time minus the slowest worker's training")
         self.quarantined = metric(Counter, "tributary_quarantined_files_total",
@@ -90,6 +97,12 @@ class RayMetrics:
         control = record.get("replay_control") or {}
         if "lr_scale" in control:
             self.lr_scale.set(control["lr_scale"])
+        for site, values in record.get("staleness", {}).items():
+            if values:
+                self.staleness.set(float(max(values)), tags={"site": site})
+        for key in ("updates_per_min", "idle_seconds"):
+            for site, value in record.get(key, {}).items():
+                getattr(self, key).set(float(value), tags={"site": site})
         if "overhead_seconds" in record:
             self.overhead_seconds.set(record["overhead_seconds"])
         self.count_failures({**record.get("failures", {}), **record.get("rejected", {})})

@@ -82,6 +82,21 @@ class Mirror:
         if not rejected:
             write_text(join(self.uri, checkpoint.VERSIONS, LATEST_FILE), name + "\n")
 
+    def moved(self, folders: list[Path], *, to: str) -> None:
+        """Versions moved here from versions/ to versions/`to`/ (trainer/checkpoint.py:
+        superseded by a resume, or taken back by an asynchronous rejection) move at the URI
+        too: the new place first, so a crash in between leaves a copy, never none."""
+        for folder in folders:
+            retrying(lambda f=folder: self._move(f, to=to),
+                     what=f"moving {folder.name} to versions/{to} at {redact(self.uri)}",
+                     attempts=PUBLISH_ATTEMPTS, backoff_s=1.0)
+
+    def _move(self, folder: Path, *, to: str) -> None:
+        publish_folder(folder, join(self.uri, checkpoint.VERSIONS, to, folder.name))
+        old = join(self.uri, checkpoint.VERSIONS, folder.name)
+        if list_names(old):
+            delete_tree(old)
+
     def prune(self) -> None:
         """Versions whose weights were pruned here lose them at the URI too."""
         for parts in ([checkpoint.VERSIONS], [checkpoint.VERSIONS, checkpoint.REJECTED]):

@@ -14,7 +14,8 @@ from trainer.table import render
 
 
 def write_report(run_dir: Path, records: list[dict]) -> list[Path]:
-    """Write RUN_DIR/report/{perplexity,forgetting,tokens}.png and summary.md."""
+    """Write RUN_DIR/report/{perplexity,forgetting,tokens}.png (and staleness.png for a
+    merge.mode async run) and summary.md."""
     folder = Path(run_dir) / "report"
     folder.mkdir(exist_ok=True)
     paths = [_plot_per_set(records, "eval_perplexity", folder / "perplexity.png",
@@ -25,6 +26,12 @@ def write_report(run_dir: Path, records: list[dict]) -> list[Path]:
                            title="Forgetting per eval set (current / best so far − 1)",
                            ylabel="forgetting"),
              _plot_tokens(records, folder / "tokens.png")]
+    stale = [{**r, "most_stale": {site: max(values) for site, values in
+                                  r.get("staleness", {}).items() if values}} for r in records]
+    if any(r["most_stale"] and max(r["most_stale"].values()) for r in stale):  # async runs
+        paths.append(_plot_per_set(stale, "most_stale", folder / "staleness.png",
+                                   title="Staleness of each site's merged updates (the "
+                                         "largest per version)", ylabel="versions behind"))
     summary = folder / "summary.md"
     summary.write_text(_summary(run_dir, records, paths))
     return [*paths, summary]

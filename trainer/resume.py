@@ -38,7 +38,8 @@ def resume_point(run_dir: Path, *, sites: list[SiteConfig]) -> ResumePoint:
         exhausted=set(newest.get("exhausted", [])),
         skipped={site: set(names) for site, names in newest.get("skipped", {}).items()},
         # A resume gives the gate a fresh count of rejections in a row.
-        control=dataclasses.replace(Control.from_dict(newest.get("control", {})), rejections=0))
+        control=dataclasses.replace(Control.from_dict(newest.get("control", {})), rejections=0),
+        sequence=dict(newest.get("sequence", {})))
     history = [{k: EvalResult.from_dict(v) for k, v in m["eval"].items()} for m in manifests
                if m.get("status") != "rejected"]
     return ResumePoint(state=state, history=history, version_dir=latest,

@@ -27,6 +27,7 @@ class RunState:
     skipped: dict[str, set[str]] = field(default_factory=dict)  # site -> damaged file names
     down_reasons: dict[str, str] = field(default_factory=dict)  # why a site is left out
     control: Control = field(default_factory=Control)  # replay and lr steering
+    sequence: dict[str, int] = field(default_factory=dict)  # async: each site's tasks merged
 
     def active(self, sites: Sequence[SiteConfig]) -> list[str]:
         """Sites still asked to train: not out of rows, not left out."""

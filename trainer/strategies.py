@@ -169,6 +169,13 @@ class MergeConfig:
     # slice of the tensors of every delta where it lies (coordinator memory stays ~2× the
     # model whatever the number of workers; see trainer/reduce.py).
     reducers: int = 0
+    # "sync": a round waits for every site; "async": no site waits (trainer/asynchronous.py):
+    # every `buffer` updates are merged, each weighed by (1 + staleness)^-staleness_exponent,
+    # and an update more than max_staleness versions old is refused (its rows retrained).
+    mode: str = "sync"
+    buffer: int = 1
+    staleness_exponent: float = 0.5
+    max_staleness: int = 4
 
     def build(self) -> FedAvg:
         """The strategy this section describes, with its outer-optimizer settings."""

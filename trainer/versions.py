@@ -6,6 +6,7 @@ now, or on a background thread while the next round trains (`run.overlap`), with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,20 +52,28 @@ class VersionWriter:
               evaluate: Callable[[], dict[str, EvalResult]], gate: Sequence[str] = (),
               outer_state: Mapping[str, torch.Tensor] | None = None,
               timing: Timing | None = None, nodes: Mapping[str, str | None] | None = None,
-              consumed: bool = True, background: bool = False) -> None:
+              consumed: bool = True, background: bool = False,
+              lineage: Sequence[Mapping] | None = None, weights: bool = True) -> None:
         """Write version `number`. What it records of the run's state and the replay store is
-        taken now; `latest` moves only once it is evaluated and written."""
+        taken now; `latest` moves only once it is evaluated and written. `weights=False`
+        (run.eval_every) writes its manifest and metrics line only: no weights, no replay
+        snapshot — a resume goes back to the newest version with both."""
         state = copy.deepcopy(state)
         replay_dir = self.run_dir / "replay" / checkpoint.version_name(number)
-        replay_saved = self.replay.save.remote(str(replay_dir))  # before later rounds add
+        # Taken now, before later rounds add to the store.
+        replay_saved = self.replay.save.remote(str(replay_dir)) if weights else None
         outer = {k: v.clone() for k, v in (outer_state or {}).items()}
 
         def write() -> None:
             evals = evaluate()
-            ray.get(replay_saved)
+            if replay_saved is not None:
+                ray.get(replay_saved)
             manifest = Manifest.of(number=number, evals=evals, result=result, state=state,
                                    gate=gate, history=self.history, sites=self.sites,
-                                   newest=self.newest, seed=self.seed, consumed=consumed)
+                                   newest=self.newest, seed=self.seed, consumed=consumed,
+                                   lineage=lineage)
+            if not weights:
+                manifest = dataclasses.replace(manifest, replay="")
             record = RoundRecord.of(number=number, manifest=manifest, result=result,
                                     timing=timing or Timing(), nodes=nodes or {})
             # The metrics line goes first: a crash before the version is published leaves a
@@ -73,10 +82,11 @@ class VersionWriter:
             self.metrics.write(record.to_dict())
             checkpoint.save_version(self.run_dir, number=number, model=self.model,
                                     tokenizer=self.tokenizer, manifest=manifest.to_dict(),
-                                    rejected=bool(gate), outer_state=outer)
-            if not gate:
+                                    rejected=bool(gate), outer_state=outer, weights=weights)
+            if not gate and evals:
                 self.history.append(evals)
-            self._prune(keep=number)
+            if weights:  # the replay snapshots of older versions; a resume needs this one
+                self._prune(keep=number)
             if self.mirror is not None:
                 self.mirror.publish(number, rejected=bool(gate), replay_dir=replay_dir)
                 self.mirror.prune()

@@ -119,3 +119,18 @@ def boasting_worker(*, site: str, round_index: int, factor: float) -> type:
 
     boast_round = round_index
     return BoastingWorker
+
+
+def paced_worker(*, site: str, seconds: float, first_only: bool = False) -> type:
+    """A Worker class whose `site` takes `seconds` longer in every task (a slow site next to
+    fast ones), or only in the first task its actor trains (`first_only`)."""
+
+    class PacedWorker(Worker):
+        def train_round(self, task, weights, base=None):
+            if self.site.name == site and not (first_only and getattr(self, "paced", False)):
+                import time
+                time.sleep(seconds)
+                self.paced = True
+            return super().train_round(task, weights, base)
+
+    return PacedWorker

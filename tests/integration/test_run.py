@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import assert_rows_exactly_once, tiny_config
-from tests.ray_fixtures import EXPECTED_METRICS, ON_FAILURE_METRICS
+from tests.ray_fixtures import ASYNC_METRICS, EXPECTED_METRICS, ON_FAILURE_METRICS
 from trainer.checkpoint import all_manifests, sha256_file
 from trainer.config import load_config
 from trainer.coordinator import run_training
@@ -111,7 +111,7 @@ def test_workers_are_named_actors_and_ray_metrics_are_served(two_rounds):
     assert not missing, f"not served: {missing}; served: {seen['metrics']}"
     # The lists above name every metric Tributary defines, none left out.
     defined = {f"ray_{metric._name}" for metric in vars(RayMetrics(run="probe")).values()}
-    assert defined == EXPECTED_METRICS | ON_FAILURE_METRICS
+    assert defined == EXPECTED_METRICS | ON_FAILURE_METRICS | ASYNC_METRICS
 
 
 def test_latest_loads_with_plain_transformers_and_generates(two_rounds):
