@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import ray
 
 from trainer import checkpoint
+from trainer.faults import kill_point
 from trainer.fleet import reason
 from trainer.manifest import Timing
 from trainer.quality import gate_problems
@@ -92,6 +93,13 @@ class Activity:
                 for s in sites}
         return {"updates_per_min": {s: self.merged[s] / minutes for s in sites},
                 "idle_seconds": {s: max(0.0, now - self.began - busy[s]) for s in sites}}
+
+
+def _mean_discount(arrivals: list[Arrival]) -> float:
+    """Σ tokens·discount / Σ tokens: FedBuff's step is Σ discountᵢ·Δᵢ weighed by tokens; the
+    weighted average alone normalises the discounts away (one update: none at all)."""
+    tokens = sum(a.update.weight for a in arrivals)
+    return sum(a.update.weight * a.discount for a in arrivals) / tokens if tokens > 0 else 1.0
 
 
 class AsyncLoop:
@@ -258,10 +266,13 @@ class AsyncLoop:
         next version; evaluated, gated and written whole every run.eval_every versions and
         at the end."""
         c, arrivals, self.buffer = self.c, self.buffer, []
-        merge_seconds = c.merger.propose(*self._keyed(arrivals)) if arrivals else 0.0
+        merge_seconds = (c.merger.propose(*self._keyed(arrivals), scale=_mean_discount(arrivals))
+                         if arrivals else 0.0)
         c.state.round += 1  # a version per merge
+        kill_point("merged", c.state.round)
         for arrival in arrivals:
             c.state.cursors[arrival.update.worker_id] = arrival.update.cursor
+            self.activity.merged[arrival.update.worker_id] += 1
         result = self._result([a.weighed() for a in arrivals])
         self.sequences += [(u.worker_id, u.sequences) for u in result.updates
                            if u.sequences.num_rows]  # none with replay.scope: site

@@ -172,13 +172,20 @@ class Config:
         """Sequences the shared replay store may hold (replay.capacity_tokens)."""
         return self.replay.capacity_tokens // self.worker.seq_len
 
-    def train_spec(self) -> TrainSpec:
-        """What every worker of the run is told: its config sections as they are, and the
-        run-wide settings that shape a round."""
+    def worker_for(self, site: str) -> WorkerConfig:
+        """The run's worker settings with the site's own (`sites[].worker`) in place."""
+        own = next(s.worker for s in self.sites if s.name == site)
+        return dataclasses.replace(self.worker, **own.set())
+
+    def train_spec(self, site: str | None = None) -> TrainSpec:
+        """What a site's workers are told: the config sections as they are (the worker
+        settings with the site's own in place), and the run-wide settings that shape a
+        round."""
         # replay.scope site: each worker keeps its site's share of the capacity.
         local = self.replay_capacity() // len(self.sites) if self.replay.scope == "site" else 0
-        return TrainSpec(worker=self.worker, replay=self.replay,
-                         deepspeed=deepspeed_dict(self.worker), seed=self.run.seed,
+        worker = self.worker if site is None else self.worker_for(site)
+        return TrainSpec(worker=worker, replay=self.replay,
+                         deepspeed=deepspeed_dict(worker), seed=self.run.seed,
                          compression=self.merge.compression, lora=self.model.lora,
                          local_replay_capacity=local)
 
@@ -342,6 +349,9 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
          f"must be at least 1, or null to run until stopped; found {config.rounds}")
     need(config.run.poll_s > 0, "run.poll_s", "must be greater than 0")
     need(config.run.eval_every >= 1, "run.eval_every", "must be at least 1")
+    need(config.run.eval_every <= 1 or config.merge.mode == "async", "run.eval_every",
+         "applies to merge.mode async only (a sync round's gate needs its evaluation); "
+         "set merge.mode: async or remove it")
     need(config.cluster.placement_timeout_s > 0, "cluster.placement_timeout_s",
          "must be greater than 0")
     keep = config.run.keep_versions
@@ -352,6 +362,8 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
     need(config.quality.max_rejections >= 1, "quality.max_rejections", "must be at least 1")
     _check_places(config, problems, check_files=check_files)
     _check_worker(config.worker, problems, check_files=check_files)
+    for i, site in enumerate(config.sites):
+        _check_site_worker(config, i, problems, check_files=check_files)
     _check_replay(config, problems)
     _check_training(config.worker, problems)
     _check_merge(config, problems)
@@ -384,9 +396,10 @@ def _check_places(config: Config, problems: list[str], *, check_files: bool) -> 
             need(names.count(entry.name) == 1, f"{group}[{i}].name", f"{entry.name!r} is repeated")
             need(_safe_name(entry.name), f"{group}[{i}].name", "use letters, digits, '-', '_' only")
     for i, site in enumerate(config.sites):
-        need(1 <= site.num_workers <= config.worker.batch_size, f"sites[{i}].num_workers",
-             "must be between 1 and worker.batch_size (each rank takes a share of every "
-             f"batch), found {site.num_workers}")
+        batch = config.worker_for(site.name).batch_size
+        need(1 <= site.num_workers <= batch, f"sites[{i}].num_workers",
+             f"must be between 1 and the site's batch_size ({batch}; each rank takes a share "
+             f"of every batch), found {site.num_workers}")
     site_names = [s.name for s in config.sites]
     for i, entry in enumerate(config.eval):
         need(entry.max_tokens > 0, f"eval[{i}].max_tokens", "must be greater than 0")
@@ -397,19 +410,33 @@ def _check_places(config: Config, problems: list[str], *, check_files: bool) -> 
              f"must be one of {GATE_BASELINES}, found {entry.gate_against!r}")
 
 
-def _check_worker(w: WorkerConfig, problems: list[str], *, check_files: bool) -> None:
+def _check_worker(w: WorkerConfig, problems: list[str], *, check_files: bool,
+                  prefix: str = "worker") -> None:
     need = _need(problems)
-    need(w.local_steps >= 1, "worker.local_steps", "must be at least 1")
-    need(w.batch_size >= 1, "worker.batch_size", "must be at least 1")
-    need(w.seq_len >= 8, "worker.seq_len", "must be at least 8")
-    need(w.lr > 0, "worker.lr", "must be greater than 0")
-    need(w.num_cpus > 0, "worker.num_cpus", "must be greater than 0")
-    need(w.num_gpus >= 0, "worker.num_gpus", "must not be negative")
-    need(w.max_missed_rounds >= 0, "worker.max_missed_rounds", "must not be negative")
-    need(w.max_row_chars >= 1, "worker.max_row_chars", "must be at least 1")
+    need(w.local_steps >= 1, f"{prefix}.local_steps", "must be at least 1")
+    need(w.batch_size >= 1, f"{prefix}.batch_size", "must be at least 1")
+    need(w.seq_len >= 8, f"{prefix}.seq_len", "must be at least 8")
+    need(w.lr > 0, f"{prefix}.lr", "must be greater than 0")
+    need(w.num_cpus > 0, f"{prefix}.num_cpus", "must be greater than 0")
+    need(w.num_gpus >= 0, f"{prefix}.num_gpus", "must not be negative")
+    need(w.max_missed_rounds >= 0, f"{prefix}.max_missed_rounds", "must not be negative")
+    need(w.max_row_chars >= 1, f"{prefix}.max_row_chars", "must be at least 1")
     if isinstance(w.deepspeed, str):
-        need(not check_files or Path(w.deepspeed).is_file(), "worker.deepspeed",
+        need(not check_files or Path(w.deepspeed).is_file(), f"{prefix}.deepspeed",
              f"{w.deepspeed} does not exist")
+
+
+def _check_site_worker(config: Config, i: int, problems: list[str], *,
+                       check_files: bool) -> None:
+    """A site's own worker settings, checked as the run's are; only the keys it sets are
+    reported under its name (the run's own are reported as worker.*)."""
+    site = config.sites[i]
+    own, prefix = site.worker.set(), f"sites[{i}].worker"
+    if not own:
+        return
+    found: list[str] = []
+    _check_worker(config.worker_for(site.name), found, check_files=check_files, prefix=prefix)
+    problems += [p for p in found if p.split(":")[0].removeprefix(prefix + ".") in own]
 
 
 def _check_merge(config: Config, problems: list[str]) -> None:
@@ -462,7 +489,7 @@ def _within(inner: str, outer: str) -> bool:
 
 
 def _check_replay(config: Config, problems: list[str]) -> None:
-    r, batch = config.replay, config.worker.batch_size
+    r = config.replay
     if r.capacity_tokens < 0:
         problems.append("replay.capacity_tokens: must not be negative")
     if r.scope not in ("shared", "site"):
@@ -484,16 +511,20 @@ def _check_replay(config: Config, problems: list[str]) -> None:
         if step.from_round < 1:
             problems.append(f"replay.schedule[{i}].from_round: must be at least 1")
         ratios.append((f"replay.schedule[{i}].ratio", step.ratio))
+    batches = {("worker.batch_size", config.worker.batch_size)} | {
+        (f"sites[{i}].worker.batch_size", s.worker.batch_size)
+        for i, s in enumerate(config.sites) if s.worker.batch_size is not None}
     for key, ratio in ratios:
         if not 0.0 <= ratio < 1.0:
             problems.append(f"{key}: must be in [0, 1), found {ratio}")
             continue
-        per_batch = round(ratio * batch)
-        if ratio and not 1 <= per_batch < batch:
-            problems.append(
-                f"{key}: {ratio} x worker.batch_size {batch} gives {per_batch} replay "
-                "sequence(s) per batch; choose a ratio and batch size that leave at least one "
-                "replay and one new sequence per batch")
+        for batch_key, batch in sorted(batches):
+            per_batch = round(ratio * batch)
+            if ratio and batch >= 1 and not 1 <= per_batch < batch:
+                problems.append(
+                    f"{key}: {ratio} x {batch_key} {batch} gives {per_batch} replay "
+                    "sequence(s) per batch; choose a ratio and batch size that leave at "
+                    "least one replay and one new sequence per batch")
 
 
 def _check_strata(r: ReplayConfig, problems: list[str]) -> None:
@@ -595,6 +626,9 @@ def resolve_paths(config: Config) -> Config:
         return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
     sites = [dataclasses.replace(s, path=absolute(s.path)) for s in config.sites]
+    sites = [dataclasses.replace(s, worker=dataclasses.replace(
+        s.worker, deepspeed=absolute(s.worker.deepspeed))) if isinstance(s.worker.deepspeed, str)
+        else s for s in sites]
     evals = [dataclasses.replace(e, path=absolute(e.path)) for e in config.eval]
     worker = config.worker
     if isinstance(worker.deepspeed, str):

@@ -53,7 +53,7 @@ class Coordinator:
         self.config, self.resume, self.mirror = config, resume, mirror
         self.run_dir = Path(config.run.dir)
         self.tokenizer = load_tokenizer(config.model.tokenizer)
-        self.train = config.train_spec()
+        self.trains = {s.name: config.train_spec(s.name) for s in config.sites}
         self.replay = ray.remote(ReplayStore).options(num_cpus=0).remote(
             capacity=config.replay_capacity(), seed=config.run.seed,
             policy=config.replay)
@@ -86,7 +86,7 @@ class Coordinator:
         self.writer = VersionWriter.for_run(
             config, model=self.model, tokenizer=self.tokenizer, replay=self.replay,
             mirror=mirror, table=self.table, history=point.history if point else [])
-        self.fleet = SiteFleet.for_run(config, worker_cls=worker_cls, train=self.train,
+        self.fleet = SiteFleet.for_run(config, worker_cls=worker_cls, trains=self.trains,
                                        model=self.model, tokenizer=self.tokenizer,
                                        replay=self.replay, mirror=mirror)
         self.waiting = False  # an idle watched run has said that it waits
@@ -199,7 +199,7 @@ class Coordinator:
         ratio = steered_ratio(control, base_ratio=ratio_at(r, round_index=schedule),
                               max_ratio=r.max_ratio)
         return RoundTask(round_index=index, cursor=cursor,
-                         max_new_tokens=new_token_budget(self.train, round_index=schedule,
+                         max_new_tokens=new_token_budget(self.trains[site], round_index=schedule,
                                                          ratio=ratio),
                          skip=tuple(sorted(self.state.skipped.get(site, ()))),
                          shards=self.merger.shards, replay_ratio=ratio,
@@ -251,7 +251,7 @@ class Coordinator:
     def _report_problem(self, update, task: RoundTask) -> str | None:
         """What a site claims (rows, cursor, tokens, weight) against what the coordinator
         planned for it: no site can claim more than its round allowed."""
-        w = self.train.worker
+        w = self.trains[update.worker_id].worker
         return report_problem(update, previous=task.cursor, budget=task.max_new_tokens,
                               local_steps=w.local_steps, max_epochs=w.early_stopping.max_epochs,
                               listed=listed_names(self._site(update.worker_id).path),

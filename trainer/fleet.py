@@ -34,7 +34,7 @@ class WorkerSetup:
     worker_cls: type
     model_config: dict
     tokenizer: object
-    train: TrainSpec
+    trains: Mapping[str, TrainSpec]  # per site: the run's settings with the site's own
     replay: object | None  # the shared replay store actor (None: replay.scope site)
     run_dir: Path
     remote_dir: str | None  # a URI run.dir: committed worker state is published there
@@ -70,13 +70,13 @@ class SiteFleet:
         self.placement: dict[str, dict] = {}  # site -> where its rank 0 runs (host, node, pid)
 
     @classmethod
-    def for_run(cls, config: Config, *, worker_cls: type, train: TrainSpec, model, tokenizer,
-                replay, mirror: Mirror | None) -> SiteFleet:
-        """The fleet of a run: workers built from the run's model, tokenizer and TrainSpec,
-        sampling the shared replay store unless replay.scope is site."""
+    def for_run(cls, config: Config, *, worker_cls: type, trains: Mapping[str, TrainSpec],
+                model, tokenizer, replay, mirror: Mirror | None) -> SiteFleet:
+        """The fleet of a run: workers built from the run's model, tokenizer and each
+        site's TrainSpec, sampling the shared replay store unless replay.scope is site."""
         return cls(config.sites, setup=WorkerSetup(
             worker_cls=worker_cls, model_config=model.config.to_dict(), tokenizer=tokenizer,
-            train=train, replay=replay if config.replay.scope == "shared" else None,
+            trains=trains, replay=replay if config.replay.scope == "shared" else None,
             run_dir=Path(config.run.dir), remote_dir=mirror.uri if mirror else None,
             placement_timeout_s=config.cluster.placement_timeout_s))
 
@@ -114,7 +114,7 @@ class SiteFleet:
         return left_out
 
     def demand(self, site: str) -> dict[str, float]:
-        w = self.setup.train.worker
+        w = self.setup.trains[site].worker
         return worker_demand(num_cpus=w.num_cpus, num_gpus=w.num_gpus,
                              resources=self.sites[site].resources)
 
@@ -138,13 +138,14 @@ class SiteFleet:
             rank = group.rank if group else 0
             state = "state" if rank == 0 else f"state-rank{rank}"
             return {"site": site, "model_config": setup.model_config,
-                    "tokenizer": setup.tokenizer, "train": setup.train, "group": group,
+                    "tokenizer": setup.tokenizer, "train": setup.trains[site.name],
+                    "group": group,
                     "replay": RemoteMethod(setup.replay, "sample") if setup.replay else None,
                     "state_dir": str(folder / state),
                     "state_uri": join(setup.remote_dir, "sites", site.name, state)
                     if setup.remote_dir else None}
 
-        w = setup.train.worker
+        w = setup.trains[site_name].worker
         self.actors[site_name] = start_site(
             worker_cls=setup.worker_cls, site=site.name, size=site.num_workers,
             num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=site.resources,
@@ -251,7 +252,7 @@ class SiteFleet:
     def count_misses(self, result: RoundResult, *, state: RunState) -> None:
         """Track sites that fail round after round; past worker.max_missed_rounds they are
         reported and left out (until `tributary resume`) instead of restarted every round."""
-        limit = self.setup.train.worker.max_missed_rounds
+        limit = next(iter(self.setup.trains.values())).worker.max_missed_rounds  # run-wide
         for update in result.updates:
             state.missed[update.worker_id] = 0
         for site in result.reasons:

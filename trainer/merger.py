@@ -43,12 +43,14 @@ class LocalMerger:
                                 max_norm_ratio=self.merge.max_norm_ratio,
                                 stats=self._stats([u for u in updates if u.weight > 0], parts))
 
-    def propose(self, updates: list[WorkerUpdate], parts: Parts) -> float:
-        """Take the outer step with the updates that carry weight; returns its seconds."""
+    def propose(self, updates: list[WorkerUpdate], parts: Parts, *,
+                scale: float = 1.0) -> float:
+        """Take the outer step with the updates that carry weight, their combined delta
+        times `scale`; returns its seconds."""
         if self.keep_previous:
             self.snapshot()
         started = time.perf_counter()
-        self._step([u for u in updates if u.weight > 0], parts)
+        self._step([u for u in updates if u.weight > 0], parts, scale=scale)
         return time.perf_counter() - started
 
     def accept(self) -> None:
@@ -83,12 +85,12 @@ class LocalMerger:
     def _stats(self, updates: list[WorkerUpdate], parts: Parts) -> dict[str, DeltaStats] | None:
         return None  # validate_updates reads each whole delta itself
 
-    def _step(self, updates: list[WorkerUpdate], parts: Parts) -> None:
+    def _step(self, updates: list[WorkerUpdate], parts: Parts, *, scale: float) -> None:
         with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
             warnings.simplefilter("ignore", UserWarning)
             deltas = [({k: torch.from_numpy(v) for k, v in u.delta.items()}, u.weight)
                       for u in updates]
-            self.strategy.aggregate(self.weights, deltas)
+            self.strategy.aggregate(self.weights, deltas, scale=scale)
 
 
 class ShardedMerger(LocalMerger):
@@ -104,10 +106,10 @@ class ShardedMerger(LocalMerger):
     def _stats(self, updates: list[WorkerUpdate], parts: Parts) -> dict[str, DeltaStats]:
         return self.reducers.stats({u.worker_id: parts[u.worker_id] for u in updates})
 
-    def _step(self, updates: list[WorkerUpdate], parts: Parts) -> None:
+    def _step(self, updates: list[WorkerUpdate], parts: Parts, *, scale: float) -> None:
         self.reducers.apply(self.strategy, self.weights,
                             {u.worker_id: parts[u.worker_id] for u in updates},
-                            {u.worker_id: u.weight for u in updates})
+                            {u.worker_id: u.weight for u in updates}, scale=scale)
 
     def shutdown(self) -> None:
         self.reducers.shutdown()

@@ -80,9 +80,11 @@ class ShardedMerge:
         return result
 
     def apply(self, strategy: FedAvg, global_state: MutableMapping[str, torch.Tensor],
-              parts: Mapping[str, Sequence], weights: Mapping[str, float]) -> None:
+              parts: Mapping[str, Sequence], weights: Mapping[str, float], *,
+              scale: float = 1.0) -> None:
         """Combine every slice on its reducer and take the strategy's outer step slice by
-        slice, as each arrives: the coordinator holds one combined slice at a time."""
+        slice, as each arrives: the coordinator holds one combined slice at a time.
+        `scale` shrinks each combined slice first (as FedAvg.aggregate)."""
         if not parts:  # nothing to merge: keep the previous global
             return
         sites = list(parts)
@@ -95,6 +97,8 @@ class ShardedMerge:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 combined = {k: torch.from_numpy(v) for k, v in ray.get(ready).items()}
+            if scale != 1.0:  # the object store's arrays are read-only: scaled copies
+                combined = {k: v * scale for k, v in combined.items()}
             strategy.step({n: global_state[n] for n in names}, combined)
             del combined
 

@@ -37,10 +37,15 @@ class FedAvg:
         self.buffers: dict[str, torch.Tensor] = {}  # the combined delta, reused every round
 
     def aggregate(self, global_state: MutableMapping[str, torch.Tensor],
-                  updates: Sequence[tuple[State, float]]) -> None:
+                  updates: Sequence[tuple[State, float]], *, scale: float = 1.0) -> None:
+        """`scale` shrinks the combined delta before the outer step (merge.mode async: the
+        buffer's mean staleness discount, which the weighted average alone would cancel)."""
         if not updates:  # nothing to merge: keep the previous global
             return
         delta = self.combine(updates, out=self._buffers(global_state))
+        if scale != 1.0:
+            for tensor in delta.values():
+                tensor.mul_(scale)
         self.step(global_state, delta)
 
     def combine(self, updates: Sequence[tuple[State, float]], *,

@@ -66,6 +66,21 @@ MAX_ROW_CHARS = 1_000_000  # a row longer than this marks its file as damaged
 
 
 @dataclass(frozen=True)
+class SiteWorker:
+    """A site's own values for the worker settings that describe its hardware and pace
+    (`sites[].worker`); unset ones are the run's `worker:` values."""
+
+    local_steps: int | None = None
+    batch_size: int | None = None
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    deepspeed: str | dict | None = None
+
+    def set(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """One entry of the config's `sites:` — where a site's increments live and what its
     workers ask Ray for."""
@@ -83,6 +98,9 @@ class SiteConfig:
     # once it has not changed for settle_s seconds (write it under a hidden name, then rename).
     watch: bool = False
     settle_s: float = 5.0
+    # This site's own local_steps, batch_size, num_cpus, num_gpus or deepspeed config (a
+    # node with 8 GPUs next to one with 1); the rest comes from the run's `worker:`.
+    worker: SiteWorker = field(default_factory=SiteWorker)
 
     @property
     def settle_window(self) -> float:

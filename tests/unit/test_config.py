@@ -228,3 +228,52 @@ def test_architecture_keys_tributary_sets_itself_are_a_config_error(tmp_path):
     expected = ("model.architecture.vocab_size: Tributary sets this from the tokenizer "
                 "(model.tokenizer); remove it")
     assert problems_of(raw) == [expected]
+
+
+def test_a_sites_own_worker_settings_replace_the_runs_for_that_site_only(tmp_path):
+    raw = minimal(tmp_path)
+    (tmp_path / "fast").mkdir()
+    ds = tmp_path / "big.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    raw["sites"].append({"name": "big", "path": str(tmp_path / "fast"),
+                         "worker": {"local_steps": 32, "num_gpus": 8, "deepspeed": str(ds)}})
+    config = config_from_dict(raw)
+    big, small = config.train_spec("big"), config.train_spec("a")
+    assert (big.worker.local_steps, big.worker.num_gpus) == (32, 8)
+    assert big.deepspeed == {"zero_optimization": {"stage": 2}}
+    assert big.worker.lr == small.worker.lr == config.worker.lr  # the rest is the run's
+    assert small.worker == config.worker and small.deepspeed == {"zero_optimization": {"stage": 0}}
+
+
+def test_a_sites_worker_settings_are_checked_under_its_key(tmp_path):
+    raw = minimal(tmp_path)
+    raw["sites"][0]["worker"] = {"local_steps": 0, "batch_size": 2, "num_cpus": -1,
+                                 "deepspeed": str(tmp_path / "missing.json")}
+    raw["replay"] = {"ratio": 0.25}
+    problems = problems_of(raw)
+    assert "sites[0].worker.local_steps: must be at least 1" in problems
+    assert "sites[0].worker.num_cpus: must be greater than 0" in problems
+    assert any(p.startswith("sites[0].worker.deepspeed:") and "does not exist" in p
+               for p in problems)
+    assert any(p.startswith("replay.ratio: 0.25 x sites[0].worker.batch_size 2 gives 0")
+               for p in problems)
+    assert not any(p.startswith("worker.") for p in problems), "the run's values are fine"
+    raw["sites"][0]["worker"] = {"seq_len": 64}  # run-wide: every site packs alike
+    (problem,) = problems_of(raw)
+    assert problem.startswith("sites[0].worker.seq_len: unknown key")
+
+
+def test_async_merge_settings_are_checked_by_key(tmp_path):
+    raw = minimal(tmp_path)
+    raw["merge"] = {"mode": "eventually", "buffer": 0, "staleness_exponent": -1,
+                    "max_staleness": -2}
+    raw["run"]["eval_every"] = 0
+    assert sorted(p.split(":")[0] for p in problems_of(raw)) == [
+        "merge.buffer", "merge.max_staleness", "merge.mode", "merge.staleness_exponent",
+        "run.eval_every"]
+    raw = minimal(tmp_path)
+    raw["run"]["eval_every"] = 4  # sync evaluates every round: its gate needs it
+    (problem,) = problems_of(raw)
+    assert problem.startswith("run.eval_every: applies to merge.mode async only")
+    raw["merge"] = {"mode": "async"}
+    assert config_from_dict(raw).run.eval_every == 4

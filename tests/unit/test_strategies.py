@@ -75,3 +75,16 @@ def test_outer_state_round_trips_and_empty_round_keeps_the_global(name):
     before = weights["w"].clone()
     straight.aggregate(weights, [])
     assert torch.equal(weights["w"], before)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "momentum", "fedadam", "trimmed_mean", "median"])
+def test_a_scale_takes_the_outer_step_with_the_combined_delta_scaled(name):
+    """merge.mode async passes the buffer's staleness discount as `scale`: the same step
+    as with a delta that much smaller."""
+    updates = deltas(([0.4, -0.2, 0.1], 1.0), ([0.2, 0.6, -0.3], 3.0), ([0.0, 0.2, 0.1], 2.0))
+    scaled, reference = fresh(), fresh()
+    build_strategy(name).aggregate(scaled, updates, scale=0.25)
+    combined = build_strategy(name).combine(updates, out={"w": torch.zeros(3)})
+    build_strategy(name).aggregate(reference, [({"w": combined["w"] * 0.25}, 1.0)])
+    assert torch.allclose(scaled["w"], reference["w"], atol=1e-7)
+    assert not torch.allclose(scaled["w"], fresh()["w"])
