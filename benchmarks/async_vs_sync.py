@@ -22,7 +22,8 @@ Per run it prints the wall time until every site consumed its budget (the run's 
 start-up to the last version), new tokens per second over that time, the final held-out
 perplexity per eval set, forgetting (a set's final perplexity over its best at any version,
 minus 1, averaged over the sets), and per pair the ratios sync/async (time) and async/sync
-(perplexity). Runs alternate sync, async within a pair; medians over the pairs.
+(perplexity). Runs alternate sync, async within a pair; pair k uses seed k (model
+initialisation, sampling); medians over the pairs.
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-from ray.util.state import list_actors
 
 from cluster.connect import connect
 from trainer.config import config_from_dict, resolve_paths
@@ -50,6 +49,7 @@ from trainer.metrics import read_metrics
 from trainer.model_source import load_tokenizer
 from trainer.table import markdown
 from workers.increments import increment_files, read_texts
+from workers.worker import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
@@ -59,6 +59,21 @@ STEPS = {"fast": 16, "slow": 64}
 BATCH, SEQ_LEN, REPLAY = 4, 64, 0.25
 TIMEOUT_S = 30.0  # merge.round_timeout_s: what sync waits for a stalled site
 STALL_AT = 3  # the version after which the fast site stalls
+EVAL_TOKENS = 1024  # per eval set
+
+
+def pid_reporting(folder: Path) -> type:
+    """The Worker, writing its process id to folder/<site> when it starts (so the stall
+    scenario can stop the fast site's current process, a restarted one included)."""
+
+    class PidWorker(Worker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{self.site.name}.tmp").write_text(str(os.getpid()))
+            (folder / f"{self.site.name}.tmp").rename(folder / self.site.name)
+
+    return PidWorker
 
 
 def main() -> None:
@@ -84,7 +99,8 @@ def main() -> None:
         for pair in range(pairs):
             for mode in ("sync", "async"):
                 run_dir = out / "runs" / f"{scenario}-{pair}-{mode}"
-                summary = run_once(sites, demo, run_dir, mode=mode, stall=scenario == "stall")
+                summary = run_once(sites, demo, run_dir, mode=mode, seed=pair,
+                                   stall=scenario == "stall")
                 results.setdefault(f"{scenario}/{mode}", []).append(summary)
                 print(f"{run_dir.name}: {summary['wall_s']:.1f} s, "
                       f"{summary['tokens_per_s']:.0f} new tokens/s, mean perplexity "
@@ -127,38 +143,44 @@ def rows_of(folder: Path, column: str) -> list[str]:
     return [r for r in rows if r.strip()]
 
 
-def config_for(sites: dict[str, Path], demo: Path, run_dir: Path, *, mode: str):
+def config_for(sites: dict[str, Path], demo: Path, run_dir: Path, *, mode: str, seed: int):
     raw = {
-        "run": {"dir": str(run_dir), "seed": 0},
+        "run": {"dir": str(run_dir), "seed": seed},
         "rounds": None,  # until every site has consumed its folder
         "model": {"source": "random", "tokenizer": "gpt2", "architecture": ARCH},
         "sites": [{"name": name, "path": str(path),
                    "worker": {"local_steps": STEPS[name]}} for name, path in sites.items()],
         "eval": [{"name": "speeches", "path": str(demo / "eval" / "speeches_newest.parquet"),
-                  "max_tokens": 2048, "newest": True},
+                  "max_tokens": EVAL_TOKENS, "newest": True},
                  {"name": "code", "path": str(demo / "eval" / "code.jsonl"),
-                  "text_column": "source", "max_tokens": 2048},
+                  "text_column": "source", "max_tokens": EVAL_TOKENS},
                  {"name": "shakespeare", "path": str(demo / "eval" / "shakespeare.txt"),
-                  "max_tokens": 2048}],
+                  "max_tokens": EVAL_TOKENS}],
         "worker": {"batch_size": BATCH, "seq_len": SEQ_LEN, "lr": 1e-3, "num_cpus": 1,
                    "deepspeed": str(REPO / "configs" / "deepspeed" / "cpu.json")},
         "replay": {"ratio": REPLAY, "capacity_tokens": 1 << 18},
         "merge": {"mode": mode, "min_workers": 1, "round_timeout_s": TIMEOUT_S,
-                  "buffer": 1, "staleness_exponent": 0.5, "max_staleness": 16},
+                  "buffer": 1, "staleness_exponent": 0.5, "max_staleness": 16,
+                  # The norm check compares an update with the median of the round's others:
+                  # with two sites, the slow site's last few-token update makes the fast
+                  # site's ordinary one look like an outlier and sync loses that round.
+                  "max_norm_ratio": 100.0},
         "cluster": {"include_dashboard": False},
     }
     return resolve_paths(config_from_dict(raw))
 
 
-def run_once(sites: dict[str, Path], demo: Path, run_dir: Path, *, mode: str,
+def run_once(sites: dict[str, Path], demo: Path, run_dir: Path, *, mode: str, seed: int,
              stall: bool) -> dict:
-    shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
+    for folder in (run_dir, run_dir.parent / f"{run_dir.name}-pids"):
+        shutil.rmtree(folder, ignore_errors=True)  # this benchmark's own earlier output
     stopper = None
     if stall:
         stopper = threading.Thread(target=stall_fast_site, args=(run_dir,), daemon=True)
         stopper.start()
     started = time.perf_counter()
-    run_training(config_for(sites, demo, run_dir, mode=mode))
+    run_training(config_for(sites, demo, run_dir, mode=mode, seed=seed),
+                 worker_cls=pid_reporting(run_dir.parent / f"{run_dir.name}-pids"))
     wall = time.perf_counter() - started
     if stopper is not None:
         stopper.join(timeout=5)
@@ -173,11 +195,8 @@ def stall_fast_site(run_dir: Path) -> None:
         if time.monotonic() > deadline:
             return
         time.sleep(0.05)
-    gcs = ray.get_runtime_context().gcs_address
-    alive = [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")])
-             if a.name == "tributary-worker-fast"]
-    if alive:
-        os.kill(alive[0].pid, signal.SIGSTOP)
+    pid = int((run_dir.parent / f"{run_dir.name}-pids" / "fast").read_text())
+    os.kill(pid, signal.SIGSTOP)
 
 
 def summarize(records: list[dict], *, wall: float) -> dict:

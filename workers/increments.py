@@ -104,7 +104,9 @@ def read_rows(path: str | Path | DataFile, *, text_column: str = "text",
             if failures < READ_ATTEMPTS:
                 time.sleep(READ_BACKOFF_S * 2 ** (failures - 1))
                 continue
-            if _bytes_readable(path):  # the storage answers; the content is what fails
+            if _bytes_readable(path):  # the storage answers again: parse once more, and
+                if failures == READ_ATTEMPTS:  # only if that fails too is it the content
+                    continue
                 raise IncrementError(_describe(path, exc)) from exc
             raise StorageUnavailable(f"{path}: {_describe(path, exc)} (still failing after "
                                      f"{READ_ATTEMPTS} attempts)") from exc

@@ -206,15 +206,17 @@ class ReplayStore:
         per_sequence = reservoir.age_weights(age_weight=p.age_weight, round_index=round_index)
         if p.balance == "pooled":  # every held sequence, by its own age
             return per_sequence * weights.get(name, 1.0)
-        if p.balance == "sites":  # every site's total mass is 1
+        if p.balance == "sites":  # every site's total mass is 1, then the budget's weight
             site = self.site_of[name]
             total = sum(self.strata[n].age_weights(age_weight=p.age_weight,
                                                    round_index=round_index).sum()
                         for n in names if self.site_of[n] == site)
-            return per_sequence / total
+            return per_sequence / total * weights.get(name, 1.0)
         # "strata" and "mix": the stratum's mass (by rule, by its age — rounds since it
-        # arrived — and by the budget's weight), spread evenly over what it holds.
-        share = p.mix.get(name, 0.0) if p.balance == "mix" else 1.0
+        # arrived — and by the budget's weight), spread evenly over what it holds. A mix
+        # that gives none of the held strata a share (yet) replays them alike, not nothing.
+        mixed = p.balance == "mix" and any(p.mix.get(n, 0.0) > 0 for n in names)
+        share = p.mix.get(name, 0.0) if mixed else 1.0
         age = max(round_index - int(reservoir.rounds.min()), 0)
         mass = share * (1.0 + age) ** p.age_weight * weights.get(name, 1.0)
         return np.full(len(reservoir), mass / len(reservoir))

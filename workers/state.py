@@ -27,13 +27,23 @@ class StateStore:
         final = self.folder / _name(round_index)
         with atomic_dir(final) as tmp:
             write(tmp)
-        for old in sorted(self.folder.glob("round-*"))[:-KEEP_STATES]:
+        for old in self._local()[:-KEEP_STATES]:
             shutil.rmtree(old, ignore_errors=True)
         if self.uri is not None:
             publish_folder(final, join(self.uri, final.name))
-            for old in [n for n in list_names(self.uri) if n.startswith("round-")][
-                    :-KEEP_STATES]:
+            for old in self._published()[:-KEEP_STATES]:
                 delete_tree(join(self.uri, old))
+
+    def discard_after(self, round_index: int) -> None:
+        """Drop states committed after `round_index`: work a resume or a rollback went back
+        from, which would otherwise count as the newest and push the states to come out."""
+        if self.folder is None:
+            return
+        for newer in [p for p in self._local() if _number(p.name) > round_index]:
+            shutil.rmtree(newer, ignore_errors=True)
+        if self.uri is not None:
+            for newer in [n for n in self._published() if _number(n) > round_index]:
+                delete_tree(join(self.uri, newer))
 
     def newest(self, round_index: int) -> Path | None:
         """The newest state committed at or before `round_index` (a site that sat out later
@@ -42,13 +52,21 @@ class StateStore:
             return None
         if self.uri is not None:
             self._fetch(round_index)
-        saved = [p for p in sorted(self.folder.glob("round-*"))
-                 if int(p.name.split("-")[1]) <= round_index] if self.folder.is_dir() else []
+        saved = [p for p in self._local() if _number(p.name) <= round_index]
         return saved[-1] if saved else None
 
+    def _local(self) -> list[Path]:
+        """Committed states here, oldest first (by number: round-10000 after round-9999)."""
+        if not self.folder.is_dir():
+            return []
+        return sorted((p for p in self.folder.glob("round-*") if p.is_dir()),
+                      key=lambda p: _number(p.name))
+
+    def _published(self) -> list[str]:
+        return sorted((n for n in list_names(self.uri) if n.startswith("round-")), key=_number)
+
     def _fetch(self, round_index: int) -> None:
-        names = [n for n in list_names(self.uri) if n.startswith("round-")
-                 and int(n.split("-")[1]) <= round_index]
+        names = [n for n in self._published() if _number(n) <= round_index]
         for name in reversed(names):  # the newest one that was published whole
             if (self.folder / name).is_dir():
                 return
@@ -58,3 +76,7 @@ class StateStore:
 
 def _name(round_index: int) -> str:
     return f"round-{round_index:04d}"
+
+
+def _number(name: str) -> int:
+    return int(name.split("-")[1])

@@ -238,7 +238,9 @@ class Worker:
 
     def restore(self, *, round_index: int) -> int:
         """Load the newest state committed at or before `round_index`, or start fresh if
-        there is none. Returns the round whose state was loaded (0: fresh)."""
+        there is none. Returns the round whose state was loaded (0: fresh). States committed
+        after `round_index` belong to work the run went back from and are dropped."""
+        self.states.discard_after(round_index)
         saved = self.states.newest(round_index)
         if saved is not None:
             ds.load_optimizer_state(self.engine.optimizer, saved)

@@ -274,6 +274,15 @@ def test_a_transient_fault_is_retried_and_the_file_read(tmp_path, monkeypatch):
     assert [t for _, t in read_rows(flaky_file(tmp_path, failures=2))] == ["one", "two"]
 
 
+def test_a_fault_that_passes_just_as_the_attempts_run_out_is_not_damage(tmp_path, monkeypatch):
+    """The storage answers again on the byte check after the last attempt: the file is
+    parsed once more (and read), not recorded as damaged."""
+    from workers import increments
+
+    monkeypatch.setattr(increments, "READ_BACKOFF_S", 0.01)
+    assert [t for _, t in read_rows(flaky_file(tmp_path, failures=3))] == ["one", "two"]
+
+
 def test_a_fault_that_persists_is_the_storage_not_the_file(tmp_path, monkeypatch):
     from workers import increments
     from workers.retry import StorageUnavailable

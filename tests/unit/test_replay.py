@@ -102,6 +102,24 @@ def test_sites_balance_and_a_file_to_group_mapping():
                if k.startswith("small")) == pytest.approx(0.5)
 
 
+def test_the_budgets_weights_also_steer_the_sites_balance():
+    store = ReplayStore(capacity=400, seed=0, policy=ReplayConfig(balance="sites"))
+    store.add("a", sequences(0, 40, stratum="a/1"), round_index=1)
+    store.add("a", sequences(100, 40, stratum="a/2"), round_index=1)
+    store.add("b", sequences(1000, 40, stratum="b/1"), round_index=1)
+    assert store.shares(round_index=2, weights={"a/1": 3.0}) == pytest.approx(
+        {"a/1": 0.75 / 1.5, "a/2": 0.25 / 1.5, "b/1": 0.5 / 1.5})
+
+
+def test_a_mix_naming_no_held_stratum_replays_them_alike():
+    store = ReplayStore(capacity=400, seed=0,
+                        policy=ReplayConfig(balance="mix", mix={"c/later.jsonl": 1.0}))
+    store.add("a", sequences(0, 40, stratum="a/1"), round_index=1)
+    store.add("b", sequences(1000, 40, stratum="b/1"), round_index=1)
+    assert store.shares(round_index=2) == pytest.approx({"a/1": 0.5, "b/1": 0.5})
+    assert store.sample(16, [1], round_index=2).num_rows == 16
+
+
 def test_sampling_is_reproducible_by_seed():
     store = ReplayStore(capacity=100, seed=0)
     store.add("a", sequences(0, 50), round_index=1)
