@@ -57,7 +57,7 @@ ARCH = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
         "max_position_embeddings": 128, "tie_word_embeddings": True}
 STEPS = {"fast": 16, "slow": 64}
 BATCH, SEQ_LEN, REPLAY = 4, 64, 0.25
-TIMEOUT_S = 30.0  # merge.round_timeout_s: what sync waits for a stalled site
+TIMEOUT_S = 60.0  # merge.round_timeout_s: ~3.5x the slow site's update; what sync waits for a stalled site
 STALL_AT = 3  # the version after which the fast site stalls
 EVAL_TOKENS = 1024  # per eval set
 

@@ -89,10 +89,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="peak inner learning rate of every arm")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the summaries of arms an earlier invocation finished")
+    parser.add_argument("--report-only", action="store_true",
+                        help="report the stream-seeds whose every arm an earlier invocation "
+                             "finished; train nothing")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
     size = dataclasses.replace(size, lr=args.lr or size.lr, seeds=args.seeds or size.seeds)
     out = Path(args.out) / ("quick" if args.quick else "full")
+    if args.report_only:
+        print(finished_report(out, streams=args.streams, arms=args.arms, seeds=size.seeds))
+        return
     prepare_demo(Path(args.data))
     connect(num_cpus=2, include_dashboard=False)
     results = {}
@@ -339,6 +345,19 @@ def summarize(records: list[dict], *, stream: Stream, seconds: float) -> dict:
             "decisions": sum(len((r.get("replay_control") or {}).get("decisions", []))
                              for r in records),
             "seconds": seconds}
+
+
+def finished_report(out: Path, *, streams: list[str], arms: list[str], seeds: int) -> str:
+    """The report of the stream-seeds whose every arm left its summary.json."""
+    results: dict = {}
+    for name in streams:
+        for seed in range(seeds):
+            done = [out / "runs" / f"{name}-{seed}-{arm}" / "summary.json" for arm in arms]
+            if all(p.exists() for p in done):
+                for arm, path in zip(arms, done, strict=True):
+                    results.setdefault(name, {}).setdefault(arm, []).append(
+                        json.loads(path.read_text()))
+    return report(results)
 
 
 def report(results: dict) -> str:

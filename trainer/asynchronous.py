@@ -264,8 +264,11 @@ class AsyncLoop:
     def _merge(self, *, final: bool = False) -> None:
         """The buffered updates, each weighed by its tokens and staleness discount, into the
         next version; evaluated, gated and written whole every run.eval_every versions and
-        at the end."""
+        at the end. Without a gate or a forgetting budget (nothing steers from the result)
+        the version is evaluated and written on a background thread (run.overlap) while the
+        sites train on; the next merge waits for it, as the model must not change under it."""
         c, arrivals, self.buffer = self.c, self.buffer, []
+        c.writer.wait()
         merge_seconds = (c.merger.propose(*self._keyed(arrivals), scale=_mean_discount(arrivals))
                          if arrivals else 0.0)
         c.state.round += 1  # a version per merge
@@ -277,16 +280,19 @@ class AsyncLoop:
         self.sequences += [(u.worker_id, u.sequences) for u in result.updates
                            if u.sequences.num_rows]  # none with replay.scope: site
         evaluated = final or c.state.round % c.config.run.eval_every == 0 or c._done()
-        evals = c._evaluate() if evaluated else None
+        later = evaluated and not c.steered and c.config.run.overlap
+        evals = c._evaluate() if evaluated and not later else None
         q = c.config.quality
         gate = gate_problems(evals, c.writer.history, protected=c.protected,
                              max_regression=q.max_regression, z=q.z()) if evals else []
-        if evals:
-            c._steer(c.state.round, evals, gate)  # the next tasks' replay and lr
+        if evaluated:
+            if evals:
+                c._steer(c.state.round, evals, gate)  # the next tasks' replay and lr
             self._settle(gate)
-        self._publish(result, arrivals, evals, gate=gate, merge_seconds=merge_seconds)
-        self.unevaluated = evals is None
-        if evals and not gate:
+        self._publish(result, arrivals, evals, gate=gate, merge_seconds=merge_seconds,
+                      evaluated=evaluated)
+        self.unevaluated = not evaluated
+        if evaluated and not gate:
             self.evaluated = c.state.version
         if gate and c.state.control.rejections >= q.max_rejections:
             raise RunError(c._rejections_message(gate))
@@ -322,15 +328,19 @@ class AsyncLoop:
                            unavailable=events.unavailable)
 
     def _publish(self, result: RoundResult, arrivals: list[Arrival], evals: dict | None, *,
-                 gate: list[str], merge_seconds: float) -> None:
+                 gate: list[str], merge_seconds: float, evaluated: bool) -> None:
+        """Version state.version + 1: evaluated (`evals`, or on the writer's thread when
+        `evaluated` without them) and with weights, or its manifest and metrics line only."""
         c = self.c
         number = c.state.version + 1
         lineage = [{"base": checkpoint.version_name(a.base), "staleness": a.staleness,
                     "discount": a.discount} for a in arrivals]
         sites = [s.name for s in c.config.sites]
         c.writer.write(number, state=c.state, result=result, gate=gate, lineage=lineage,
-                       evaluate=(lambda: evals) if evals is not None else dict,
-                       outer_state=c.merger.state_dict(), weights=evals is not None,
+                       evaluate=c._evaluate if evals is None and evaluated else (
+                           lambda: evals or {}),
+                       background=evals is None and evaluated,
+                       outer_state=c.merger.state_dict(), weights=evaluated,
                        nodes={s: p.get("node") for s, p in c.fleet.placement.items()},
                        timing=Timing(merge_seconds=merge_seconds,
                                      round_seconds=time.perf_counter() - self.started,

@@ -82,3 +82,25 @@ def test_an_update_over_max_staleness_is_refused_and_its_rows_trained_again(
     assert (first["start_row"], first.get("start_token", 0)) == (0, 0)
     assert_rows_exactly_once(run_dir, "notes", text_column="body")
     assert_rows_exactly_once(run_dir, "speeches", text_column="text")
+
+
+@pytest.mark.parametrize("setup", [
+    {"merge.strategy": "momentum", "merge.compression": "int8", "merge.reducers": 2,
+     "sites.speeches.num_workers": 2, "worker.num_cpus": 0.5},
+    {"merge.strategy": "median", "merge.buffer": 2, "merge.compression": "bf16",
+     "model.lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+], ids=["momentum-int8-reducers-2rank", "median-buffer2-bf16-lora"])
+def test_strategies_compression_reducers_and_lora_merge_asynchronously(
+        ray_cluster, demo_root, notes_site, tmp_path, setup):
+    run_dir = tmp_path / "run"
+    config = tiny_config(demo_root, notes_site, run_dir, rounds=4,
+                         **{**ASYNC, "merge.max_staleness": 50, **setup})
+    run_training(config)
+
+    manifests = all_manifests(run_dir)
+    assert [m["version"] for m in manifests] == list(range(5))
+    assert [len(m["lineage"]) for m in manifests[1:]] == [config.merge.buffer] * 4
+    assert all(e["discount"] == pytest.approx((1 + e["staleness"]) ** -0.5)
+               for m in manifests for e in m["lineage"])
+    assert_rows_exactly_once(run_dir, "notes", text_column="body")
+    assert_rows_exactly_once(run_dir, "speeches", text_column="text")
