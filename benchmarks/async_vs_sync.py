@@ -10,7 +10,9 @@ parameters with GPT-2's tokenizer:
   slow  64 local steps per update: 4x the work per update, set with `sites[].worker`.
 Speed comes from real work, not sleeps. In sync mode every round waits for the slow site,
 then the fast one trains its remaining data alone (one core idle); in async mode the fast
-site never waits.
+site never waits. Sync evaluates (and writes weights) every round, as its gate needs; async
+every `--eval-every` versions (default 4), the knob async mode has for this, and both
+evaluate the last version, whose perplexities are compared.
 
 Scenarios:
   steady  both sites up;
@@ -85,6 +87,9 @@ def main() -> None:
                              "(default 4, quick 2)")
     parser.add_argument("--scenarios", nargs="+", default=["steady", "stall"],
                         choices=["steady", "stall"])
+    parser.add_argument("--eval-every", type=int, default=4,
+                        help="async mode's run.eval_every (sync evaluates every round; both "
+                             "evaluate the last version)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-async"))
     args = parser.parse_args()
     pairs = args.pairs or (1 if args.quick else 3)
@@ -100,13 +105,14 @@ def main() -> None:
             for mode in ("sync", "async"):
                 run_dir = out / "runs" / f"{scenario}-{pair}-{mode}"
                 summary = run_once(sites, demo, run_dir, mode=mode, seed=pair,
+                                   eval_every=args.eval_every if mode == "async" else 1,
                                    stall=scenario == "stall")
                 results.setdefault(f"{scenario}/{mode}", []).append(summary)
                 print(f"{run_dir.name}: {summary['wall_s']:.1f} s, "
                       f"{summary['tokens_per_s']:.0f} new tokens/s, mean perplexity "
                       f"{summary['mean_ppl']:.2f}", flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    text = report(results, scenarios=args.scenarios)
+    text = report(results, scenarios=args.scenarios, eval_every=args.eval_every)
     (out / "report.md").write_text(text + "\n")
     print(text)
 
@@ -143,9 +149,10 @@ def rows_of(folder: Path, column: str) -> list[str]:
     return [r for r in rows if r.strip()]
 
 
-def config_for(sites: dict[str, Path], demo: Path, run_dir: Path, *, mode: str, seed: int):
+def config_for(sites: dict[str, Path], demo: Path, run_dir: Path, *, mode: str, seed: int,
+               eval_every: int):
     raw = {
-        "run": {"dir": str(run_dir), "seed": seed},
+        "run": {"dir": str(run_dir), "seed": seed, "eval_every": eval_every},
         "rounds": None,  # until every site has consumed its folder
         "model": {"source": "random", "tokenizer": "gpt2", "architecture": ARCH},
         "sites": [{"name": name, "path": str(path),
@@ -171,7 +178,7 @@ def config_for(sites: dict[str, Path], demo: Path, run_dir: Path, *, mode: str, 
 
 
 def run_once(sites: dict[str, Path], demo: Path, run_dir: Path, *, mode: str, seed: int,
-             stall: bool) -> dict:
+             eval_every: int, stall: bool) -> dict:
     for folder in (run_dir, run_dir.parent / f"{run_dir.name}-pids"):
         shutil.rmtree(folder, ignore_errors=True)  # this benchmark's own earlier output
     stopper = None
@@ -179,7 +186,8 @@ def run_once(sites: dict[str, Path], demo: Path, run_dir: Path, *, mode: str, se
         stopper = threading.Thread(target=stall_fast_site, args=(run_dir,), daemon=True)
         stopper.start()
     started = time.perf_counter()
-    run_training(config_for(sites, demo, run_dir, mode=mode, seed=seed),
+    run_training(config_for(sites, demo, run_dir, mode=mode, seed=seed,
+                            eval_every=eval_every),
                  worker_cls=pid_reporting(run_dir.parent / f"{run_dir.name}-pids"))
     wall = time.perf_counter() - started
     if stopper is not None:
@@ -211,8 +219,9 @@ def summarize(records: list[dict], *, wall: float) -> dict:
             "failures": sum(len(r.get("failures") or {}) for r in records)}
 
 
-def report(results: dict[str, list[dict]], *, scenarios: list[str]) -> str:
-    lines = []
+def report(results: dict[str, list[dict]], *, scenarios: list[str], eval_every: int) -> str:
+    lines = [(f"sync evaluates and writes every round; async every {eval_every}th version "
+              "and the last"), ""]
     for scenario in scenarios:
         sync, asyn = results[f"{scenario}/sync"], results[f"{scenario}/async"]
         sets = list(sync[0]["perplexity"])
