@@ -224,7 +224,7 @@ class AsyncLoop:
             return
         c.fleet.commit([site], round_index=flight.task.round_index)
         c.state.sequence[site] = flight.task.round_index
-        c.state.missed[site] = 0
+        c.fleet.count_misses(answered=[site], missed=(), state=c.state)
         self.planned[site] = update.cursor
         discount = (1.0 + staleness) ** -c.config.merge.staleness_exponent
         self.buffer.append(Arrival(update, flight.base, staleness, discount, flight.parts,
@@ -257,7 +257,7 @@ class AsyncLoop:
         self._missed(site)
 
     def _missed(self, site: str) -> None:
-        self.c.fleet.count_misses(RoundResult([], {site: "missed"}, []), state=self.c.state)
+        self.c.fleet.count_misses(answered=(), missed=[site], state=self.c.state)
 
     # ------------------------------------------------------------------ merging
 
@@ -290,7 +290,7 @@ class AsyncLoop:
                 c._steer(c.state.round, evals, gate)  # the next tasks' replay and lr
             self._settle(gate)
         self._publish(result, arrivals, evals, gate=gate, merge_seconds=merge_seconds,
-                      evaluated=evaluated)
+                      evaluated=evaluated, later=later)
         self.unevaluated = not evaluated
         if evaluated and not gate:
             self.evaluated = c.state.version
@@ -328,18 +328,18 @@ class AsyncLoop:
                            unavailable=events.unavailable)
 
     def _publish(self, result: RoundResult, arrivals: list[Arrival], evals: dict | None, *,
-                 gate: list[str], merge_seconds: float, evaluated: bool) -> None:
+                 gate: list[str], merge_seconds: float, evaluated: bool,
+                 later: bool) -> None:
         """Version state.version + 1: evaluated (`evals`, or on the writer's thread when
-        `evaluated` without them) and with weights, or its manifest and metrics line only."""
+        `later`) and with weights, or its manifest and metrics line only."""
         c = self.c
         number = c.state.version + 1
         lineage = [{"base": checkpoint.version_name(a.base), "staleness": a.staleness,
                     "discount": a.discount} for a in arrivals]
         sites = [s.name for s in c.config.sites]
         c.writer.write(number, state=c.state, result=result, gate=gate, lineage=lineage,
-                       evaluate=c._evaluate if evals is None and evaluated else (
-                           lambda: evals or {}),
-                       background=evals is None and evaluated,
+                       evaluate=c._evaluate if later else (lambda: evals or {}),
+                       background=later,
                        outer_state=c.merger.state_dict(), weights=evaluated,
                        nodes={s: p.get("node") for s, p in c.fleet.placement.items()},
                        timing=Timing(merge_seconds=merge_seconds,

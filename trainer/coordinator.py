@@ -242,7 +242,8 @@ class Coordinator:
         result = RoundResult(accepted, gathered.failures, gathered.idle,
                              rejected={**refused, **rejected}, quarantined=quarantined,
                              unavailable=gathered.unavailable)
-        self.fleet.count_misses(result, state=self.state)
+        self.fleet.count_misses(answered=[u.worker_id for u in accepted],
+                                missed=result.reasons, state=self.state)
         return result, gathered.parts
 
     def _dispatch(self, tasks: dict[str, RoundTask], *, weights, base):

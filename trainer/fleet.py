@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from trainer.config import Config
 from trainer.mirror import Mirror
 from trainer.placement import infeasible, wait_until_placed, waiting_reason, worker_demand
 from trainer.sites import SiteWorkers, all_names, start_site, wait_for_name
-from trainer.state import RoundResult, RunState
+from trainer.state import RunState
 from workers.compression import unpack_delta
 from workers.storage import join
 from workers.types import GroupSpec, NoData, RoundTask, SiteConfig, TrainSpec, WorkerUpdate
@@ -249,13 +249,15 @@ class SiteFleet:
                                "by the round's deadline")
         ray.get(done)
 
-    def count_misses(self, result: RoundResult, *, state: RunState) -> None:
-        """Track sites that fail round after round; past worker.max_missed_rounds they are
-        reported and left out (until `tributary resume`) instead of restarted every round."""
-        limit = next(iter(self.setup.trains.values())).worker.max_missed_rounds  # run-wide
-        for update in result.updates:
-            state.missed[update.worker_id] = 0
-        for site in result.reasons:
+    def count_misses(self, *, answered: Iterable[str], missed: Iterable[str],
+                     state: RunState) -> None:
+        """Track sites that fail round after round (or task after task, in merge.mode async);
+        past worker.max_missed_rounds they are reported and left out (until `tributary
+        resume`) instead of restarted every time. A usable update resets the count."""
+        for site in answered:
+            state.missed[site] = 0
+        for site in missed:
+            limit = self.setup.trains[site].worker.max_missed_rounds
             state.missed[site] = state.missed.get(site, 0) + 1
             if state.missed[site] > limit:
                 state.down.add(site)
