@@ -50,6 +50,12 @@ def tiny_config(demo_root: Path, notes: Path, run_dir: Path, **overrides) -> Con
     return resolve_paths(config_from_dict(raw, overrides=sets))
 
 
+def assert_tiny_rows_exactly_once(run_dir: Path) -> None:
+    """Both sites of a `tiny_config` run (speeches and notes): every row exactly once."""
+    assert_rows_exactly_once(run_dir, "notes", text_column="body")
+    assert_rows_exactly_once(run_dir, "speeches", text_column="text")
+
+
 def assert_rows_exactly_once(run_dir: Path, site: str, *, text_column: str,
                              location: str | Path | None = None) -> list[dict]:
     """Every row of every increment file of the site (listed from `location`, the site's

@@ -18,7 +18,7 @@ import ray.cloudpickle
 from cluster.connect import NAMESPACE
 from tests.chaos import misbehaving
 from tests.chaos.test_faults import run_in_thread, waiting_to_be_killed
-from tests.helpers import REPO_ROOT, assert_rows_exactly_once, tiny_config
+from tests.helpers import REPO_ROOT, assert_tiny_rows_exactly_once, tiny_config
 from trainer.checkpoint import all_manifests
 from trainer.config import dump_config
 from trainer.coordinator import run_training
@@ -73,8 +73,7 @@ def test_a_killed_worker_does_not_hold_back_the_other_site(
     later = [e for m in manifests if m["version"] > failed[0] for e in m["lineage"]
              if e["site"] == "notes"]
     assert later, "the restarted notes worker never trained again"
-    assert_rows_exactly_once(run_dir, "notes", text_column="body")
-    assert_rows_exactly_once(run_dir, "speeches", text_column="text")
+    assert_tiny_rows_exactly_once(run_dir)
 
 
 def test_coordinator_sigkill_then_resume_trains_every_row_once(
@@ -102,5 +101,4 @@ def test_coordinator_sigkill_then_resume_trains_every_row_once(
     assert sorted(p.name for p in versions.glob("v[0-9]*")) == [f"v{i:04d}" for i in range(9)]
     assert (versions / "latest").resolve().name == "v0008"
     assert [m["version"] for m in all_manifests(run_dir)] == list(range(9))
-    assert_rows_exactly_once(run_dir, "notes", text_column="body")
-    assert_rows_exactly_once(run_dir, "speeches", text_column="text")
+    assert_tiny_rows_exactly_once(run_dir)

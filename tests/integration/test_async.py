@@ -9,7 +9,7 @@ import pytest
 import ray.cloudpickle
 
 from tests.chaos import misbehaving
-from tests.helpers import assert_rows_exactly_once, tiny_config
+from tests.helpers import assert_tiny_rows_exactly_once, tiny_config
 from tests.ray_fixtures import ASYNC_METRICS, served_metrics
 from trainer.checkpoint import all_manifests
 from trainer.coordinator import run_training
@@ -60,8 +60,7 @@ def test_a_slow_sites_update_lands_versions_later_with_its_staleness(
     assert (run_dir / "report" / "staleness.png") in write_report(run_dir, records)
     url = f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics"
     assert ASYNC_METRICS <= served_metrics(url, run=run_dir.name, wait_for=ASYNC_METRICS)
-    assert_rows_exactly_once(run_dir, "notes", text_column="body")
-    assert_rows_exactly_once(run_dir, "speeches", text_column="text")
+    assert_tiny_rows_exactly_once(run_dir)
 
 
 def test_an_update_over_max_staleness_is_refused_and_its_rows_trained_again(
@@ -80,8 +79,7 @@ def test_an_update_over_max_staleness_is_refused_and_its_rows_trained_again(
     # The refused update's rows (the site's first) were trained again by a later update.
     first = notes[0]["rows"][0]
     assert (first["start_row"], first.get("start_token", 0)) == (0, 0)
-    assert_rows_exactly_once(run_dir, "notes", text_column="body")
-    assert_rows_exactly_once(run_dir, "speeches", text_column="text")
+    assert_tiny_rows_exactly_once(run_dir)
 
 
 @pytest.mark.parametrize("setup", [
@@ -102,5 +100,4 @@ def test_strategies_compression_reducers_and_lora_merge_asynchronously(
     assert [len(m["lineage"]) for m in manifests[1:]] == [config.merge.buffer] * 4
     assert all(e["discount"] == pytest.approx((1 + e["staleness"]) ** -0.5)
                for m in manifests for e in m["lineage"])
-    assert_rows_exactly_once(run_dir, "notes", text_column="body")
-    assert_rows_exactly_once(run_dir, "speeches", text_column="text")
+    assert_tiny_rows_exactly_once(run_dir)
