@@ -1,23 +1,29 @@
 """Merge throughput against this machine's copy bandwidth, measured in the same run.
 
-    python benchmarks/merge.py            # K = 2, 4, 8 deltas shaped like SmolLM2-135M
-    python benchmarks/merge.py --quick    # a quarter of the layers
+    python benchmarks/merge.py            # K = 2, 4, 8, 16 deltas shaped like SmolLM2-135M
+    python benchmarks/merge.py --quick    # a quarter of the layers, 3 pairs
 
 Reading K fp32 deltas and writing one result moves (K + 1) × P × 4 bytes: that is the floor.
-The baseline is a plain tensor copy of the same model (2 × P × 4 bytes) timed right before, so
-the ratio says how close `weighted_average(..., out=)` comes to the memory's speed whatever
-else shares the machine. A naive average (one temporary per term, fresh output each round) is
-the second baseline, and the robust strategies are timed at the largest K.
+Each repetition times a plain tensor copy of the same model (2 × P × 4 bytes) right before
+the merge as the run calls it (`FedAvg.combine`:
+`weighted_average(..., out=)` on inputs the merger validated), so each pair's ratio says how close the merge comes to the
+memory's speed whatever else shares the machine; the table gives the median, min and max over
+the pairs. Two baselines run in the same pairs: the per-tensor loop the merge used before
+(each weighted add re-reads and rewrites the whole output: ~3K model sizes of traffic) and a
+naive average (a temporary per term, a fresh output each time). The robust strategies are
+timed warm (one untimed run first) at K = 8.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 
-from trainer.merge import median, trimmed_mean, weighted_average
+from trainer.merge import finite_problem, median, trimmed_mean
+from trainer.strategies import FedAvg
 from trainer.table import markdown
 
 # SmolLM2-135M: hidden 576, MLP 1536, 30 layers, 49152-token vocabulary (tied embeddings).
@@ -34,14 +40,28 @@ def model_shapes(layers: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def best_of(repeats: int, run) -> float:
-    """The fastest of `repeats` timings: the least disturbed by other load."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
+def timed(run) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """median (min–max)"""
+    return (fmt.format(statistics.median(values)) + " (" + fmt.format(min(values)) + "–"
+            + fmt.format(max(values)) + ")")
+
+
+def per_tensor_loop(updates, out):
+    """The merge before blocking, as it was: each input added over the whole tensor in turn,
+    then the output read once more for its finite check."""
+    total = sum(w for _, w in updates)
+    for key in updates[0][0]:
+        torch.mul(updates[0][0][key], updates[0][1] / total, out=out[key])
+        for state, weight in updates[1:]:
+            out[key].add_(state[key], alpha=weight / total)
+        if finite_problem({key: out[key]}):
+            raise ValueError(f"{key} holds NaN or Inf")
 
 
 def naive_average(updates):
@@ -49,41 +69,72 @@ def naive_average(updates):
     return {k: sum(state[k] * (w / total) for state, w in updates) for k in updates[0][0]}
 
 
+def weighted_average(updates, *, out):
+    return FedAvg(lr=1.0).combine(updates, out=out)
+
+
+def merge_row(k: int, *, pool, out, gb: float, pairs: int) -> tuple[list[str], float]:
+    """One K: `pairs` repetitions of copy, merge, per-tensor loop and naive, interleaved."""
+    updates = [(pool[i], float(i + 1)) for i in range(k)]
+    names = list(out)
+    weighted_average(updates, out=out)  # warm: pages touched, caches and threads started
+    runs = {"copy": [], "merge": [], "loop": [], "naive": []}
+    for _ in range(pairs):
+        runs["copy"].append(timed(lambda: [out[n].copy_(pool[0][n]) for n in names]))
+        runs["merge"].append(timed(lambda: weighted_average(updates, out=out)))
+        runs["loop"].append(timed(lambda: per_tensor_loop(updates, out)))
+        runs["naive"].append(timed(lambda: naive_average(updates)))
+    moved = (k + 1) * gb
+    ratio = [(moved / m) / (2 * gb / c) for m, c in zip(runs["merge"], runs["copy"])]
+    loop_ratio = [(moved / m) / (2 * gb / c) for m, c in zip(runs["loop"], runs["copy"])]
+    naive = [n / m for n, m in zip(runs["naive"], runs["merge"])]
+    row = [str(k), spread([2 * gb / c for c in runs["copy"]], "{:.1f}"),
+           spread([moved / m for m in runs["merge"]], "{:.1f}"), spread(ratio),
+           spread(loop_ratio), spread(naive, "{:.1f}")]
+    return row, statistics.median(ratio)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=None, help="repetitions (default 7; 3 quick)")
     args = parser.parse_args()
+    pairs = args.pairs or (3 if args.quick else 7)
     shapes = model_shapes(LAYERS // 4 if args.quick else LAYERS)
     params = sum(torch.Size(s).numel() for s in shapes.values())
     generator = torch.Generator().manual_seed(0)
     pool = [{k: torch.randn(s, generator=generator) * 1e-3 for k, s in shapes.items()}
-            for _ in range(8)]
+            for _ in range(16)]
     out = {k: torch.empty(s) for k, s in shapes.items()}
     gb = params * 4 / 1e9
     print(f"{params / 1e6:.1f} M parameters ({gb:.2f} GB per fp32 state), "
-          f"{torch.get_num_threads()} threads")
-    rows, last = [], {}
-    for k in (2, 4, 8):
-        updates = [(pool[i], float(i + 1)) for i in range(k)]
-        copy_s = best_of(args.repeats, lambda: [out[n].copy_(pool[0][n]) for n in shapes])
-        merge_s = best_of(args.repeats, lambda u=updates: weighted_average(u, out=out))
-        naive_s = best_of(args.repeats, lambda u=updates: naive_average(u))
-        copy_bw, merge_bw = 2 * gb / copy_s, (k + 1) * gb / merge_s
-        last = {"k": k, "ratio": merge_bw / copy_bw, "naive": naive_s / merge_s}
-        rows.append([str(k), f"{merge_s:.3f}", f"{merge_bw:.1f}", f"{copy_bw:.1f}",
-                     f"{merge_bw / copy_bw:.2f}", f"{naive_s:.3f}", f"{naive_s / merge_s:.1f}x"])
-    print(markdown(["K", "merge s", "merge GB/s", "copy GB/s", "merge/copy", "naive s",
-                    "naive/merge"], rows))
+          f"{torch.get_num_threads()} threads, {pairs} pairs per row: median (min–max)")
+    rows, ratios = [], {}
+    for k in (2, 4, 8, 16):
+        row, ratios[k] = merge_row(k, pool=pool, out=out, gb=gb, pairs=pairs)
+        rows.append(row)
+    print(markdown(["K", "copy GB/s", "merge GB/s", "merge/copy", "per-tensor loop/copy",
+                    "naive s / merge s"], rows))
+    robust_table(pool=pool, out=out, pairs=pairs)
+    print("ratio: merge bandwidth / copy bandwidth, median at K = 2, 4, 8, 16: "
+          + ", ".join(f"{ratios[k]:.2f}" for k in ratios))
+
+
+def robust_table(*, pool, out, pairs: int) -> None:
+    """The robust strategies at K = 8, warm, each timed in a pair with the weighted average."""
     updates = [(pool[i], 1.0) for i in range(8)]
     robust = {"trimmed_mean (10%)": lambda: trimmed_mean(updates, trim_fraction=0.1, out=out),
               "median": lambda: median(updates, out=out)}
-    fedavg_s = best_of(args.repeats, lambda: weighted_average(updates, out=out))
+    rows = []
     for name, run in robust.items():
-        seconds = best_of(1, run)
-        print(f"K=8 {name}: {seconds:.2f} s, {seconds / fedavg_s:.1f}x the weighted average")
-    print(f"ratio: merge bandwidth / copy bandwidth at K={last['k']}: {last['ratio']:.2f} "
-          f"(naive averaging is {last['naive']:.1f}x slower)")
+        run()  # warm
+        fedavg, seconds = [], []
+        for _ in range(pairs):
+            fedavg.append(timed(lambda: weighted_average(updates, out=out)))
+            seconds.append(timed(run))
+        rows.append([name, spread(seconds), spread([s / f for s, f in zip(seconds, fedavg)],
+                                                   "{:.1f}")])
+    print(markdown(["K = 8, warm", "seconds", "× weighted average"], rows))
 
 
 if __name__ == "__main__":

@@ -450,6 +450,9 @@ def _check_merge(config: Config, problems: list[str]) -> None:
     need(m.buffer >= 1, "merge.buffer", "must be at least 1")
     need(m.staleness_exponent >= 0, "merge.staleness_exponent", "must not be negative")
     need(m.max_staleness >= 0, "merge.max_staleness", "must not be negative")
+    need(m.downlink == "fp32" or config.model.lora is None, "merge.downlink",
+         "applies to full-weight runs: with model.lora the workers receive only the adapter "
+         "(the base once); remove merge.downlink or model.lora")
     _check_strategy(m, problems)
 
 
@@ -553,6 +556,9 @@ def _check_strategy(m: MergeConfig, problems: list[str]) -> None:
         (m.reducers >= 0, "merge.reducers", f"must be 0 (off) or more, found {m.reducers}"),
         (m.compression in COMPRESSIONS, "merge.compression",
          f"must be one of {COMPRESSIONS}, found {m.compression!r}"),
+        (m.downlink in COMPRESSIONS, "merge.downlink",
+         f"must be one of {COMPRESSIONS}, found {m.downlink!r}"),
+        (m.downlink_keep >= 1, "merge.downlink_keep", "must be at least 1"),
     ]
     problems.extend(f"{key}: {message}" for ok, key, message in checks if not ok)
 

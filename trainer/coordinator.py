@@ -89,6 +89,8 @@ class Coordinator:
         self.fleet = SiteFleet.for_run(config, worker_cls=worker_cls, trains=self.trains,
                                        model=self.model, tokenizer=self.tokenizer,
                                        replay=self.replay, mirror=mirror)
+        if self.merger.downlink is not None:  # replaced workers hold no weights to build on
+            self.fleet.on_drop.append(self.merger.downlink.forget)
         self.waiting = False  # an idle watched run has said that it waits
 
     def _restore(self, point: ResumePoint) -> None:
@@ -208,7 +210,10 @@ class Coordinator:
 
     def _broadcast(self) -> tuple:
         """This round's weights in the object store (read zero-copy by every worker on a
-        node): all of them, or the LoRA adapters (A and B) and, once, the frozen base."""
+        node): all of them, or the LoRA adapters (A and B) and, once, the frozen base. With
+        merge.downlink, a function giving each site its own: the changes since what it holds."""
+        if self.merger.downlink is not None:
+            return self.merger.downlink.send, None
         if not self.lora:
             return ray.put({n: t.numpy() for n, t in self.global_weights.items()}), None
         if self.base_ref is None:

@@ -68,6 +68,7 @@ class SiteFleet:
         self.setup = setup
         self.actors: dict[str, SiteWorkers] = {}
         self.placement: dict[str, dict] = {}  # site -> where its rank 0 runs (host, node, pid)
+        self.on_drop: list[Callable[[list[str]], None]] = []  # told of replaced workers
 
     @classmethod
     def for_run(cls, config: Config, *, worker_cls: type, trains: Mapping[str, TrainSpec],
@@ -167,6 +168,8 @@ class SiteFleet:
         workers = self.actors.pop(site, None)
         if workers is not None:
             workers.kill()
+        for listener in self.on_drop:  # what the old workers held is gone with them
+            listener([site])
 
     def shutdown(self) -> None:
         for site in list(self.actors):
@@ -181,8 +184,9 @@ class SiteFleet:
     # ------------------------------------------------------------------ one round
 
     def dispatch(self, tasks: Mapping[str, RoundTask], *, weights, base=None) -> Dispatched:
-        """Start every task (`weights` and `base` are object refs, read zero-copy). With
-        sharded merging (`task.shards`) the delta comes back as separate slices."""
+        """Start every task (`weights` and `base` are object refs, read zero-copy; `weights`
+        may be a function of the site, with downlink compression). With sharded merging
+        (`task.shards`) the delta comes back as separate slices."""
         out = Dispatched()
         for site, task in tasks.items():
             try:
@@ -191,7 +195,7 @@ class SiteFleet:
                 out.failures[site] = reason(exc)
                 self.drop(site)
                 continue
-            args = (task, weights, base)
+            args = (task, weights(site) if callable(weights) else weights, base)
             if task.shards:
                 refs = workers.primary.train_round_split.options(
                     num_returns=len(task.shards) + 1).remote(*args)

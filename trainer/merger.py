@@ -15,6 +15,8 @@ from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
 
+from trainer.downlink import RESIDUAL as DOWNLINK_STATE
+from trainer.downlink import DownlinkSender
 from trainer.reduce import ShardedMerge
 from trainer.strategies import MergeConfig
 from trainer.validate import DeltaStats, validate_updates
@@ -34,7 +36,10 @@ class LocalMerger:
         self.strategy = merge.build()
         self.shapes = {name: tuple(t.shape) for name, t in weights.items()}
         self.keep_previous = keep_previous  # a quality gate may send the candidate back
-        self.previous: tuple[dict, dict] | None = None
+        self.previous: tuple | None = None
+        # merge.downlink: the outer step ends with the global change packed for the workers.
+        self.downlink = None if merge.downlink == "fp32" else DownlinkSender(
+            kind=merge.downlink, weights=weights, keep=merge.downlink_keep)
 
     def validate(self, updates: list[WorkerUpdate], parts: Parts
                  ) -> tuple[list[WorkerUpdate], dict[str, str]]:
@@ -51,6 +56,8 @@ class LocalMerger:
             self.snapshot()
         started = time.perf_counter()
         self._step([u for u in updates if u.weight > 0], parts, scale=scale)
+        if self.downlink is not None:
+            self.downlink.settle()
         return time.perf_counter() - started
 
     def accept(self) -> None:
@@ -64,20 +71,28 @@ class LocalMerger:
         """Hold the global model and outer state as they are now (asynchronous merging takes
         this at every evaluated version, and a rejection goes back to it)."""
         self.previous = ({k: v.clone() for k, v in self.weights.items()},
-                         {k: v.clone() for k, v in self.strategy.state_dict().items()})
+                         {k: v.clone() for k, v in self.state_dict().items()},
+                         self.downlink.mark if self.downlink else None)
 
     def restore(self) -> None:
-        weights, outer = self.previous
+        weights, outer, mark = self.previous
         for name, tensor in self.weights.items():
             tensor.copy_(weights[name])
-        self.strategy.load_state_dict(outer)
+        self.load_state_dict(outer)
+        if self.downlink is not None:
+            self.downlink.rewind(mark)
         self.previous = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.strategy.state_dict()
+        """The outer state: the strategy's, and the downlink's error feedback."""
+        own = self.downlink.state_dict() if self.downlink else {}
+        return {**self.strategy.state_dict(), **own}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.strategy.load_state_dict(state)
+        if self.downlink is not None:
+            self.downlink.load_state_dict(state)
+        self.strategy.load_state_dict({k: v for k, v in state.items()
+                                       if not k.startswith(DOWNLINK_STATE)})
 
     def shutdown(self) -> None:
         pass

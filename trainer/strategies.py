@@ -50,7 +50,8 @@ class FedAvg:
 
     def combine(self, updates: Sequence[tuple[State, float]], *,
                 out: MutableMapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return weighted_average(updates, out=out)
+        # The merger validated every input (trainer/validate.py): no second finite check.
+        return weighted_average(updates, out=out, check_finite=False)
 
     def step(self, global_state: MutableMapping[str, torch.Tensor], delta: State) -> None:
         apply_delta(global_state, delta, lr=self.lr)
@@ -170,6 +171,12 @@ class MergeConfig:
     trim_fraction: float = 0.1
     # How workers send their deltas: "fp32", "bf16" or "int8" (with error feedback).
     compression: str = "fp32"
+    # How workers receive the global weights: "fp32" (a full copy every round) or "bf16" /
+    # "int8": the change since the version a worker holds, packed like the uplink with error
+    # feedback, applied bit-identically on both sides (trainer/downlink.py). downlink_keep
+    # changes are kept for sites that are behind; one further behind gets a full copy.
+    downlink: str = "fp32"
+    downlink_keep: int = 8
     # 0: the coordinator combines whole deltas itself. N: N reducer actors each combine one
     # slice of the tensors of every delta where it lies (coordinator memory stays ~2× the
     # model whatever the number of workers; see trainer/reduce.py).

@@ -27,6 +27,7 @@ from workers import engine as ds
 from workers import rng
 from workers.budget import new_token_budget, replay_per_batch
 from workers.compression import Packed, pack_delta, payload_bytes, split_payload
+from workers.downlink import HeldWeights, weights_digest
 from workers.increments import cursor_after, increment_step, merge_ranges
 from workers.lora import apply_lora, is_trained
 from workers.model import build_model
@@ -74,6 +75,7 @@ class Worker:
         self.steps = RoundSteps(engine=self.engine, train=train, group=self.group,
                                 site=site.name, sample_replay=self._sample_replay)
         self.base_loaded = train.lora is None  # with LoRA the base arrives with round 1
+        self.held = HeldWeights()  # merge.downlink: the global weights as last received
         # The state on disk matches the last round the coordinator accepted; after training a
         # round that is then not accepted, the in-memory state is rolled back.
         self.committed_round, self.dirty = 0, False
@@ -112,8 +114,11 @@ class Worker:
 
     def train_round(self, task: RoundTask, weights: dict, base: dict | None = None
                     ) -> WorkerUpdate | NoData:
-        """`weights` are the tensors the run federates (all of them, or a LoRA adapter);
-        `base` the frozen rest, loaded once."""
+        """`weights` are the tensors the run federates (all of them, or a LoRA adapter), or
+        with merge.downlink their change since the version held here; `base` the frozen
+        rest, loaded once."""
+        # First, whatever happens next: the coordinator counts on this worker holding them.
+        weights, received = self.held.receive(weights)
         if self.dirty:  # the last round trained here was not accepted: undo its state
             self.restore(round_index=self.committed_round)
         self.pending = None
@@ -136,15 +141,16 @@ class Worker:
                                                        first_file=rows.ranges[0].file),
                          run_step=task.cursor.run_steps, lr_scale=task.lr_scale,
                          replay_weights=dict(task.replay_weights))
-        return self._train(task, plan, rows, weights, base)
+        return self._train(task, plan, rows, weights, base, received=received)
 
     def _train(self, task: RoundTask, plan: RoundPlan, rows: NewRows, weights: dict,
-               base: dict | None) -> WorkerUpdate:
+               base: dict | None, *, received: int) -> WorkerUpdate:
         fraction = self.train.worker.early_stopping.holdout_fraction
         sequences, holdout = split_holdout(rows.sequences, fraction)
         if sequences.num_rows == 0:  # only blank rows: consumed, nothing to train
-            return self._update(task, plan, {}, rows, sequences, trained=Trained())
-        received = self._load(weights, base)
+            return self._update(task, plan, {}, rows, sequences, trained=Trained(),
+                                received=received)
+        received += self._load(weights, base)
         started = time.perf_counter()
         self.dirty, self.pending = True, sequences
         trained = self.steps.run(plan, sequences, holdout, anchor=self.steps.anchor(weights))
@@ -169,13 +175,18 @@ class Worker:
         return (dataclasses.replace(answer, delta={}), *split_payload(answer.delta, shards))
 
     def _load(self, weights: dict, base: dict | None) -> int:
-        """Load the round's weights; returns the bytes received (the base counts once)."""
-        received = _nbytes(weights)
+        """Load the round's weights; returns the bytes of the base received (once)."""
+        received = 0
         if not self.base_loaded and base is not None:
             ds.load_weights_(self.engine, base, strict=False)
-            self.base_loaded, received = True, received + _nbytes(base)
+            self.base_loaded, received = True, _nbytes(base)
         ds.load_weights_(self.engine, weights, strict=self.train.lora is None)
         return received
+
+    def held_digest(self) -> str | None:
+        """SHA-256 of the global weights this worker holds (merge.downlink), to check that
+        they are bit-identical to the coordinator's."""
+        return weights_digest(self.held.weights) if self.held.weights is not None else None
 
     def _update(self, task: RoundTask, plan: RoundPlan, delta: dict | Packed, rows: NewRows,
                 sequences: pa.Table, *, trained: Trained, holdout: pa.Table | None = None,
