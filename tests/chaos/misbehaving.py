@@ -134,3 +134,43 @@ def paced_worker(*, site: str, seconds: float, first_only: bool = False) -> type
             return super().train_round(task, weights, base)
 
     return PacedWorker
+
+
+def recording_worker(*, folder: str, fail_site: str, fail_round: int) -> type:
+    """A Worker class that appends, for every task, a digest of the global weights it holds
+    after taking in what the coordinator sent (merge.downlink) and the bytes that took, to
+    `folder`/SITE.jsonl; `fail_site` raises after training its task `fail_round` (its
+    workers are replaced, holding nothing)."""
+    import json
+    from pathlib import Path
+
+    from workers.downlink import FullCopy, HeldWeights, weights_digest
+
+    class RecordingHeld(HeldWeights):
+        def __init__(self, site: str) -> None:
+            super().__init__()
+            self.site, self.round = site, 0
+
+        def receive(self, payload):
+            weights, received = super().receive(payload)
+            record = {"task": self.round, "digest": weights_digest(weights),
+                      "names": sorted(weights), "bytes": received,
+                      "full": isinstance(payload, FullCopy),
+                      "changes": len(getattr(payload, "changes", ()))}
+            with (Path(folder) / f"{self.site}.jsonl").open("a") as out:
+                out.write(json.dumps(record) + "\n")
+            return weights, received
+
+    class RecordingWorker(Worker):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.held = RecordingHeld(self.site.name)
+
+        def train_round(self, task, weights, base=None):
+            self.held.round = task.round_index
+            update = super().train_round(task, weights, base)
+            if self.site.name == fail_site and task.round_index == fail_round:
+                raise RuntimeError("injected failure after training")
+            return update
+
+    return RecordingWorker
