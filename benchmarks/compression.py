@@ -1,10 +1,15 @@
-"""Traffic and quality of fp32, bf16 and int8 deltas: the same tiny run three times.
+"""Traffic and quality of compressed deltas (uplink) and global changes (downlink).
 
-    python benchmarks/compression.py [--rounds 8] [--lr 5e-3]    # about 2 min
+    python benchmarks/compression.py [--rounds 8] [--seeds 0 1 2]    # ~10 min on 2 cores
+    python benchmarks/compression.py --quick                          # 2 rounds, 1 seed
 
-configs/tiny.yaml (a small random Llama, two sites on the demo data) runs once per
-`merge.compression`; the table shows the bytes each worker sent per round and the held-out
-loss at the end. fp32 is the baseline measured in the same run.
+configs/tiny.yaml (a small random Llama, two sites on the demo data) runs once per arm and
+seed: fp32 both ways (the baseline, run with each seed in the same invocation), bf16 and int8
+uplinks with error feedback, int8 without it (what error feedback buys), an int8 downlink, and
+int8 both ways. Bytes are what the workers reported sending and receiving per round; the
+downlink's first round is a full fp32 copy, so bytes received are shown for the rounds after
+it and over all rounds. Loss is the final held-out loss (mean log perplexity of the eval
+sets): mean ± sd over seeds, and its paired difference from fp32 with the same seed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import statistics
 from pathlib import Path
 
 from cluster.connect import connect
@@ -22,42 +28,83 @@ from trainer.metrics import read_metrics
 from trainer.table import markdown
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("fp32", "bf16", "int8")
+ARMS = {  # name -> config overrides
+    "fp32": {},
+    "up bf16": {"merge.compression": "bf16"},
+    "up int8": {"merge.compression": "int8"},
+    "up int8, no error feedback": {"merge.compression": "int8", "merge.error_feedback": False},
+    "down int8": {"merge.downlink": "int8"},
+    "up + down int8": {"merge.compression": "int8", "merge.downlink": "int8"},
+}
+
+
+def run_arm(name: str, *, seed: int, args) -> list[dict]:
+    run_dir = Path(args.out) / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
+    overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"rounds={args.rounds}",
+                 f"worker.lr={args.lr}",
+                 f"worker.deepspeed={REPO / 'configs' / 'deepspeed' / 'cpu.json'}"]
+    overrides += [f"{k}={v}" for k, v in ARMS[name].items()]
+    run_training(resolve_paths(load_config(REPO / "configs" / "tiny.yaml", overrides=overrides)))
+    return read_metrics(run_dir)
+
+
+def per_worker_round(records: list[dict], key: str, *, first: bool) -> float:
+    """Mean bytes per worker and round (the rounds after the first unless `first`)."""
+    values = [b for r in records if r["round"] > (0 if first else 1)
+              for b in r[key].values()]
+    return statistics.mean(values)
+
+
+def final_loss(records: list[dict]) -> float:
+    final = records[-1]["eval_perplexity"]
+    return sum(math.log(v) for v in final.values()) / len(final)
+
+
+def spread(values: list[float], fmt: str) -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return fmt.format(statistics.mean(values)) + " ± " + fmt.format(statistics.stdev(values))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=5e-3, help="inner lr: enough to move")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, seed 0 (smoke test)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-compression"))
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.seeds = 2, [0]
     prepare_demo(REPO / "data" / "demo")
     connect(num_cpus=2, include_dashboard=False)
-    results = {}
-    for kind in KINDS:
-        run_dir = Path(args.out) / kind
-        shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
-        config = load_config(REPO / "configs" / "tiny.yaml", overrides=[
-            f"run.dir={run_dir}", f"rounds={args.rounds}", f"merge.compression={kind}",
-            f"worker.lr={args.lr}",
-            f"worker.deepspeed={REPO / 'configs' / 'deepspeed' / 'cpu.json'}"])
-        run_training(resolve_paths(config))
-        results[kind] = read_metrics(run_dir)
-    base = results["fp32"]
-    rows = []
-    for kind in KINDS:
-        records = [r for r in results[kind] if r["round"] > 0]
-        sent = sum(sum(r["bytes_sent"].values()) for r in records) / len(records)
-        base_sent = sum(sum(r["bytes_sent"].values()) for r in base if r["round"] > 0) / len(
-            records)
-        final = results[kind][-1]["eval_perplexity"]
-        loss = sum(math.log(v) for v in final.values()) / len(final)
-        base_loss = sum(math.log(v) for v in base[-1]["eval_perplexity"].values()) / len(final)
-        rows.append([kind, f"{sent / 1e6:.2f}", f"{sent / base_sent:.3f}", f"{loss:.4f}",
-                     f"{loss - base_loss:+.4f}"])
-    print(markdown(["deltas", "MB sent per round (all workers)", "vs fp32",
-                    "final eval loss (mean log ppl)", "vs fp32"], rows))
-    print(f"ratio: int8 bytes / fp32 bytes = {float(rows[2][2]):.3f}")
+    runs = {(name, seed): run_arm(name, seed=seed, args=args)
+            for seed in args.seeds for name in ARMS}
+    rows, summary = [], {}
+    for name in ARMS:
+        per_seed = [runs[name, s] for s in args.seeds]
+        base = [runs["fp32", s] for s in args.seeds]
+        sent = [per_worker_round(r, "bytes_sent", first=True) / per_worker_round(
+            b, "bytes_sent", first=True) for r, b in zip(per_seed, base)]
+        after = [per_worker_round(r, "bytes_received", first=False) / per_worker_round(
+            b, "bytes_received", first=False) for r, b in zip(per_seed, base)]
+        received = [per_worker_round(r, "bytes_received", first=True) / per_worker_round(
+            b, "bytes_received", first=True) for r, b in zip(per_seed, base)]
+        losses = [final_loss(r) for r in per_seed]
+        paired = [100 * (final_loss(r) / final_loss(b) - 1) for r, b in zip(per_seed, base)]
+        summary[name] = (statistics.mean(after), statistics.mean(paired))
+        rows.append([name, f"{per_worker_round(per_seed[0], 'bytes_sent', first=True) / 1e6:.2f}",
+                     spread(sent, "{:.3f}"), spread(after, "{:.3f}"), spread(received, "{:.3f}"),
+                     spread(losses, "{:.4f}"), spread(paired, "{:+.2f}")])
+    print(f"{args.rounds} rounds, seeds {args.seeds}; bytes per worker and round, as a "
+          "fraction of fp32 in the same seed")
+    print(markdown(["arm", "MB sent (seed 0)", "sent / fp32", "received / fp32 (rounds 2+)",
+                    "received / fp32 (all rounds)", "final eval loss", "loss vs fp32 (%)"],
+                   rows))
+    down, loss = summary["up + down int8"]
+    print(f"ratio: int8 both ways: bytes received {down:.3f} x fp32 after the first round, "
+          f"final loss {loss:+.2f} % vs fp32 (paired, mean of {len(args.seeds)} seeds)")
 
 
 if __name__ == "__main__":

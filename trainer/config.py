@@ -186,7 +186,8 @@ class Config:
         worker = self.worker if site is None else self.worker_for(site)
         return TrainSpec(worker=worker, replay=self.replay,
                          deepspeed=deepspeed_dict(worker), seed=self.run.seed,
-                         compression=self.merge.compression, lora=self.model.lora,
+                         compression=self.merge.compression,
+                         error_feedback=self.merge.error_feedback, lora=self.model.lora,
                          local_replay_capacity=local)
 
 

@@ -171,6 +171,8 @@ class MergeConfig:
     trim_fraction: float = 0.1
     # How workers send their deltas: "fp32", "bf16" or "int8" (with error feedback).
     compression: str = "fp32"
+    # Off only to measure what it buys (benchmarks/compression.py): rounding is then lost.
+    error_feedback: bool = True
     # How workers receive the global weights: "fp32" (a full copy every round) or "bf16" /
     # "int8": the change since the version a worker holds, packed like the uplink with error
     # feedback, applied bit-identically on both sides (trainer/downlink.py). downlink_keep

@@ -165,6 +165,7 @@ class TrainSpec:
     seed: int = 0
     # How the delta travels: "fp32", "bf16" or "int8" (workers/compression.py).
     compression: str = "fp32"
+    error_feedback: bool = True  # carry what compression dropped into the next delta
     # LoRA adapters with a shared frozen A (workers/lora.py); None: full fine-tuning.
     lora: LoraSpec | None = None
     # Site-local replay (replay.scope: site): the worker keeps a store of this many sequences.

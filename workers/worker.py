@@ -157,8 +157,9 @@ class Worker:
         trained = dataclasses.replace(trained, seconds=time.perf_counter() - started)
         if self.group.rank > 0:  # the group's weights are identical: rank 0 sends the delta
             return self._update(task, plan, {}, rows, sequences, trained=trained)
-        payload, self.pending_residual = pack_delta(
+        payload, residual = pack_delta(
             self._delta(weights), kind=self.train.compression, residual=self.residual)
+        self.pending_residual = residual if self.train.error_feedback else None
         return self._update(task, plan, payload, rows, sequences, trained=trained,
                             holdout=holdout, received=received)
 
