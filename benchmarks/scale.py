@@ -3,14 +3,18 @@
     python benchmarks/scale.py            # K = 2, 4, 8, 16 workers, ~3 min
     python benchmarks/scale.py --quick    # K = 2, 4
 
-K simulated workers (Ray actors with 0.1 CPU each; a small Llama of ~20M parameters, one real
-SGD step on random tokens, no DeepSpeed and no data files) send their deltas each round. The
-unsharded arm is the coordinator's own path (every whole delta fetched, validated and averaged
-in its process); the sharded arm is `merge.reducers` (trainer/reduce.py). Each arm runs in a
-fresh coordinator process. Its peak memory in a round (in units of the model's fp32 size) is
-the global weights it always holds + the peak rise of its private memory (sampled every ms) +
-the bytes of the objects it fetched, which in a multi-node cluster are pulled into its node's
-object store. Merge time runs from "every update is in" to the new global weights.
+A two-node Ray cluster on this machine (ray.cluster_utils: each node its own raylet and
+object store): the coordinator's node, and a node for the K simulated workers (Ray actors with
+0.1 CPU each; a small Llama of ~20M parameters, one real SGD step on random tokens, no
+DeepSpeed and no data files) that send their deltas each round. The unsharded arm is the
+coordinator's own path (every whole delta fetched, validated and averaged in its process);
+the sharded arm is `merge.reducers` (trainer/reduce.py; its reducers spread over both nodes,
+as Ray places them). Each arm runs in a fresh coordinator process. All measured, in units of
+the model's fp32 size: the private memory the coordinator's global weights and merger take
+(RssAnon before and after building them), the peak rise of its private memory in a round
+(sampled every ms), and the peak rise of its node's object store in a round (sampled every few
+ms: the deltas or slices pulled to that node); their sum is its node's peak. Merge time runs
+from "every update is in" to the new global weights; medians over `--rounds` rounds.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ import time
 import numpy as np
 import ray
 import torch
+from ray.cluster_utils import Cluster
 
 from cluster.connect import NAMESPACE
 from trainer.merger import build_merger
 from trainer.strategies import MergeConfig
 from trainer.table import markdown
-from workers.compression import payload_bytes, split_payload
+from workers.compression import split_payload
 from workers.types import Cursor, WorkerUpdate
 
 ARCH = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 256,
@@ -114,10 +119,39 @@ def _rss_anon() -> int:
     return int(line.split()[1]) * 1024
 
 
-def merge_round(workers, merger, global_state) -> tuple[float, int]:
+class StorePeak:
+    """The peak of this node's object-store bytes in use while the block runs, sampled every
+    few milliseconds from its raylet."""
+
+    def __enter__(self):
+        self.node = next(n for n in ray.nodes() if n["Alive"]
+                         and n["NodeID"] == ray.get_runtime_context().get_node_id())
+        self.base = self.peak = self._used()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+
+    def _used(self) -> int:
+        from ray._private.internal_api import node_stats
+
+        stats = node_stats(self.node["NodeManagerAddress"], self.node["NodeManagerPort"],
+                           include_memory_info=False)
+        return int(stats.store_stats.object_store_bytes_used)
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self._used())
+            time.sleep(0.003)
+
+
+def merge_round(workers, merger, global_state) -> float:
     """One round through Tributary's merger (trainer/merger.py), as the coordinator runs it:
-    every update in, then validate, propose, accept. Returns (merge seconds, bytes of the
-    objects the coordinator fetched)."""
+    every update in, then validate, propose, accept. Returns the merge seconds."""
     ref = ray.put({n: t.numpy() for n, t in global_state.items()})
     if merger.shards:
         shards = [list(names) for names in merger.shards]
@@ -134,33 +168,32 @@ def merge_round(workers, merger, global_state) -> tuple[float, int]:
     accepted, _ = merger.validate(updates, parts)
     merger.propose(accepted, parts)
     merger.accept()
-    took = time.perf_counter() - started
-    if merger.shards:  # one combined fp32 slice per reducer: together one copy of the model
-        return took, sum(t.numel() * 4 for t in global_state.values())
-    return took, sum(payload_bytes(u.delta) for u in updates)
+    return time.perf_counter() - started
 
 
 def coordinator(*, arm: str, count: int, reducers: int, rounds: int) -> dict:
-    """One arm at one K, in a fresh process joined to the benchmark's cluster (`--child`).
-    Its peak memory in a round = the global weights + its private memory's peak rise + the
-    objects it fetched (in a multi-node cluster those are pulled into its node's store)."""
-    global_state = {n: p.data for n, p in build_model().named_parameters()}
+    """One arm at one K, in a fresh process joined to the benchmark's cluster (`--child`),
+    on the coordinator's node: what its node holds, measured (see the module's text)."""
+    model = build_model()
+    before = _rss_anon()
+    global_state = {n: p.data.clone() for n, p in model.named_parameters()}
+    del model
     model_bytes = sum(t.numel() * 4 for t in global_state.values())
     workers = [ray.get_actor(f"scale-sim-{i:02d}") for i in range(count)]
     merge = MergeConfig(max_norm_ratio=10.0, reducers=reducers if arm == "sharded" else 0)
     merger = build_merger(merge, weights=global_state)
-
-    def one_round() -> tuple[float, int]:
-        return merge_round(workers, merger, global_state)
-
-    one_round()  # warm-up: actors, buffers kept across rounds
-    seconds, peaks = [], []
+    merge_round(workers, merger, global_state)  # warm-up: actors, buffers kept across rounds
+    held = _rss_anon() - before
+    seconds, private, store = [], [], []
     for _ in range(rounds):
-        with PrivatePeak() as private:
-            took, fetched = one_round()
-        seconds.append(took)
-        peaks.append(1 + (private.peak - private.base + fetched) / model_bytes)
-    return {"peak": max(peaks), "seconds": statistics.median(seconds),
+        with PrivatePeak() as mine, StorePeak() as node:
+            seconds.append(merge_round(workers, merger, global_state))
+        private.append(mine.peak - mine.base)
+        store.append(node.peak - node.base)
+    held_x, private_x, store_x = (held / model_bytes, max(private) / model_bytes,
+                                  max(store) / model_bytes)
+    return {"held": held_x, "private": private_x, "store": store_x,
+            "peak": held_x + private_x + store_x, "seconds": statistics.median(seconds),
             "model_bytes": model_bytes}
 
 
@@ -188,21 +221,23 @@ def store_bytes_used() -> int | None:
 
 
 def broadcast_check(workers, global_state, model_bytes: int) -> str:
-    """One ray.put read by every worker on this node: one copy in the store, zero-copy reads."""
+    """One ray.put read by every worker: one copy in each node's store (the coordinator's,
+    and the workers' node it is pulled to), zero-copy reads."""
     before = store_bytes_used()
     ref = ray.put({n: t.numpy() for n, t in global_state.items()})
     zero_copy = ray.get([w.read_only_broadcast.remote(global_weights=ref) for w in workers])
     after = store_bytes_used()
     copies = "n/a" if before is None else f"{(after - before) / model_bytes:.2f}"
-    return (f"broadcast to {len(workers)} workers on one node: object store grew by {copies} × "
-            f"the model; read-only zero-copy views in {sum(zero_copy)}/{len(workers)} workers")
+    return (f"broadcast to {len(workers)} workers on the other node: the two nodes' object "
+            f"stores grew by {copies} × the model in all; read-only zero-copy views in "
+            f"{sum(zero_copy)}/{len(workers)} workers")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reducers", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--child", choices=["sharded", "unsharded"], help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
@@ -214,9 +249,13 @@ def main() -> None:
                                      rounds=args.rounds)))
         return
     counts = (2, 4) if args.quick else (2, 4, 8, 16)
-    ray.init(namespace=NAMESPACE, num_cpus=2, include_dashboard=False)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, "object_store_memory": 2 << 30})
+    cluster.add_node(num_cpus=2, resources={"sites": 100}, object_store_memory=4 << 30)
+    ray.init(address=cluster.address, namespace=NAMESPACE)
     remote = ray.remote(SimulatedWorker)
-    pool = [remote.options(name=f"scale-sim-{i:02d}", num_cpus=0.1).remote(seed=i)
+    pool = [remote.options(name=f"scale-sim-{i:02d}", num_cpus=0.1,
+                           resources={"sites": 1}).remote(seed=i)
             for i in range(max(counts))]
     ray.get([w.read_only_broadcast.remote(global_weights={}) for w in pool])  # all started
     address = ray.get_runtime_context().gcs_address
@@ -225,14 +264,17 @@ def main() -> None:
         result = {arm: run_child(arm=arm, count=k, args=args, address=address)
                   for arm in ("unsharded", "sharded")}
         plain, shard = result["unsharded"], result["sharded"]
-        rows.append([str(k), f"{plain['peak']:.2f}", f"{shard['peak']:.2f}",
-                     f"{plain['seconds']:.3f}", f"{shard['seconds']:.3f}",
-                     f"{shard['seconds'] / plain['seconds']:.2f}"])
+        rows.append([str(k)] + [f"{r[key]:.2f}" for r in (plain, shard)
+                                for key in ("held", "private", "store", "peak")]
+                    + [f"{plain['seconds']:.3f}", f"{shard['seconds']:.3f}",
+                       f"{shard['seconds'] / plain['seconds']:.2f}"])
     model_bytes = result["sharded"]["model_bytes"]
     print(f"model: {model_bytes / 1e6:.0f} MB fp32; reducers: {args.reducers}; "
           f"coordinator peak memory in units of the model, global weights included")
-    print(markdown(["K", "unsharded peak × model", "sharded peak × model", "unsharded merge s",
-                    "sharded merge s", "sharded / unsharded time"], rows))
+    print(markdown(["K"] + [f"{arm} {what}" for arm in ("unsharded", "sharded")
+                            for what in ("held", "round private rise", "round store rise",
+                                         "peak")]
+                   + ["unsharded merge s", "sharded merge s", "sharded / unsharded time"], rows))
     global_state = {n: p.data for n, p in build_model().named_parameters()}
     print(broadcast_check(pool, global_state, model_bytes))
     print(f"ratio: coordinator peak memory at K={counts[-1]}, sharded / unsharded = "

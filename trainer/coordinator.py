@@ -50,6 +50,7 @@ __all__ = ["Coordinator", "RunError", "run_training"]
 class Coordinator:
     def __init__(self, config: Config, *, resume: bool = False,
                  worker_cls: type = Worker, mirror: Mirror | None = None) -> None:
+        started = time.perf_counter()
         self.config, self.resume, self.mirror = config, resume, mirror
         self.run_dir = Path(config.run.dir)
         self.tokenizer = load_tokenizer(config.model.tokenizer)
@@ -92,6 +93,8 @@ class Coordinator:
         if self.merger.downlink is not None:  # replaced workers hold no weights to build on
             self.fleet.on_drop.append(self.merger.downlink.forget)
         self.waiting = False  # an idle watched run has said that it waits
+        # Seconds of each step before the first round (run_training adds the Ray start).
+        self.startup: dict[str, float] = {"coordinator": time.perf_counter() - started}
 
     def _restore(self, point: ResumePoint) -> None:
         """The merger's outer state and the replay store as the resumed version left them;
@@ -109,10 +112,14 @@ class Coordinator:
 
     def run(self) -> Path:
         print(self.table.header())
+        clock = time.perf_counter()
         if not self.resume:
             self.writer.write(0, state=self.state, result=RoundResult([], {}, []),
                               evaluate=self._evaluate)
+        self.startup["first_version"], clock = time.perf_counter() - clock, time.perf_counter()
         self._start_fleet()
+        self.startup["workers"] = time.perf_counter() - clock
+        self._write_startup()
         try:
             with StopSignal() as stop:
                 if self.config.merge.mode == "async":
@@ -158,27 +165,31 @@ class Coordinator:
         tasks = self._plan(round_index)
         with tqdm(total=len(tasks) + 1, desc=f"round {round_index}", leave=False,
                   disable=None) as bar:  # disable=None: no bar in a Ray job's log
-            result, parts = self._collect(tasks, on_answer=lambda: bar.update(1))
+            result, parts, seconds = self._collect(tasks, on_answer=lambda: bar.update(1))
             if result.quiet or result.stalled:
                 return "idle" if result.quiet else "unavailable"
             if not self._quorum(result):
                 self._round_failed(round_index, result)
                 return "failed"
-            merge_seconds = self.merger.propose(result.updates, parts)
+            merge_seconds = seconds["merge"] = self.merger.propose(result.updates, parts)
             bar.update(1)
         # The gate and the forgetting budget decide what the next round does, so they
         # evaluate now; otherwise evaluation waits for the background (run.overlap).
+        evaluate_started = time.perf_counter()
         evals = self._evaluate() if self.steered or not self.config.run.overlap else None
+        seconds["evaluate"] = time.perf_counter() - evaluate_started
         q = self.config.quality
         gate = gate_problems(evals, self.writer.history, protected=self.protected,
                              max_regression=q.max_regression, z=q.z()) if evals else []
         consumed = self._steer(round_index, evals, gate)
+        commit_started = time.perf_counter()
         self._settle(round_index, result, accepted=not gate, consumed=consumed)
+        seconds["commit"] = time.perf_counter() - commit_started
         kill_point("merged", round_index)
         self._publish(result, evals, gate=gate, consumed=consumed, timing=Timing(
             merge_seconds=merge_seconds, round_seconds=time.perf_counter() - started,
             replay_ratio=next(iter(tasks.values())).replay_ratio or ratio_at(
-                self.config.replay, round_index=round_index)))
+                self.config.replay, round_index=round_index), parts=seconds))
         (self.merger.reject if gate else self.merger.accept)()
         if gate and self.state.control.rejections >= q.max_rejections:
             raise RunError(self._rejections_message(gate))
@@ -222,16 +233,22 @@ class Coordinator:
         adapter = {n: p.data.numpy() for n, p in self.model.named_parameters() if is_adapter(n)}
         return ray.put(adapter), self.base_ref
 
-    def _collect(self, tasks: dict[str, RoundTask], *, on_answer) -> tuple[RoundResult, Parts]:
+    def _collect(self, tasks: dict[str, RoundTask], *, on_answer
+                 ) -> tuple[RoundResult, Parts, dict[str, float]]:
         """Every site's answer by the deadline, checked: the self-reports against the plan,
-        then the deltas (layout, finite, norm)."""
+        then the deltas (layout, finite, norm). Also the seconds each step took."""
+        clock = time.perf_counter()
+        seconds = {}
         weights, base = self._broadcast()
         dispatched = self._dispatch(tasks, weights=weights, base=base)
+        seconds["broadcast"], clock = time.perf_counter() - clock, time.perf_counter()
         self.writer.wait()  # the previous version, written while these train
+        seconds["previous_version"], clock = time.perf_counter() - clock, time.perf_counter()
         round_index = next(iter(tasks.values())).round_index if tasks else 0
         kill_point("training", round_index)
         gathered = self.fleet.gather(dispatched, round_index=round_index, on_answer=on_answer,
                                      timeout_s=self.config.merge.round_timeout_s)
+        seconds["gather"], clock = time.perf_counter() - clock, time.perf_counter()
         for site in gathered.idle:  # a watched site may get new files: it sits this round out
             if not next(s for s in self.config.sites if s.name == site).watch:
                 self.state.exhausted.add(site)
@@ -249,7 +266,8 @@ class Coordinator:
                              unavailable=gathered.unavailable)
         self.fleet.count_misses(answered=[u.worker_id for u in accepted],
                                 missed=result.reasons, state=self.state)
-        return result, gathered.parts
+        seconds["validate"] = time.perf_counter() - clock
+        return result, gathered.parts, seconds
 
     def _dispatch(self, tasks: dict[str, RoundTask], *, weights, base):
         return self.fleet.dispatch(tasks, weights=weights, base=base)
@@ -362,6 +380,16 @@ class Coordinator:
             raise RunError(f"only {placeable} site(s) can run, merge.min_workers={needed} "
                            f"needs {needed} ({reasons})")
 
+    def _write_startup(self) -> None:
+        """RUN_DIR/startup.json: where the time before the first round went (Ray, the
+        coordinator's model and data, version 0, the workers with each one's DeepSpeed
+        engine), for `benchmarks/round_overhead.py` and for anyone whose start is slow."""
+        workers = {site: p.get("init_seconds", {}) for site, p in self.fleet.placement.items()}
+        checkpoint.write_json(self.run_dir / "startup.json",
+                              {**{k: round(v, 3) for k, v in self.startup.items()},
+                               "worker_init": workers})
+        log.info("start-up seconds: %s", self.startup)
+
     def _site(self, name: str) -> SiteConfig:
         return next(s for s in self.config.sites if s.name == name)
 
@@ -401,13 +429,16 @@ def run_training(config: Config, *, resume: bool = False, worker_cls: type = Wor
                     "the environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)", key)
     dump_config(config if mirror is None else _with_dir(config, mirror.uri),
                 run_dir / "config.yaml")
+    clock = time.perf_counter()
     started = connect(address=config.cluster.address, num_cpus=config.cluster.num_cpus,
                       dashboard_host=config.cluster.dashboard_host,
                       dashboard_port=config.cluster.dashboard_port,
                       include_dashboard=config.cluster.include_dashboard)
+    ray_seconds = time.perf_counter() - clock
     coordinator = None
     try:
         coordinator = Coordinator(config, resume=resume, worker_cls=worker_cls, mirror=mirror)
+        coordinator.startup = {"ray": ray_seconds, **coordinator.startup}
         return coordinator.run()
     finally:
         if coordinator is not None:

@@ -272,10 +272,18 @@ class SiteFleet:
 
     def commit(self, sites: list[str], *, round_index: int) -> None:
         """Accepted workers persist their state before the version is written, so a crash in
-        between resumes from the previous version with that version's state."""
+        between resumes from the previous version with that version's state. All sites save
+        at once (each writes its own optimizer state)."""
+        saving = {}
         for site in sites:
             try:
-                ray.get(self.actors[site].call("commit", round_index=round_index))
+                saving[site] = self.actors[site].call("commit", round_index=round_index)
+            except Exception as exc:  # noqa: BLE001 - its workers are gone
+                log.warning("site %s could not save its optimizer state: %s", site, exc)
+                self.drop(site)
+        for site, refs in saving.items():
+            try:
+                ray.get(refs)
             except Exception as exc:  # noqa: BLE001 - merged already; only its state is lost
                 log.warning("site %s could not save its optimizer state: %s", site, exc)
                 self.drop(site)

@@ -28,6 +28,9 @@ class Timing:
     # minute, and seconds with no task in flight.
     updates_per_min: Mapping[str, float] = field(default_factory=dict)
     idle_seconds: Mapping[str, float] = field(default_factory=dict)
+    # Where the coordinator's time in the round went (seconds): broadcast, previous_version
+    # (waiting for the one written in the background), gather, merge, commit.
+    parts: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class RoundRecord:
     merge_seconds: float
     round_seconds: float
     overhead_seconds: float
+    round_parts: dict[str, float]
 
     @classmethod
     def of(cls, *, number: int, manifest: Manifest, result: RoundResult, timing: Timing,
@@ -173,7 +177,8 @@ class RoundRecord:
                       for key, name, default in PER_SITE},
             merge_seconds=timing.merge_seconds, round_seconds=timing.round_seconds,
             # Time outside training: the round's wall time past its slowest worker's steps.
-            overhead_seconds=timing.round_seconds - slowest if timing.round_seconds else 0.0)
+            overhead_seconds=timing.round_seconds - slowest if timing.round_seconds else 0.0,
+            round_parts={k: round(v, 4) for k, v in timing.parts.items()})
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -186,7 +191,8 @@ PER_SITE = [("new_tokens", "new_tokens", 0), ("replay_tokens", "replay_tokens", 
             ("tokens_per_s", "tokens_per_s", 0.0), ("bytes_sent", "bytes_sent", 0),
             ("bytes_received", "bytes_received", 0), ("train_seconds", "train_seconds", 0.0),
             ("epochs", "epochs", None), ("holdout_loss", "holdout_loss", None),
-            ("lr", "lr", None)]
+            ("lr", "lr", None), ("read_seconds", "read_seconds", 0.0),
+            ("load_seconds", "load_seconds", 0.0), ("delta_seconds", "delta_seconds", 0.0)]
 
 
 def site_metrics(updates: Sequence[WorkerUpdate]) -> dict[str, dict]:
@@ -202,7 +208,7 @@ def site_metrics(updates: Sequence[WorkerUpdate]) -> dict[str, dict]:
 
 
 SUMMED = ("new_tokens", "replay_tokens", "steps", "bytes_sent", "bytes_received",
-          "train_seconds")
+          "train_seconds", "read_seconds", "load_seconds", "delta_seconds")
 
 
 def file_path(site: SiteConfig, name: str) -> str:

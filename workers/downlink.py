@@ -12,10 +12,9 @@ never reused, so a worker can tell that a change fits what it holds.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-
-import hashlib
 
 import numpy as np
 import torch

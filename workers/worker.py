@@ -59,6 +59,7 @@ class Worker:
     def __init__(self, *, site: SiteConfig, model_config: dict, tokenizer, train: TrainSpec,
                  replay: ReplaySampler | None = None, state_dir: str | None = None,
                  group: GroupSpec | None = None, state_uri: str | None = None) -> None:
+        started = time.perf_counter()
         self.site, self.train = site, train
         self.group = group or GroupSpec(rank=0, size=1, master_addr="127.0.0.1", master_port=0)
         self.replay, self.local_replay = replay, None
@@ -70,12 +71,15 @@ class Worker:
                                 max_row_chars=train.worker.max_row_chars,
                                 stratum=lambda file: train.replay.stratum(site.name, file))
         self.states = StateStore(state_dir, uri=state_uri)
+        engine_started = time.perf_counter()
         self.engine = self._engine(model_config)
+        self.init_seconds = {"engine": time.perf_counter() - engine_started}
         self.device = self.engine.device
         self.steps = RoundSteps(engine=self.engine, train=train, group=self.group,
                                 site=site.name, sample_replay=self._sample_replay)
         self.base_loaded = train.lora is None  # with LoRA the base arrives with round 1
         self.held = HeldWeights()  # merge.downlink: the global weights as last received
+        self.seconds: dict[str, float] = {}  # where this round's time went, besides training
         # The state on disk matches the last round the coordinator accepted; after training a
         # round that is then not accepted, the in-memory state is rolled back.
         self.committed_round, self.dirty = 0, False
@@ -85,6 +89,7 @@ class Worker:
         self.pending_residual: dict[str, np.ndarray] | None = None
         # The generators as a fresh worker has them: restored for a site with no saved state.
         self.initial_rng = rng.capture()
+        self.init_seconds["total"] = time.perf_counter() - started
 
     def _engine(self, model_config: dict):
         w, train = self.train.worker, self.train
@@ -102,7 +107,8 @@ class Worker:
 
     def ready(self) -> dict:
         return {"site": self.site.name, "host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.device), "node": current_node(), "rank": self.group.rank}
+                "device": str(self.device), "node": current_node(), "rank": self.group.rank,
+                "init_seconds": self.init_seconds}
 
     # ------------------------------------------------------------------ one round
 
@@ -118,7 +124,9 @@ class Worker:
         with merge.downlink their change since the version held here; `base` the frozen
         rest, loaded once."""
         # First, whatever happens next: the coordinator counts on this worker holding them.
+        started = time.perf_counter()
         weights, received = self.held.receive(weights)
+        self.seconds = {"load_seconds": time.perf_counter() - started}
         if self.dirty:  # the last round trained here was not accepted: undo its state
             self.restore(round_index=self.committed_round)
         self.pending = None
@@ -126,7 +134,9 @@ class Worker:
         tokens = min(task.max_new_tokens, new_token_budget(
             self.train, round_index=task.round_index, replay=has_replay, ratio=task.replay_ratio))
         try:
+            started = time.perf_counter()
             rows = self.reader.read(task.cursor, tokens=tokens, skip=frozenset(task.skip))
+            self.seconds["read_seconds"] = time.perf_counter() - started
         except StorageUnavailable as exc:  # not the data's fault: sit out, read it later
             log.warning("site %s sits round %d out: %s", self.site.name, task.round_index, exc)
             return NoData(self.site.name, task.round_index, unavailable=str(exc))
@@ -150,16 +160,20 @@ class Worker:
         if sequences.num_rows == 0:  # only blank rows: consumed, nothing to train
             return self._update(task, plan, {}, rows, sequences, trained=Trained(),
                                 received=received)
+        started = time.perf_counter()
         received += self._load(weights, base)
+        self.seconds["load_seconds"] += time.perf_counter() - started
         started = time.perf_counter()
         self.dirty, self.pending = True, sequences
         trained = self.steps.run(plan, sequences, holdout, anchor=self.steps.anchor(weights))
         trained = dataclasses.replace(trained, seconds=time.perf_counter() - started)
         if self.group.rank > 0:  # the group's weights are identical: rank 0 sends the delta
             return self._update(task, plan, {}, rows, sequences, trained=trained)
+        started = time.perf_counter()
         payload, residual = pack_delta(
             self._delta(weights), kind=self.train.compression, residual=self.residual)
         self.pending_residual = residual if self.train.error_feedback else None
+        self.seconds["delta_seconds"] = time.perf_counter() - started
         return self._update(task, plan, payload, rows, sequences, trained=trained,
                             holdout=holdout, received=received)
 
@@ -207,7 +221,7 @@ class Worker:
                      "new_tokens": new_tokens, "replay_tokens": trained.replay_tokens,
                      "holdout_tokens": real_tokens(holdout) if holdout is not None else 0,
                      "holdout_loss": trained.holdout_losses,
-                     "lr": trained.lrs, "train_seconds": trained.seconds,
+                     "lr": trained.lrs, "train_seconds": trained.seconds, **self.seconds,
                      "bytes_sent": payload_bytes(delta), "bytes_received": received,
                      "tokens_per_s": (new_tokens * trained.epochs + trained.replay_tokens)
                      / trained.seconds if trained.seconds else 0.0})
