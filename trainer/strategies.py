@@ -178,7 +178,7 @@ class MergeConfig:
     # feedback, applied bit-identically on both sides (trainer/downlink.py). downlink_keep
     # changes are kept for sites that are behind; one further behind gets a full copy.
     downlink: str = "fp32"
-    downlink_keep: int = 8
+    downlink_keep: int = 4
     # 0: the coordinator combines whole deltas itself. N: N reducer actors each combine one
     # slice of the tensors of every delta where it lies (coordinator memory stays ~2× the
     # model whatever the number of workers; see trainer/reduce.py).

@@ -1,6 +1,7 @@
 """Bit-identical resume beyond the plain configuration: the coordinator is SIGKILLed and
 `tributary resume` must end with exactly the weights, rejected candidates and lineage of a run
 that never stopped — with dropout drawing random masks, int8 deltas carrying error feedback,
+an int8 downlink (its own error feedback, and a rejected candidate's change taken back),
 site-local replay, sharded reducers, a 2-worker DeepSpeed site and a round the quality gate
 rejects (one run), and with LoRA adapters (another). The kills land between a version's rename
 and the move of `latest`, and right after a merge; a torn metrics line is left behind too."""
@@ -31,7 +32,7 @@ ray.cloudpickle.register_pickle_by_value(misbehaving)
 EVERYTHING = {  # all on at once: a state any of them forgot would break identity
     "rounds": 3,
     "model.architecture": {**ARCH, "attention_dropout": 0.2},
-    "merge.compression": "int8", "merge.reducers": 2,
+    "merge.compression": "int8", "merge.reducers": 2, "merge.downlink": "int8",
     "replay.scope": "site",
     "sites.speeches.num_workers": 2, "worker.num_cpus": 0.5,
     "eval[0].protected": True, "quality.max_regression": 0.02,
