@@ -62,9 +62,11 @@ def final_loss(records: list[dict]) -> float:
 
 
 def spread(values: list[float], fmt: str) -> str:
+    """mean ± sd (the sd unsigned)"""
     if len(values) == 1:
         return fmt.format(values[0])
-    return fmt.format(statistics.mean(values)) + " ± " + fmt.format(statistics.stdev(values))
+    return (fmt.format(statistics.mean(values)) + " ± "
+            + fmt.replace("+", "").format(statistics.stdev(values)))
 
 
 def main() -> None:

@@ -134,7 +134,8 @@ def parameters(run_dir: Path) -> int:
     total = 0
     for file in folder.glob("*.safetensors"):
         with safe_open(str(file), "pt") as handle:
-            total += sum(int(np.prod(handle.get_slice(k).get_shape())) for k in handle.keys())
+            names = handle.keys()  # a safetensors handle is not iterable
+            total += sum(int(np.prod(handle.get_slice(k).get_shape())) for k in names)
     return total
 
 

@@ -40,7 +40,7 @@ from trainer.table import markdown
 from workers import engine as ds
 from workers.model import build_model
 from workers.types import Cursor
-from workers.worker import Worker
+from workers.worker import ACTOR_OPTIONS, Worker
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
@@ -131,7 +131,7 @@ def throughput_pairs(*, pairs: int, steps: int) -> list[tuple[float, float]]:
     model_config = build_model({**GPT2, "vocab_size": len(tokenizer)}).config.to_dict()
     site, train = config.sites[0], config.train_spec(config.sites[0].name)
     state = tempfile.mkdtemp()
-    worker = ray.remote(num_cpus=1)(Worker).remote(
+    worker = ray.remote(num_cpus=1, **ACTOR_OPTIONS)(Worker).remote(
         site=site, model_config=model_config, tokenizer=tokenizer, train=train, state_dir=state)
     bare = ray.remote(num_cpus=1)(BareLoop).remote(model_config=model_config, train=train)
     weights = ray.put({n: p.detach().numpy() for n, p in

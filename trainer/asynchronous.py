@@ -222,7 +222,7 @@ class AsyncLoop:
             self.events.rejected[site] = problem
             self._missed(site)
             return
-        c.fleet.commit([site], round_index=flight.task.round_index)
+        c.saving += c.fleet.commit([site], round_index=flight.task.round_index)
         c.state.sequence[site] = flight.task.round_index
         c.fleet.count_misses(answered=[site], missed=(), state=c.state)
         self.planned[site] = update.cursor
@@ -337,7 +337,9 @@ class AsyncLoop:
         lineage = [{"base": checkpoint.version_name(a.base), "staleness": a.staleness,
                     "discount": a.discount} for a in arrivals]
         sites = [s.name for s in c.config.sites]
+        durable, c.saving = c.saving, []
         c.writer.write(number, state=c.state, result=result, gate=gate, lineage=lineage,
+                       durable=durable,
                        evaluate=c._evaluate if later else (lambda: evals or {}),
                        background=later,
                        outer_state=c.merger.state_dict(), weights=evaluated,

@@ -93,6 +93,7 @@ class Coordinator:
         if self.merger.downlink is not None:  # replaced workers hold no weights to build on
             self.fleet.on_drop.append(self.merger.downlink.forget)
         self.waiting = False  # an idle watched run has said that it waits
+        self.saving: list = []  # workers' states being written for the next version
         # Seconds of each step before the first round (run_training adds the Ray start).
         self.startup: dict[str, float] = {"coordinator": time.perf_counter() - started}
 
@@ -313,7 +314,8 @@ class Coordinator:
         for update in result.updates if consumed else ():
             self.state.cursors[update.worker_id] = update.cursor
         if accepted:
-            self.fleet.commit([u.worker_id for u in result.updates], round_index=round_index)
+            self.saving += self.fleet.commit([u.worker_id for u in result.updates],
+                                             round_index=round_index)
             for update in result.updates:
                 if update.sequences.num_rows:  # none with replay.scope: site
                     ray.get(self.replay.add.remote(update.worker_id, update.sequences,
@@ -322,9 +324,10 @@ class Coordinator:
     def _publish(self, result: RoundResult, evals: dict | None, *, gate: list[str],
                  consumed: bool, timing: Timing) -> None:
         number = self.state.version + 1
+        durable, self.saving = self.saving, []
         self.writer.write(
             number, state=self.state, result=result, gate=gate, timing=timing, consumed=consumed,
-            evaluate=(lambda: evals) if evals is not None else self._evaluate,
+            evaluate=(lambda: evals) if evals is not None else self._evaluate, durable=durable,
             outer_state=self.merger.state_dict(),
             nodes={s: p.get("node") for s, p in self.fleet.placement.items()},
             background=self.config.run.overlap and not gate)

@@ -270,10 +270,11 @@ class SiteFleet:
                           "it is left out of this run until `tributary resume`", site,
                           state.missed[site], limit)
 
-    def commit(self, sites: list[str], *, round_index: int) -> None:
-        """Accepted workers persist their state before the version is written, so a crash in
-        between resumes from the previous version with that version's state. All sites save
-        at once (each writes its own optimizer state)."""
+    def commit(self, sites: list[str], *, round_index: int) -> list:
+        """Accepted workers take a copy of their state to persist, and write it while their
+        next round trains. Returns the refs that resolve once each is on disk: the version
+        is written only then, so a crash in between resumes from the previous version with
+        that version's state."""
         saving = {}
         for site in sites:
             try:
@@ -281,12 +282,15 @@ class SiteFleet:
             except Exception as exc:  # noqa: BLE001 - its workers are gone
                 log.warning("site %s could not save its optimizer state: %s", site, exc)
                 self.drop(site)
+        durable = []
         for site, refs in saving.items():
             try:
                 ray.get(refs)
+                durable += self.actors[site].call("durable", round_index=round_index)
             except Exception as exc:  # noqa: BLE001 - merged already; only its state is lost
                 log.warning("site %s could not save its optimizer state: %s", site, exc)
                 self.drop(site)
+        return durable
 
 
 def reason(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.connect import NAMESPACE
 from cluster.resources import group_rendezvous, worker_name, worker_options
 from workers.types import GroupSpec
+from workers.worker import ACTOR_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def start_site(*, worker_cls: type, site: str, size: int, num_cpus: float, num_g
                ready_timeout_s: float = 600.0) -> SiteWorkers:
     """Create the site's actor(s). `make_kwargs(group)` gives a Worker's constructor
     arguments for its place in the group (None for a single worker)."""
-    remote = ray.remote(worker_cls)
+    remote = ray.remote(**ACTOR_OPTIONS)(worker_cls)
     if size == 1:
         options = worker_options(site=site, num_cpus=num_cpus, num_gpus=num_gpus,
                                  resources=resources)

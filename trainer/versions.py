@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,21 @@ from trainer.state import RoundResult, RunState
 from trainer.table import RoundTable
 from trainer.threads import Background
 from workers.types import SiteConfig
+
+log = logging.getLogger(__name__)
+
+
+def wait_durable(refs: Sequence, *, version: int) -> None:
+    """Wait for the workers' states a version builds on. One that could not be saved is
+    reported, not fatal: the run goes on, and only a resume from this version would restart
+    that site from its previous state."""
+    for ref in refs:
+        try:
+            ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - a worker that died or a disk that failed
+            log.warning("a worker's state for %s was not saved (%s); a resume from it "
+                        "restarts that site from its previous state",
+                        checkpoint.version_name(version), exc)
 
 
 class VersionWriter:
@@ -53,11 +69,13 @@ class VersionWriter:
               outer_state: Mapping[str, torch.Tensor] | None = None,
               timing: Timing | None = None, nodes: Mapping[str, str | None] | None = None,
               consumed: bool = True, background: bool = False,
-              lineage: Sequence[Mapping] | None = None, weights: bool = True) -> None:
+              lineage: Sequence[Mapping] | None = None, weights: bool = True,
+              durable: Sequence = ()) -> None:
         """Write version `number`. What it records of the run's state and the replay store is
-        taken now; `latest` moves only once it is evaluated and written. `weights=False`
-        (run.eval_every) writes its manifest and metrics line only: no weights, no replay
-        snapshot — a resume goes back to the newest version with both."""
+        taken now; `latest` moves only once it is evaluated and written, and the workers'
+        states it builds on are on disk (`durable`: refs from SiteFleet.commit).
+        `weights=False` (run.eval_every) writes its manifest and metrics line only: no
+        weights, no replay snapshot — a resume goes back to the newest version with both."""
         state = copy.deepcopy(state)
         replay_dir = self.run_dir / "replay" / checkpoint.version_name(number)
         # Taken now, before later rounds add to the store.
@@ -68,6 +86,7 @@ class VersionWriter:
             evals = evaluate()
             if replay_saved is not None:
                 ray.get(replay_saved)
+            wait_durable(durable, version=number)
             manifest = Manifest.of(number=number, evals=evals, result=result, state=state,
                                    gate=gate, history=self.history, sites=self.sites,
                                    newest=self.newest, seed=self.seed, consumed=consumed,

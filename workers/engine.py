@@ -8,6 +8,7 @@ which Tributary never reads from disk).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -107,20 +108,26 @@ def local_weights(engine) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in engine.module.named_parameters()}
 
 
-def save_optimizer_state(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """The torch optimizer's state as safetensors (tensors) + JSON (everything else)."""
+def optimizer_snapshot(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(tensors, everything else) of the torch optimizer's state, copied to the CPU: the
+    optimizer may step on while the copy is written (`write_optimizer_snapshot`)."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, slots in state["state"].items():
         for slot, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{slot}"] = value.detach().contiguous().cpu()
+                tensors[f"{index}.{slot}"] = value.detach().to("cpu", copy=True).contiguous()
             else:
                 scalars[f"{index}.{slot}"] = value
+    return tensors, {"param_groups": copy.deepcopy(state["param_groups"]), "scalars": scalars}
+
+
+def write_optimizer_snapshot(snapshot: tuple[dict, dict], folder: Path) -> None:
+    """The snapshot as safetensors (tensors) + JSON (everything else)."""
+    tensors, meta = snapshot
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "optimizer.safetensors"))
-    (folder / "optimizer.json").write_text(
-        json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
+    (folder / "optimizer.json").write_text(json.dumps(meta))
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, folder: Path) -> None:

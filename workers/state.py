@@ -6,6 +6,7 @@ written last) and fetched back by a worker that starts on a node without it."""
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,58 @@ class StateStore:
                 return
             if fetch_published(join(self.uri, name), self.folder / name):
                 return
+
+
+class StateWriter:
+    """Saves committed states on a thread, one at a time and in order, so the next round
+    trains while the last one's state is written and fsynced. `durable(r)` waits until state
+    r is on disk; a save that failed raises at the next `save` or `wait`, and at `durable`."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.thread: threading.Thread | None = None
+        self.saving: int | None = None  # the round being written
+        self.error: BaseException | None = None
+        self.failed: int | None = None  # the round whose save raised `error`
+        self.changed = threading.Condition()
+
+    def save(self, round_index: int, write: Callable[[Path], None], *, background: bool) -> None:
+        self.wait()
+        if not background:
+            self.store.save(round_index, write)
+            return
+        with self.changed:
+            self.saving = round_index
+        self.thread = threading.Thread(target=self._run, args=(round_index, write),
+                                       name=f"save-{_name(round_index)}", daemon=True)
+        self.thread.start()
+
+    def _run(self, round_index: int, write: Callable[[Path], None]) -> None:
+        try:
+            self.store.save(round_index, write)
+        except BaseException as exc:  # noqa: BLE001 - raised to the caller by wait/durable
+            with self.changed:
+                self.error, self.failed = exc, round_index
+        with self.changed:
+            self.saving = None
+            self.changed.notify_all()
+
+    def wait(self) -> None:
+        """The save in progress finished; its error, if any, raised."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error, self.failed = self.error, None, None
+            raise RuntimeError(f"saving the worker's state failed: {error}") from error
+
+    def durable(self, round_index: int) -> None:
+        """Return once state `round_index` is written (at once if it is not being written)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.saving != round_index)
+            if self.failed == round_index:
+                raise RuntimeError(f"saving the worker's state of {_name(round_index)} "
+                                   f"failed: {self.error}")
 
 
 def _name(round_index: int) -> str:

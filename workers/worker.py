@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -35,7 +36,7 @@ from workers.packing import empty_sequences, real_tokens
 from workers.reader import NewRows, RowReader
 from workers.replay import ReplayStore, site_key
 from workers.retry import StorageUnavailable
-from workers.state import StateStore
+from workers.state import StateStore, StateWriter
 from workers.steps import RoundPlan, RoundSteps, Trained, split_holdout
 from workers.types import (
     Cursor,
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 # (run, round, site) draws its own reproducible sample whatever order the workers ask in.
 ReplaySampler = Callable[[int, list], pa.Table]
 RESIDUAL = "residual.safetensors"  # error feedback of delta compression
+# What a Worker actor is created with: `durable` runs in its own thread, beside a round.
+ACTOR_OPTIONS = {"concurrency_groups": {"io": 1}}
 
 
 class Worker:
@@ -71,6 +74,7 @@ class Worker:
                                 max_row_chars=train.worker.max_row_chars,
                                 stratum=lambda file: train.replay.stratum(site.name, file))
         self.states = StateStore(state_dir, uri=state_uri)
+        self.state_writer = StateWriter(self.states)
         engine_started = time.perf_counter()
         self.engine = self._engine(model_config)
         self.init_seconds = {"engine": time.perf_counter() - engine_started}
@@ -250,22 +254,35 @@ class Worker:
             self.local_replay.add(self.site.name, self.pending, round_index=round_index)
         if self.pending is not None:  # the round trained: its residual is now the site's
             self.residual = self.pending_residual
-        self.states.save(round_index, self._write_state)
+        # Copied now, written on a thread while the next round trains (`durable` says when it
+        # is on disk). A site-local replay store goes with it and changes every round: that
+        # state is written now.
+        optimizer, generators, residual = (ds.optimizer_snapshot(self.engine.optimizer),
+                                           rng.capture(), self.residual)
+
+        def write(folder: Path) -> None:
+            ds.write_optimizer_snapshot(optimizer, folder)
+            rng.save(generators, folder)  # what the site's next round starts drawing from
+            if self.local_replay is not None:
+                self.local_replay.save(str(folder / "replay"))
+            if residual is not None:
+                save_file({k: torch.from_numpy(v) for k, v in residual.items()},
+                          str(folder / RESIDUAL))
+
+        self.state_writer.save(round_index, write, background=self.local_replay is None)
         self.committed_round, self.dirty, self.pending = round_index, False, None
 
-    def _write_state(self, folder: Path) -> None:
-        ds.save_optimizer_state(self.engine.optimizer, folder)
-        rng.save(rng.capture(), folder)  # what the site's next round starts drawing from
-        if self.local_replay is not None:
-            self.local_replay.save(str(folder / "replay"))
-        if self.residual is not None:
-            save_file({k: torch.from_numpy(v) for k, v in self.residual.items()},
-                      str(folder / RESIDUAL))
+    @ray.method(concurrency_group="io")
+    def durable(self, *, round_index: int) -> None:
+        """Returns once the state committed for `round_index` is on disk (the coordinator
+        writes that round's version only then)."""
+        self.state_writer.durable(round_index)
 
     def restore(self, *, round_index: int) -> int:
         """Load the newest state committed at or before `round_index`, or start fresh if
         there is none. Returns the round whose state was loaded (0: fresh). States committed
         after `round_index` belong to work the run went back from and are dropped."""
+        self.state_writer.wait()
         self.states.discard_after(round_index)
         saved = self.states.newest(round_index)
         if saved is not None:

@@ -1,9 +1,13 @@
-"""A worker's committed states: the newest kept by number (not by name), and states after a
-restore point dropped, so later saves are not pruned in their favour."""
+"""A worker's committed states: the newest kept by number (not by name), states after a
+restore point dropped, so later saves are not pruned in their favour; written on a thread,
+with `durable` saying when one is on disk."""
 
+import threading
 from pathlib import Path
 
-from workers.state import KEEP_STATES, StateStore
+import pytest
+
+from workers.state import KEEP_STATES, StateStore, StateWriter
 
 
 def save(store: StateStore, round_index: int) -> None:
@@ -31,3 +35,37 @@ def test_states_after_a_restore_point_are_dropped(tmp_path):
     save(store, 6)  # the site's next task after the resume
     assert kept(tmp_path) == ["round-0005", "round-0006"]
     assert (tmp_path / "round-0006" / "moments").read_text() == "6"
+
+
+def test_a_state_is_written_on_a_thread_and_durable_says_when_it_is_on_disk(tmp_path):
+    writer = StateWriter(StateStore(str(tmp_path)))
+    release = threading.Event()
+
+    def slow(folder):
+        release.wait(5)
+        (folder / "moments").write_text("state of round 1")
+
+    writer.save(1, slow, background=True)  # returns while the write waits
+    assert not (tmp_path / "round-0001").exists()
+    done = threading.Thread(target=writer.durable, args=(1,))
+    done.start()
+    done.join(0.2)
+    assert done.is_alive()  # durable waits for the write
+    release.set()
+    done.join(5)
+    assert (tmp_path / "round-0001" / "moments").read_text() == "state of round 1"
+    writer.durable(7)  # a round not being written: at once
+
+
+def test_a_failed_background_save_raises_at_durable_and_at_the_next_save(tmp_path):
+    writer = StateWriter(StateStore(str(tmp_path)))
+
+    def broken(folder):
+        raise OSError("disk full")
+
+    writer.save(2, broken, background=True)
+    with pytest.raises(RuntimeError, match="round-0002 failed: disk full"):
+        writer.durable(2)
+    with pytest.raises(RuntimeError, match="disk full"):
+        writer.save(3, lambda folder: None, background=True)
+    assert not (tmp_path / "round-0002").exists()  # nothing half-written is left

@@ -75,6 +75,7 @@ def test_round_returns_delta_weight_and_exact_rows(setup, demo_root, tmp_path):
     assert update.metrics["replay_tokens"] == 0  # no replay source given
     assert not (tmp_path / "state" / "round-0001").exists()  # nothing persists before commit
     worker.commit(round_index=1)
+    worker.durable(round_index=1)  # written on a thread: on disk once this returns
     assert (tmp_path / "state" / "round-0001" / "optimizer.safetensors").is_file()
 
 
@@ -173,6 +174,7 @@ def test_int8_delta_is_a_quarter_of_the_bytes_and_its_residual_is_kept(
     assert update.metrics["bytes_sent"] < 0.27 * fp32_bytes
     assert set(unpack_delta(update.delta)) == set(setup[2])
     worker.commit(round_index=1)
+    worker.durable(round_index=1)
     kept = worker.residual
     assert kept is not None and max(np.abs(r).max() for r in kept.values()) > 0
     fresh = make_worker(setup, demo_root, tmp_path, compression="int8")  # a restarted actor
