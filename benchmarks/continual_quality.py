@@ -393,9 +393,11 @@ def ratio_lines(arms: dict[str, list[dict]]) -> list[str]:
 
 
 def _ms(values: list[float], *, digits: int = 2) -> str:
+    """mean ± sd; one seed has no spread to show, and says so rather than print ± 0."""
     mean = statistics.fmean(values)
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+    if len(values) == 1:
+        return f"{mean:.{digits}f} (1 seed: no spread)"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 if __name__ == "__main__":

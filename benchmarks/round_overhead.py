@@ -81,12 +81,14 @@ def round_table(run_dir: Path) -> tuple[str, list[float]]:
         shares.append(r["overhead_seconds"] / r["round_seconds"])
         rows.append([str(r["round"]), f"{r['round_seconds']:.2f}", f"{train:.2f}",
                      f"{r['overhead_seconds']:.2f}", f"{100 * shares[-1]:.1f}",
-                     f"{parts['broadcast']:.3f}", f"{parts['previous_version']:.3f}",
-                     f"{parts['gather'] - train:.3f}", f"{worker:.3f}",
+                     f"{parts['broadcast']:.3f}",
+                     # Waiting for the previous version overlaps the workers' training.
+                     f"{parts['previous_version'] + parts['gather'] - train:.3f}",
+                     f"{worker:.3f}",
                      f"{parts['merge']:.3f}", f"{parts['commit']:.3f}",
                      f"{parts['evaluate'] + parts['validate']:.3f}"])
     headers = ["round", "round s", "slowest training s", "overhead s", "overhead %",
-               "broadcast", "wait for previous version", "gather past training",
+               "broadcast", "collect past training",
                "of it: worker read+load+delta (max)", "merge", "commit", "validate+evaluate"]
     return markdown(headers, rows), shares
 
