@@ -11,10 +11,13 @@ coordinator's own path (every whole delta fetched, validated and averaged in its
 the sharded arm is `merge.reducers` (trainer/reduce.py; its reducers spread over both nodes,
 as Ray places them). Each arm runs in a fresh coordinator process. All measured, in units of
 the model's fp32 size: the private memory the coordinator's global weights and merger take
-(RssAnon before and after building them), the peak rise of its private memory in a round
-(sampled every ms), and the peak rise of its node's object store in a round (sampled every few
-ms: the deltas or slices pulled to that node); their sum is its node's peak. Merge time runs
-from "every update is in" to the new global weights; medians over `--rounds` rounds.
+(RssAnon before the model is built and after a warm-up round; it includes what transformers
+allocates once per process), the peak rise of its private memory in a round
+(sampled every ms), and the bytes that land in its node's object store in a round (the
+raylet's count of bytes created there: the broadcast put, and the deltas or combined slices
+pulled in); their sum is what its node needs at the round's peak if nothing is evicted
+meanwhile. Merge time runs from "every update is in" to the new global weights; medians over
+`--rounds` rounds, memory the largest.
 """
 
 from __future__ import annotations
@@ -119,34 +122,25 @@ def _rss_anon() -> int:
     return int(line.split()[1]) * 1024
 
 
-class StorePeak:
-    """The peak of this node's object-store bytes in use while the block runs, sampled every
-    few milliseconds from its raylet."""
+class StoreLanded:
+    """Bytes created in this node's object store while the block runs (its raylet's
+    cumulative count): objects put here and objects pulled here from other nodes."""
 
     def __enter__(self):
         self.node = next(n for n in ray.nodes() if n["Alive"]
                          and n["NodeID"] == ray.get_runtime_context().get_node_id())
-        self.base = self.peak = self._used()
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
+        self.before = self._created()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.running = False
-        self.thread.join()
+        self.bytes = self._created() - self.before
 
-    def _used(self) -> int:
+    def _created(self) -> int:
         from ray._private.internal_api import node_stats
 
         stats = node_stats(self.node["NodeManagerAddress"], self.node["NodeManagerPort"],
                            include_memory_info=False)
-        return int(stats.store_stats.object_store_bytes_used)
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self._used())
-            time.sleep(0.003)
+        return int(stats.store_stats.cumulative_created_bytes)
 
 
 def merge_round(workers, merger, global_state) -> float:
@@ -174,10 +168,8 @@ def merge_round(workers, merger, global_state) -> float:
 def coordinator(*, arm: str, count: int, reducers: int, rounds: int) -> dict:
     """One arm at one K, in a fresh process joined to the benchmark's cluster (`--child`),
     on the coordinator's node: what its node holds, measured (see the module's text)."""
-    model = build_model()
-    before = _rss_anon()
-    global_state = {n: p.data.clone() for n, p in model.named_parameters()}
-    del model
+    before = _rss_anon()  # after imports, before any model
+    global_state = {n: p.data for n, p in build_model().named_parameters()}
     model_bytes = sum(t.numel() * 4 for t in global_state.values())
     workers = [ray.get_actor(f"scale-sim-{i:02d}") for i in range(count)]
     merge = MergeConfig(max_norm_ratio=10.0, reducers=reducers if arm == "sharded" else 0)
@@ -186,12 +178,14 @@ def coordinator(*, arm: str, count: int, reducers: int, rounds: int) -> dict:
     held = _rss_anon() - before
     seconds, private, store = [], [], []
     for _ in range(rounds):
-        with PrivatePeak() as mine, StorePeak() as node:
+        with PrivatePeak() as mine, StoreLanded() as node:
             seconds.append(merge_round(workers, merger, global_state))
         private.append(mine.peak - mine.base)
-        store.append(node.peak - node.base)
+        store.append(node.bytes)
     held_x, private_x, store_x = (held / model_bytes, max(private) / model_bytes,
                                   max(store) / model_bytes)
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "sites" not in n["Resources"])
+    assert ray.get_runtime_context().get_node_id() == head, "the coordinator must run on the head"
     return {"held": held_x, "private": private_x, "store": store_x,
             "peak": held_x + private_x + store_x, "seconds": statistics.median(seconds),
             "model_bytes": model_bytes}
@@ -272,8 +266,8 @@ def main() -> None:
     print(f"model: {model_bytes / 1e6:.0f} MB fp32; reducers: {args.reducers}; "
           f"coordinator peak memory in units of the model, global weights included")
     print(markdown(["K"] + [f"{arm} {what}" for arm in ("unsharded", "sharded")
-                            for what in ("held", "round private rise", "round store rise",
-                                         "peak")]
+                            for what in ("held", "round private rise",
+                                         "landed in node's store", "peak")]
                    + ["unsharded merge s", "sharded merge s", "sharded / unsharded time"], rows))
     global_state = {n: p.data for n, p in build_model().named_parameters()}
     print(broadcast_check(pool, global_state, model_bytes))

@@ -15,6 +15,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from trainer.strategies import FedAvg, MergeConfig
 from trainer.validate import DeltaStats, delta_stats
@@ -57,15 +58,27 @@ class ShardReducer:
         return {k: v.numpy() for k, v in combined.items()}
 
 
+def placement(index: int):
+    """Where reducer `index` runs: round-robin over the cluster's other nodes (preferred, not
+    required), so the slices it reads are not pulled into the coordinator's node's object
+    store; on a one-node cluster, that node."""
+    here = ray.get_runtime_context().get_node_id()
+    others = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here)
+    if not others:
+        return "SPREAD"
+    return NodeAffinitySchedulingStrategy(node_id=others[index % len(others)], soft=True)
+
+
 class ShardedMerge:
     """The coordinator's side: reducer actors started once per run, asked twice per round."""
 
     def __init__(self, *, shapes: Mapping[str, tuple[int, ...]], count: int,
                  merge: MergeConfig) -> None:
         self.shards = plan_shards(shapes, count)
-        remote = ray.remote(ShardReducer).options(num_cpus=0, scheduling_strategy="SPREAD")
-        self.reducers = [remote.remote(shapes={n: shapes[n] for n in names}, merge=merge)
-                         for names in self.shards]
+        remote = ray.remote(ShardReducer)
+        self.reducers = [remote.options(num_cpus=0, scheduling_strategy=placement(index))
+                         .remote(shapes={n: shapes[n] for n in names}, merge=merge)
+                         for index, names in enumerate(self.shards)]
 
     def stats(self, parts: Mapping[str, Sequence]) -> dict[str, DeltaStats]:
         """{site: DeltaStats} over all slices: the first problem found, the summed Σ x²."""
