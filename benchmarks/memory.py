@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import ray
+from sampling import Periodic
 
 from trainer.config import config_from_dict, resolve_paths
 from trainer.coordinator import run_training
@@ -56,34 +55,23 @@ RUNS = [("135M", "full fp32"), ("135M", "full bf16 up+down"), ("135M", "full sha
 PREDICT = {"8B": 8.0e9, "70B": 70.0e9}
 
 
-class Sampler:
+class Sampler(Periodic):
     """Peaks of the coordinator's and the workers' USS and of the object store, while the
-    block runs."""
+    block runs (every 0.2 s: reading a process's USS walks its memory map)."""
 
-    def __init__(self, *, every_s: float = 0.2) -> None:
-        self.every_s, self.running = every_s, False
+    every_s = 0.2
+
+    def __init__(self) -> None:
         self.coordinator = self.worker = self.store = 0
+        self.me = psutil.Process()
 
-    def __enter__(self):
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.running = False
-        self.thread.join()
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        while self.running:
-            self.coordinator = max(self.coordinator, _uss(me))
-            for process in psutil.process_iter(["name", "cmdline"]):
-                title = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
-                if title.startswith("ray::Worker"):
-                    self.worker = max(self.worker, _uss(process))
-            self.store = max(self.store, _store_used())
-            time.sleep(self.every_s)
+    def sample(self) -> None:
+        self.coordinator = max(self.coordinator, _uss(self.me))
+        for process in psutil.process_iter(["name", "cmdline"]):
+            title = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
+            if title.startswith("ray::Worker"):
+                self.worker = max(self.worker, _uss(process))
+        self.store = max(self.store, _store_used())
 
 
 def _uss(process: psutil.Process) -> int:

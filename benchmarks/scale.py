@@ -27,13 +27,13 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import ray
 import torch
 from ray.cluster_utils import Cluster
+from sampling import Periodic
 
 from cluster.connect import NAMESPACE
 from trainer.merger import build_merger
@@ -94,26 +94,17 @@ class SimulatedWorker:
                             sequences=None, metrics={})
 
 
-class PrivatePeak:
+class PrivatePeak(Periodic):
     """The peak of this process's private memory (RssAnon) while the block runs, sampled
     every millisecond. (Shared object-store pages are counted apart: once touched they stay
     in RSS after their objects are freed, so RSS would overstate what is held.)"""
 
     def __enter__(self):
         self.base = self.peak = _rss_anon()
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
+        return super().__enter__()
 
-    def __exit__(self, *exc) -> None:
-        self.running = False
-        self.thread.join()
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, _rss_anon())
-            time.sleep(0.001)
+    def sample(self) -> None:
+        self.peak = max(self.peak, _rss_anon())
 
 
 def _rss_anon() -> int:
