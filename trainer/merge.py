@@ -82,13 +82,22 @@ def trimmed_mean(
     cut = min(int(trim_fraction * count), (count - 1) // 2)
     result: dict[str, torch.Tensor] = {}
     for key, first in updates[0][0].items():
-        stacked = torch.stack([state[key].to(torch.float32) for state, _ in updates])
-        kept = stacked.sort(dim=0).values[cut:count - cut]
         acc = out[key] if out is not None else torch.empty(first.shape, dtype=torch.float32)
-        torch.mean(kept, dim=0, out=acc)
+        flat, inputs = acc.view(-1), [state[key].reshape(-1) for state, _ in updates]
+        # Block by block, as the weighted average: the K values of a block are stacked and
+        # sorted while in cache (a whole-tensor stack would copy every input once more).
+        for start in range(0, flat.numel(), ROBUST_BLOCK):
+            block = slice(start, start + ROBUST_BLOCK)
+            stacked = torch.stack([x[block].to(torch.float32) for x in inputs])
+            kept = stacked.sort(dim=0).values[cut:count - cut] if cut else stacked
+            torch.mean(kept, dim=0, out=flat[block])
         _check_finite(acc, key=key, name="trimmed_mean")
         result[key] = acc
     return result
+
+
+# Elements per block of the robust merges: K stacked fp32 blocks of 1 MB each stay in cache.
+ROBUST_BLOCK = 1 << 18
 
 
 def median(
