@@ -59,3 +59,24 @@ def test_apply_delta_is_the_outer_step():
     params = {"w": torch.tensor([1.0, 2.0])}
     apply_delta(params, {"w": torch.tensor([0.5, -1.0])})
     assert torch.equal(params["w"], torch.tensor([1.5, 1.0]))
+
+
+@pytest.mark.parametrize("count", [2, 5, 8])
+def test_blocked_merges_equal_whole_tensor_references_across_block_edges(monkeypatch, count):
+    """Blocks of 7 elements over tensors of 50 and 3: every edge case of the block loop."""
+    import trainer.merge as merge
+
+    monkeypatch.setattr(merge, "MERGE_BLOCK", 7)
+    monkeypatch.setattr(merge, "ROBUST_BLOCK", 7)
+    generator = torch.Generator().manual_seed(count)
+    updates = [({"a": torch.randn(5, 10, generator=generator),
+                 "b": torch.randn(3, generator=generator)}, float(i + 1)) for i in range(count)]
+    total = sum(w for _, w in updates)
+    for key in ("a", "b"):
+        stacked = torch.stack([s[key] for s, _ in updates])
+        expected = sum(s[key] * (w / total) for s, w in updates)
+        torch.testing.assert_close(merge.weighted_average(updates)[key], expected)
+        cut = min(int(0.2 * count), (count - 1) // 2)
+        trimmed = stacked.sort(dim=0).values[cut:count - cut].mean(dim=0)
+        torch.testing.assert_close(merge.trimmed_mean(updates, trim_fraction=0.2)[key], trimmed)
+        torch.testing.assert_close(merge.median(updates)[key], stacked.quantile(0.5, dim=0))
