@@ -8,7 +8,9 @@ Rounds: a 16M-parameter GPT-2 (4 layers, width 256, GPT-2's vocabulary), 2 sites
 data, 5 rounds of 5 AdamW steps of 8 × 128 tokens. A round's overhead is its wall time minus
 its slowest worker's time inside training steps, round 1 (first weights, first steps)
 included; the coordinator's and workers' own clocks say where it went (metrics.jsonl
-`round_parts` and the per-site read/load/delta seconds). Start-up: RUN_DIR/startup.json.
+`round_parts` and the per-site read/load/delta seconds). Start-up, and the wait for the last
+version's evaluation and write after the last round (which a longer run overlaps with its next
+round): RUN_DIR/timing.json.
 
 Throughput: the same model, batch shape (8 × 128 tokens, no replay) and DeepSpeed config, in
 two Ray actors of 1 CPU each, used one at a time: a Tributary worker's round of H steps
@@ -94,14 +96,17 @@ def round_table(run_dir: Path) -> tuple[str, list[float]]:
 
 
 def startup_table(run_dir: Path) -> str:
-    s = json.loads((run_dir / "startup.json").read_text())
+    timing = json.loads((run_dir / "timing.json").read_text())
+    s = timing["startup"]
     engines = [w["engine"] for w in s["worker_init"].values()]
     rows = [["Ray start", f"{s['ray']:.2f}"],
             ["coordinator: tokenizer, model, eval sets, replay store", f"{s['coordinator']:.2f}"],
             ["version 0 (evaluated, written)", f"{s['first_version']:.2f}"],
             ["workers started (actors, DeepSpeed)", f"{s['workers']:.2f}"],
-            ["of it: a worker's DeepSpeed engine (max)", f"{max(engines):.2f}"]]
-    return markdown(["before round 1", "seconds"], rows)
+            ["of it: a worker's DeepSpeed engine (max)", f"{max(engines):.2f}"],
+            ["after the last round: its version's evaluation and write",
+             f"{timing['finish']['last_version']:.2f}"]]
+    return markdown(["outside the rounds", "seconds"], rows)
 
 
 class BareLoop:

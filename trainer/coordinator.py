@@ -120,7 +120,7 @@ class Coordinator:
         self.startup["first_version"], clock = time.perf_counter() - clock, time.perf_counter()
         self._start_fleet()
         self.startup["workers"] = time.perf_counter() - clock
-        self._write_startup()
+        self._write_timing()
         try:
             with StopSignal() as stop:
                 if self.config.merge.mode == "async":
@@ -131,7 +131,9 @@ class Coordinator:
                     print(f"Stopped by {stop.requested} after round {self.state.round}; "
                           f"`tributary resume {self._user_run_dir()}` carries on.")
         finally:  # a version being written in the background is finished, never abandoned
+            clock = time.perf_counter()
             self.writer.wait()
+            self._write_timing(finish=time.perf_counter() - clock)
         return checkpoint.latest_version(self.run_dir)
 
     def _loop(self, stop: StopSignal) -> None:
@@ -383,14 +385,17 @@ class Coordinator:
             raise RunError(f"only {placeable} site(s) can run, merge.min_workers={needed} "
                            f"needs {needed} ({reasons})")
 
-    def _write_startup(self) -> None:
-        """RUN_DIR/startup.json: where the time before the first round went (Ray, the
+    def _write_timing(self, *, finish: float | None = None) -> None:
+        """RUN_DIR/timing.json: where the time before the first round went (Ray, the
         coordinator's model and data, version 0, the workers with each one's DeepSpeed
-        engine), for `benchmarks/round_overhead.py` and for anyone whose start is slow."""
+        engine) and, at the end, the wait for the last version's background evaluation and
+        write; for `benchmarks/round_overhead.py` and for anyone whose start is slow."""
         workers = {site: p.get("init_seconds", {}) for site, p in self.fleet.placement.items()}
-        checkpoint.write_json(self.run_dir / "startup.json",
-                              {**{k: round(v, 3) for k, v in self.startup.items()},
-                               "worker_init": workers})
+        timing = {"startup": {**{k: round(v, 3) for k, v in self.startup.items()},
+                              "worker_init": workers}}
+        if finish is not None:
+            timing["finish"] = {"last_version": round(finish, 3)}
+        checkpoint.write_json(self.run_dir / "timing.json", timing)
         log.info("start-up seconds: %s", self.startup)
 
     def _site(self, name: str) -> SiteConfig:

@@ -44,6 +44,16 @@ def test_versions_manifests_and_metrics_are_written(two_rounds):
     assert last["tokens"]["notes"]["replay"] > 0  # round 2 mixes in replay
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [0, 1, 2]
+    # Where each round's time went, and the time outside the rounds.
+    assert set(records[-1]["round_parts"]) == {"broadcast", "previous_version", "gather",
+                                               "validate", "merge", "commit", "evaluate"}
+    assert all(v >= 0 for v in records[-1]["round_parts"].values())
+    assert records[-1]["load_seconds"]["notes"] > 0 and records[-1]["read_seconds"]["notes"] > 0
+    timing = json.loads((run_dir / "timing.json").read_text())
+    assert set(timing["startup"]) == {"ray", "coordinator", "first_version", "workers",
+                                      "worker_init"}
+    assert timing["startup"]["worker_init"]["notes"]["engine"] > 0
+    assert timing["finish"]["last_version"] >= 0
     # The recorded perplexity is the real one: recomputed from the saved v0002 on the run's
     # shakespeare set (same tokenizer and seq_len), it matches the manifest and metrics.
     config = load_config(run_dir / "config.yaml")

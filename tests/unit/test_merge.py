@@ -64,7 +64,7 @@ def test_apply_delta_is_the_outer_step():
 @pytest.mark.parametrize("count", [2, 5, 8])
 def test_blocked_merges_equal_whole_tensor_references_across_block_edges(monkeypatch, count):
     """Blocks of 7 elements over tensors of 50 and 3: every edge case of the block loop."""
-    import trainer.merge as merge
+    from trainer import merge
 
     monkeypatch.setattr(merge, "MERGE_BLOCK", 7)
     monkeypatch.setattr(merge, "ROBUST_BLOCK", 7)
