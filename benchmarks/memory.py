@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import ray
-from sampling import Periodic
+from sampling import Periodic, store_bytes_used
 
 from trainer.config import config_from_dict, resolve_paths
 from trainer.coordinator import RunError, run_training
@@ -74,26 +73,13 @@ class Sampler(Periodic):
             title = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
             if title.startswith("ray::Worker"):
                 self.worker = max(self.worker, _uss(process))
-        self.store = max(self.store, _store_used())
+        self.store = max(self.store, store_bytes_used() or 0)  # None: Ray not up
 
 
 def _uss(process: psutil.Process) -> int:
     try:
         return process.memory_full_info().uss
     except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0
-
-
-def _store_used() -> int:
-    if not ray.is_initialized():
-        return 0
-    try:
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-        reply = get_memory_info_reply(get_state_from_address(
-            ray.get_runtime_context().gcs_address))
-        return int(reply.store_stats.object_store_bytes_used)
-    except Exception:  # noqa: BLE001 - between Ray's start and stop
         return 0
 
 

@@ -1,9 +1,12 @@
-"""A block's peaks, sampled on a thread (benchmarks/scale.py and benchmarks/memory.py)."""
+"""Measuring helpers of benchmarks/scale.py and benchmarks/memory.py: a block's peaks, sampled
+on a thread, and the object store's bytes in use."""
 
 from __future__ import annotations
 
 import threading
 import time
+
+import ray
 
 
 class Periodic:
@@ -30,3 +33,18 @@ class Periodic:
         while self.running:
             self.sample()
             time.sleep(self.every_s)
+
+
+def store_bytes_used() -> int | None:
+    """Bytes in the cluster's object stores (Ray's internal memory API; None when Ray is not
+    up, e.g. between a run's start and stop, or the private API is unavailable)."""
+    if not ray.is_initialized():
+        return None
+    try:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        reply = get_memory_info_reply(get_state_from_address(
+            ray.get_runtime_context().gcs_address))
+        return int(reply.store_stats.object_store_bytes_used)
+    except Exception:  # noqa: BLE001 - a private API: report "n/a" rather than fail
+        return None

@@ -33,7 +33,7 @@ import numpy as np
 import ray
 import torch
 from ray.cluster_utils import Cluster
-from sampling import Periodic
+from sampling import Periodic, store_bytes_used
 
 from cluster.connect import NAMESPACE
 from trainer.merger import build_merger
@@ -191,18 +191,6 @@ def run_child(*, arm: str, count: int, args: argparse.Namespace, address: str) -
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{arm} K={count} failed:\n{done.stdout[-1000:]}{done.stderr[-3000:]}")
     return json.loads(lines[-1])
-
-
-def store_bytes_used() -> int | None:
-    """Bytes in the object store (Ray's internal memory API; None if it is unavailable)."""
-    try:
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-        reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context()
-                                                             .gcs_address))
-        return int(reply.store_stats.object_store_bytes_used)
-    except Exception:  # noqa: BLE001 - a private API: report "n/a" rather than fail
-        return None
 
 
 def broadcast_check(workers, global_state, model_bytes: int) -> str:

@@ -87,11 +87,11 @@ class DownlinkSender:
 
     def payload(self, site: str):
         """An object ref of `message(site)`, put once per mark and starting point (all the
-        sites of a synchronous round share one)."""
-        held = self.sites.get(site)
-        key = held if held == self.mark or any(b == held for b, _, _ in self.chain) else None
+        sites of a synchronous round share one). Building a message copies nothing."""
+        message = self.message(site)
+        key = message.base if isinstance(message, Changes) else None  # None: a full copy
         if key not in self.refs:
-            self.refs[key] = ray.put(self.message(site))
+            self.refs[key] = ray.put(message)
         return self.refs[key]
 
     def send(self, site: str):

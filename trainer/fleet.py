@@ -275,22 +275,23 @@ class SiteFleet:
         next round trains. Returns the refs that resolve once each is on disk: the version
         is written only then, so a crash in between resumes from the previous version with
         that version's state."""
-        saving = {}
+        saving, durable = {}, []
         for site in sites:
             try:
                 saving[site] = self.actors[site].call("commit", round_index=round_index)
             except Exception as exc:  # noqa: BLE001 - its workers are gone
-                log.warning("site %s could not save its optimizer state: %s", site, exc)
-                self.drop(site)
-        durable = []
+                self._state_lost(site, exc)
         for site, refs in saving.items():
             try:
-                ray.get(refs)
+                ray.get(refs)  # the copy is taken: `durable` (another thread) may now wait
                 durable += self.actors[site].call("durable", round_index=round_index)
             except Exception as exc:  # noqa: BLE001 - merged already; only its state is lost
-                log.warning("site %s could not save its optimizer state: %s", site, exc)
-                self.drop(site)
+                self._state_lost(site, exc)
         return durable
+
+    def _state_lost(self, site: str, exc: Exception) -> None:
+        log.warning("site %s could not save its optimizer state: %s", site, exc)
+        self.drop(site)
 
 
 def reason(exc: BaseException) -> str:

@@ -29,7 +29,8 @@ class Timing:
     updates_per_min: Mapping[str, float] = field(default_factory=dict)
     idle_seconds: Mapping[str, float] = field(default_factory=dict)
     # Where the coordinator's time in the round went (seconds): broadcast, previous_version
-    # (waiting for the one written in the background), gather, merge, commit.
+    # (waiting for the one written in the background), gather, validate, merge, evaluate
+    # (in the loop), commit.
     parts: Mapping[str, float] = field(default_factory=dict)
 
 

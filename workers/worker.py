@@ -28,7 +28,7 @@ from workers import engine as ds
 from workers import rng
 from workers.budget import new_token_budget, replay_per_batch
 from workers.compression import Packed, pack_delta, payload_bytes, split_payload
-from workers.downlink import HeldWeights, weights_digest
+from workers.downlink import HeldWeights
 from workers.increments import cursor_after, increment_step, merge_ranges
 from workers.lora import apply_lora, is_trained
 from workers.model import build_model
@@ -201,11 +201,6 @@ class Worker:
             self.base_loaded, received = True, _nbytes(base)
         ds.load_weights_(self.engine, weights, strict=self.train.lora is None)
         return received
-
-    def held_digest(self) -> str | None:
-        """SHA-256 of the global weights this worker holds (merge.downlink), to check that
-        they are bit-identical to the coordinator's."""
-        return weights_digest(self.held.weights) if self.held.weights is not None else None
 
     def _update(self, task: RoundTask, plan: RoundPlan, delta: dict | Packed, rows: NewRows,
                 sequences: pa.Table, *, trained: Trained, holdout: pa.Table | None = None,
