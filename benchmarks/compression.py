@@ -2,6 +2,7 @@
 
     python benchmarks/compression.py [--rounds 8] [--seeds 0 1 2]    # ~10 min on 2 cores
     python benchmarks/compression.py --quick                          # 2 rounds, 1 seed
+    python benchmarks/compression.py --reuse                          # keep finished arms
 
 configs/tiny.yaml (a small random Llama, two sites on the demo data) runs once per arm and
 seed: fp32 both ways (the baseline, run with each seed in the same invocation), bf16 and int8
@@ -40,6 +41,8 @@ ARMS = {  # name -> config overrides
 
 def run_arm(name: str, *, seed: int, args) -> list[dict]:
     run_dir = Path(args.out) / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
+    if args.reuse and len(read_metrics(run_dir)) == args.rounds:  # an earlier invocation's
+        return read_metrics(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
     overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"rounds={args.rounds}",
                  f"worker.lr={args.lr}",
@@ -76,6 +79,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-3, help="inner lr: enough to move")
     parser.add_argument("--quick", action="store_true", help="2 rounds, seed 0 (smoke test)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-compression"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the arms an earlier invocation finished (bytes and losses "
+                        "are not timings: reusing them changes no figure)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seeds = 2, [0]
