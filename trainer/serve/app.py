@@ -235,7 +235,10 @@ def start_serving(options: ServeOptions, *, app_name: str = "tributary",
         num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus,
                            "runtime_env": {"env_vars": _replica_env()}})
-    serve.run(deployment.bind(options), name=app_name, route_prefix=route_prefix)
+    # No access log line per request (a load would flood the driver's console); the request
+    # counts and latencies are in the tributary_serve_* metrics.
+    serve.run(deployment.bind(options), name=app_name, route_prefix=route_prefix,
+              logging_config={"enable_access_log": False})
     return f"http://{options.host}:{options.port}{route_prefix.rstrip('/')}"
 
 
