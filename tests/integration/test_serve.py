@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.chaos import misbehaving
 from tests.helpers import free_port, tiny_config
+from tests.ray_fixtures import served_metrics
 from trainer.checkpoint import all_manifests, latest_version
 from trainer.coordinator import run_training
 from trainer.model_source import ADAPTER_FILE, run_model
@@ -34,6 +35,9 @@ LORA = {"model.lora": "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"}
 PROMPT = "The state of the Union is"
 CHAT = [{"role": "user", "content": "What is new this year?"}]
 KEY = "test-key-1"
+SERVE_METRICS = {"ray_tributary_serve_requests_total", "ray_tributary_serve_request_seconds_bucket",
+                 "ray_tributary_serve_tokens_total", "ray_tributary_serve_version",
+                 "ray_tributary_serve_swap_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +126,7 @@ def test_answers_are_transformers_greedy_of_the_pinned_version_and_bad_requests_
 
 
 def test_new_versions_are_served_under_load_with_no_failure_and_never_a_rejected_one(
-        demo_root, notes_site, tmp_path, port):
+        ray_cluster, demo_root, notes_site, tmp_path, port):
     run_dir = tmp_path / "follow"
     config = tiny_config(demo_root, notes_site, run_dir, rounds=1, **TOKENIZER)
     protected = [dataclasses.replace(e, protected=e.name == "shakespeare") for e in config.eval]
@@ -153,6 +157,10 @@ def test_new_versions_are_served_under_load_with_no_failure_and_never_a_rejected
         assert len(texts) == 1, (version, texts)
     swaps = [s["version"] for s in requests.get(f"{url}/health", timeout=30).json()["swaps"]]
     assert served - {"v0001"} <= set(swaps) <= accepted and swaps == sorted(swaps)
+    # Requests, latency, tokens, the version served and the swap time reach Prometheus.
+    metrics = served_metrics(f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics",
+                             run=run_dir.name, wait_for=SERVE_METRICS)
+    assert SERVE_METRICS <= metrics
 
 
 def test_lora_run_served_beside_training_swaps_only_the_adapter(

@@ -27,7 +27,7 @@ LIMITS = Limits(context_tokens=32, max_tokens=20)
 class Words:
     """A tokenizer over a fixed word list (ids are list positions); no chat template."""
 
-    words = ["hello", " world", " stop", "!", "\n"]
+    words = ("hello", " world", " stop", "!", "\n")
     chat_template = None
 
     def __len__(self) -> int:
