@@ -41,7 +41,7 @@ ARMS = {  # name -> config overrides
 
 def run_arm(name: str, *, seed: int, args) -> list[dict]:
     run_dir = Path(args.out) / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
-    if args.reuse and len(read_metrics(run_dir)) == args.rounds:  # an earlier invocation's
+    if args.reuse and len(read_metrics(run_dir)) == args.rounds + 1:  # v0000 and each round
         return read_metrics(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
     overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"rounds={args.rounds}",
