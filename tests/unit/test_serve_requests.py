@@ -131,3 +131,28 @@ def test_only_accepted_versions_with_weights_are_served(tmp_path):
     with pytest.raises(VersionError, match="not a version name"):
         source.folder("../../etc")
     assert VersionSource(tmp_path / "empty").latest() is None
+
+
+def test_a_run_on_an_object_store_is_served_from_what_it_published(s3, tmp_path):
+    """A real S3-compatible server (moto on 127.0.0.1): LATEST names the version, a version
+    is read only once its completion marker is there, and copied whole into the cache."""
+    from workers.storage import join, publish_folder, upload_tree, write_text
+
+    s3.filesystem().create_dir("served")
+    run = s3.uri("served/run")
+    version = tmp_path / "v0001"
+    version.mkdir()
+    (version / "manifest.json").write_text(json.dumps({"status": "accepted"}))
+    (version / "model.safetensors").write_bytes(b"weights")
+    source = VersionSource(run, cache=tmp_path / "cache")
+    assert source.latest() is None
+    upload_tree(version, join(run, "versions", "v0002"))  # uploading: no marker yet
+    publish_folder(version, join(run, "versions", "v0001"))
+    write_text(join(run, "versions", "LATEST"), "v0001\n")
+
+    assert source.latest() == "v0001"
+    local = source.folder("v0001")
+    assert (local / "model.safetensors").read_bytes() == b"weights"
+    assert local.is_relative_to(tmp_path / "cache")
+    with pytest.raises(VersionError, match="not an accepted, published version"):
+        source.folder("v0002")
