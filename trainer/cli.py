@@ -17,8 +17,10 @@ REQUIRED_MODULES = {"torch": "torch", "ray": "ray", "deepspeed": "deepspeed",
                     "pyarrow": "pyarrow", "transformers": "transformers",
                     "safetensors": "safetensors", "gguf": "gguf", "accelerate": "accelerate",
                     "peft": "peft", "pyyaml": "yaml", "numpy": "numpy", "tqdm": "tqdm",
-                    "matplotlib": "matplotlib", "ray[serve]": "fastapi"}
-# Commands that train: they check for those before importing any of them.
+                    "matplotlib": "matplotlib"}
+# Serving needs Ray Serve's extra (ray[serve] brings FastAPI and uvicorn).
+SERVE_MODULES = {"ray[serve]": "fastapi"}
+# Commands that train or serve: they check for those before importing any of them.
 TRAINING_COMMANDS = ("run", "resume", "serve")
 
 
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command in TRAINING_COMMANDS:
-        missing = missing_packages(REQUIRED_MODULES)
+        serving_too = args.command == "serve" or getattr(args, "serve", False)
+        missing = missing_packages(REQUIRED_MODULES | (SERVE_MODULES if serving_too else {}))
         if missing:  # say so now, not as a ModuleNotFoundError deep inside an import
             print(missing_packages_message(args.command, missing), file=sys.stderr)
             return 2
