@@ -69,10 +69,19 @@ class TransformersBackend:
         self.dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.lock = threading.Lock()  # one generation at a time; LoRA swaps between them
         self.tokenizer = _tokenizer(first)
-        self.model: torch.nn.Module | None = None
-        self.version: str | None = None
+        # (model, version) as one value: a request reads both at once, so a swap between
+        # two reads can never pair one version's weights with another's name.
+        self.current: tuple[torch.nn.Module, str] | None = None
         self.swap(self.prepare(first, version=version))
         self.context_tokens = int(getattr(self._base_config(), "max_position_embeddings", 2048))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.current[0]
+
+    @property
+    def version(self) -> str | None:
+        return self.current[1] if self.current else None
 
     @property
     def lora(self) -> bool:
@@ -81,7 +90,7 @@ class TransformersBackend:
     def prepare(self, folder: Path, *, version: str) -> Prepared:
         """Load `folder` beside the current version (the slow part of a swap)."""
         started = time.perf_counter()
-        if self.lora and self.model is not None:  # the base is loaded: read the adapter only
+        if self.lora and self.current is not None:  # the base is loaded: read the adapter only
             from safetensors.torch import load_file
 
             from trainer.model_source import ADAPTER_FILE
@@ -97,20 +106,21 @@ class TransformersBackend:
     def swap(self, prepared: Prepared) -> None:
         """Make `prepared` the version new requests get (fast)."""
         if prepared.model is not None:  # requests in flight keep the model they hold
-            self.model, self.version = prepared.model, prepared.version
+            self.current = (prepared.model, prepared.version)
             return
         from peft import set_peft_model_state_dict
 
         with self.lock:  # between generations: no request sees half an adapter
             set_peft_model_state_dict(self.model, prepared.adapter)
-            self.version = prepared.version
+            self.current = (self.model, prepared.version)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """The current version, held for one request: one generation at a time per replica
         (the cores are shared anyway), and a LoRA swap waits for it to end."""
         with self.lock:
-            yield Session(version=self.version, model=self.model, eos=self._eos(),
+            model, version = self.current
+            yield Session(version=version, model=model, eos=self._eos(),
                           device=self.device)
 
     def _eos(self) -> list[int]:
