@@ -111,8 +111,10 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 def throughput(url: str, name: str, model, tokenizer, *, levels: list[int], pairs: int,
                per_client: int) -> tuple[list[list[str]], float]:
     rows, ratio_at_1 = [], None
+    direct(model, tokenizer, count=2)  # warm both up: first calls pay one-off costs
+    served(url, model=name, clients=1, count=2)
     for clients in levels:
-        count = per_client * clients
+        count = max(16, per_client * clients)  # enough requests for a stable rate
         base, rates, latencies = [], [], []
         for _ in range(pairs):
             base.append(direct(model, tokenizer, count=count))

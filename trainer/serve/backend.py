@@ -121,7 +121,7 @@ class TransformersBackend:
         with self.lock:
             model, version = self.current
             yield Session(version=version, model=model, eos=self._eos(),
-                          device=self.device)
+                          device=self.device, cache_arg=self._cache_arg())
 
     def _eos(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id, getattr(self._base_config(), "eos_token_id", None)}
@@ -129,6 +129,15 @@ class TransformersBackend:
         for item in ids:
             flat |= set(item) if isinstance(item, list) else {item}
         return sorted(i for i in flat if i is not None)
+
+    def _cache_arg(self) -> str:
+        """The forward argument that carries the KV cache: `cache` in newer transformers 5
+        releases, `past_key_values` before (and deprecated since)."""
+        import inspect
+
+        base = self.model.get_base_model() if self.lora else self.model
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else (
+            "past_key_values")
 
     def _base_config(self):
         model = self.model.get_base_model() if self.lora else self.model
@@ -158,6 +167,7 @@ class Session:
     model: torch.nn.Module
     eos: list[int]
     device: str
+    cache_arg: str = "cache"
 
     def tokens(self, prompt: list[int], sampling: Sampling, *,
                cancelled: threading.Event) -> Iterator[int]:
@@ -174,8 +184,8 @@ class Session:
         past = None
         with torch.inference_mode():
             for _ in range(sampling.max_tokens):
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = self.model(input_ids=ids, use_cache=True, **{self.cache_arg: past})
+                past = out[self.cache_arg]
                 token = pick(out.logits[0, -1].float(), sampling, generator=generator)
                 yield token
                 if token in self.eos or cancelled.is_set():
