@@ -82,11 +82,13 @@ def serve_run_dir(options: ServeOptions, *, address: str | None) -> int:
 
 
 def wait_for_signal() -> None:
-    stop = threading.Event()
+    """Return on SIGINT or SIGTERM. The handler only appends to a list: setting an Event from a
+    handler that interrupted that Event's own wait would take a lock the wait holds."""
+    received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    while not received:
+        time.sleep(0.5)
 
 
 class ServeBesideTraining:
