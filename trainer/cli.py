@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--merged", required=True, metavar="OUT", help="the folder to write")
     export.add_argument("--version", help="e.g. v0003 (default: latest)")
+    lineage = commands.add_parser(
+        "lineage", help="the versions whose training saw a file's rows or a site's data "
+        "(directly, through the replay store, or by building on one that did)")
+    lineage.add_argument("run_dir")
+    lineage.add_argument("--file", help="an increment file, as the site's config names it")
+    lineage.add_argument("--site", help="a site's name")
+    lineage.add_argument("--rows", metavar="A:B", help="only rows A to B-1 of --file")
+    lineage.add_argument("--json", action="store_true", help="print JSON instead of a table")
     served = commands.add_parser(
         "serve", help="serve a run's newest accepted version: an OpenAI-compatible API on "
         "Ray Serve that moves to each new version without a failed request")
@@ -146,6 +154,18 @@ def _run_and_serve(config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _lineage(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.lineage import Query, as_json, lineage, render
+
+    run_dir = Path(args.run_dir)
+    config = load_config(run_dir / "config.yaml", check_files=False)
+    query = Query.of(file=args.file, site=args.site, rows=args.rows)
+    touches = lineage(run_dir, query, replay_scope=config.replay.scope)
+    print(as_json(touches) if args.json else render(touches))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from workers.storage import is_uri
 
@@ -230,5 +250,5 @@ def _prepare_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": _serve, "export": _export, "submit": _submit, "run": _run, "resume": _resume,
+COMMANDS = {"lineage": _lineage, "serve": _serve, "export": _export, "submit": _submit, "run": _run, "resume": _resume,
             "report": _report, "prepare-demo": _prepare_demo}

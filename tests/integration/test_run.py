@@ -113,6 +113,31 @@ def test_every_consumed_row_is_accounted_for_exactly_once(two_rounds, notes_site
     assert files == [p.name for p in increment_files(notes_site)][:len(files)]
 
 
+def test_lineage_names_each_version_that_read_a_file_and_those_built_on_it(
+        two_rounds, notes_site, capsys):
+    from trainer.cli import main as cli
+
+    run_dir, _ = two_rounds
+    manifests = all_manifests(run_dir)
+    read = {e["file"]: [m["name"] for m in manifests if any(
+        x["file"] == e["file"] for x in m["increments"].get("notes", []))]
+        for m in manifests for e in m["increments"].get("notes", [])}
+    assert read, "the run read no notes file"
+    for file, versions in read.items():
+        assert cli(["lineage", str(run_dir), "--file", file, "--json"]) == 0
+        touches = json.loads(capsys.readouterr().out)
+        assert [t["version"] for t in touches if t["how"] == "direct"] == versions
+        # Every accepted version from the first reader on saw it: directly, by replay or
+        # by descent.
+        first = int(versions[0][1:])
+        assert [t["version"] for t in touches] == [m["name"] for m in manifests
+                                                   if m["version"] >= first]
+    unread = sorted({str(p) for p in notes_site.glob("*.jsonl")} - set(read))
+    for file in unread:
+        assert cli(["lineage", str(run_dir), "--file", file]) == 0
+        assert "no version saw that data" in capsys.readouterr().out
+
+
 def test_workers_are_named_actors_and_ray_metrics_are_served(two_rounds):
     _, seen = two_rounds
     assert {"tributary-worker-speeches", "tributary-worker-notes"} <= seen["actors"]
