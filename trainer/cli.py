@@ -21,7 +21,7 @@ REQUIRED_MODULES = {"torch": "torch", "ray": "ray", "deepspeed": "deepspeed",
 # Serving needs Ray Serve's extra (ray[serve] brings FastAPI and uvicorn).
 SERVE_MODULES = {"ray[serve]": "fastapi"}
 # Commands that train or serve: they check for those before importing any of them.
-TRAINING_COMMANDS = ("run", "resume", "serve")
+TRAINING_COMMANDS = ("run", "resume", "serve", "retract")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("--site", help="a site's name")
     lineage.add_argument("--rows", metavar="A:B", help="only rows A to B-1 of --file")
     lineage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    retract = commands.add_parser(
+        "retract", help="remove a file's or a site's contribution exactly: restart the run "
+        "from before the data arrived without it, then replace the versions it touched")
+    retract.add_argument("run_dir")
+    retract.add_argument("--file", help="an increment file, as the site's config names it")
+    retract.add_argument("--site", help="a site's name: all of its data, and the site")
+    retract.add_argument("--reason", default="", help="why (kept in the retraction record)")
+    retract.add_argument("--yes", action="store_true", help="do not ask before starting")
+    retract.add_argument("--keep-weights", action="store_true",
+                         help="keep the replaced versions' weights (default: deleted, their "
+                         "manifests kept)")
     served = commands.add_parser(
         "serve", help="serve a run's newest accepted version: an OpenAI-compatible API on "
         "Ray Serve that moves to each new version without a failed request")
@@ -166,6 +177,42 @@ def _lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retract(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.coordinator import run_training
+    from trainer.retract import carry_out, estimate, plan, unfinished
+
+    run_dir = Path(args.run_dir)
+    record = unfinished(run_dir)
+    if record is not None:
+        print(f"continuing retraction {record.id} ({record.status}): "
+              f"{record.file or 'site ' + str(record.site)}")
+    else:
+        config = load_config(run_dir / "config.yaml", check_files=False)
+        planned = plan(run_dir, config, file=args.file, site=args.site, reason=args.reason,
+                       keep_weights=args.keep_weights)
+        print(estimate(planned))
+        if planned.missing:
+            print(f"tributary retract: cannot restart from {planned.record.restart_from}: "
+                  f"{'; '.join(planned.missing)} pruned (run.keep_versions); nothing changed",
+                  file=sys.stderr)
+            return 2
+        if not (args.yes or _confirmed()):
+            print("nothing changed (confirm with --yes)", file=sys.stderr)
+            return 1
+        record = planned.record
+    latest = carry_out(run_dir, record, run=run_training)
+    print(f"retraction {record.id} done: versions/latest is {latest.resolve().name}; "
+          f"replaced versions are in versions/retracted/{record.id}")
+    return 0
+
+
+def _confirmed() -> bool:
+    if not sys.stdin.isatty():
+        return False
+    return input("Start? [y/N] ").strip().lower() in ("y", "yes")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from workers.storage import is_uri
 
@@ -250,5 +297,5 @@ def _prepare_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"lineage": _lineage, "serve": _serve, "export": _export, "submit": _submit, "run": _run, "resume": _resume,
+COMMANDS = {"retract": _retract, "lineage": _lineage, "serve": _serve, "export": _export, "submit": _submit, "run": _run, "resume": _resume,
             "report": _report, "prepare-demo": _prepare_demo}

@@ -188,7 +188,7 @@ class Config:
                          deepspeed=deepspeed_dict(worker), seed=self.run.seed,
                          compression=self.merge.compression,
                          error_feedback=self.merge.error_feedback, lora=self.model.lora,
-                         local_replay_capacity=local)
+                         local_replay_capacity=local, keep_states=self.run.keep_versions)
 
 
 # ---------------------------------------------------------------- loading

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import ray
@@ -49,7 +50,8 @@ __all__ = ["Coordinator", "RunError", "run_training"]
 
 class Coordinator:
     def __init__(self, config: Config, *, resume: bool = False,
-                 worker_cls: type = Worker, mirror: Mirror | None = None) -> None:
+                 worker_cls: type = Worker, mirror: Mirror | None = None,
+                 exclude: Mapping[str, set[str]] | None = None) -> None:
         started = time.perf_counter()
         self.config, self.resume, self.mirror = config, resume, mirror
         self.run_dir = Path(config.run.dir)
@@ -61,6 +63,8 @@ class Coordinator:
         point = resume_point(self.run_dir, sites=config.sites) if resume else None
         self.state = point.state if point else RunState(
             cursors={s.name: Cursor() for s in config.sites})
+        for site, names in (exclude or {}).items():  # retracted files: never read again
+            self.state.skipped.setdefault(site, set()).update(names)
         self.model = run_model(config.model, tokenizer=self.tokenizer, seed=config.run.seed,
                                version_dir=point.version_dir if point else None)
         # What the run federates: every weight, or with LoRA the adapters' B (A is frozen).
@@ -422,9 +426,11 @@ class Coordinator:
         self.merger.shutdown()
 
 
-def run_training(config: Config, *, resume: bool = False, worker_cls: type = Worker) -> Path:
+def run_training(config: Config, *, resume: bool = False, worker_cls: type = Worker,
+                 exclude: Mapping[str, set[str]] | None = None) -> Path:
     """Run (or resume) a whole training run; returns the newest version's folder (the local
-    staging copy's, when run.dir is a URI)."""
+    staging copy's, when run.dir is a URI). `exclude`: {site: file names} never to read
+    (trainer/retract.py); they stay excluded through the manifests' `skipped`."""
     config, mirror = _staging(config, resume=resume)
     run_dir = Path(config.run.dir)
     if not resume and (run_dir / "versions").exists():
@@ -445,7 +451,8 @@ def run_training(config: Config, *, resume: bool = False, worker_cls: type = Wor
     ray_seconds = time.perf_counter() - clock
     coordinator = None
     try:
-        coordinator = Coordinator(config, resume=resume, worker_cls=worker_cls, mirror=mirror)
+        coordinator = Coordinator(config, resume=resume, worker_cls=worker_cls, mirror=mirror,
+                                  exclude=exclude)
         coordinator.startup = {"ray": ray_seconds, **coordinator.startup}
         return coordinator.run()
     finally:

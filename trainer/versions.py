@@ -104,8 +104,8 @@ class VersionWriter:
                                     rejected=bool(gate), outer_state=outer, weights=weights)
             if not gate and evals:
                 self.history.append(evals)
-            if weights:  # the replay snapshots of older versions; a resume needs this one
-                self._prune(keep=number)
+            if weights:
+                self._prune()
             if self.mirror is not None:
                 self.mirror.publish(number, rejected=bool(gate), replay_dir=replay_dir)
                 self.mirror.prune()
@@ -127,9 +127,13 @@ class VersionWriter:
         """Failures of a round that produced no version (so no metrics line)."""
         self.metrics.count_failures(dict(reasons))
 
-    def _prune(self, *, keep: int) -> None:
-        for folder in (self.run_dir / "replay").glob("v[0-9]*"):
-            if checkpoint.version_number(folder) < keep:
-                shutil.rmtree(folder, ignore_errors=True)
-        if self.keep_versions is not None:
-            checkpoint.prune_versions(self.run_dir, keep=self.keep_versions)
+    def _prune(self) -> None:
+        """Replay snapshots go with the versions' weights (run.keep_versions): a retraction
+        restarts from before any version still kept."""
+        if self.keep_versions is None:
+            return
+        snapshots = sorted((self.run_dir / "replay").glob("v[0-9]*"),
+                           key=checkpoint.version_number)
+        for folder in snapshots[:-self.keep_versions]:
+            shutil.rmtree(folder, ignore_errors=True)
+        checkpoint.prune_versions(self.run_dir, keep=self.keep_versions)

@@ -1,5 +1,6 @@
 """A worker's committed states: `round-NNNN/` folders (optimizer moments, RNG states, the
-compression residual, a site-local replay store), each written atomically, the last few kept.
+compression residual, a site-local replay store), each written atomically, kept as long as
+the versions' weights are (run.keep_versions).
 With a run directory on an object store each is also published there (its completion marker
 written last) and fetched back by a worker that starts on a node without it."""
 
@@ -13,13 +14,13 @@ from pathlib import Path
 from workers.fsio import atomic_dir
 from workers.storage import delete_tree, fetch_published, join, list_names, publish_folder
 
-KEEP_STATES = 2
-
 
 class StateStore:
-    def __init__(self, folder: str | None, *, uri: str | None = None) -> None:
+    def __init__(self, folder: str | None, *, uri: str | None = None,
+                 keep: int | None = None) -> None:
         self.folder = Path(folder) if folder else None
         self.uri = uri
+        self.keep = keep  # the newest `keep` states stay (None: all), as versions' weights do
 
     def save(self, round_index: int, write: Callable[[Path], None]) -> None:
         """`write(folder)` fills the state of `round_index`; it appears whole or not at all."""
@@ -28,11 +29,11 @@ class StateStore:
         final = self.folder / _name(round_index)
         with atomic_dir(final) as tmp:
             write(tmp)
-        for old in self._local()[:-KEEP_STATES]:
+        for old in self._local()[:-self.keep] if self.keep else []:
             shutil.rmtree(old, ignore_errors=True)
         if self.uri is not None:
             publish_folder(final, join(self.uri, final.name))
-            for old in self._published()[:-KEEP_STATES]:
+            for old in self._published()[:-self.keep] if self.keep else []:
                 delete_tree(join(self.uri, old))
 
     def discard_after(self, round_index: int) -> None:

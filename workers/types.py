@@ -170,6 +170,9 @@ class TrainSpec:
     lora: LoraSpec | None = None
     # Site-local replay (replay.scope: site): the worker keeps a store of this many sequences.
     local_replay_capacity: int = 0
+    # Committed states kept (run.keep_versions: as long as the versions' weights, so a
+    # retraction can restart from before any of them); None: all.
+    keep_states: int | None = None
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class Worker:
         self.reader = RowReader(site=site, tokenizer=tokenizer, seq_len=train.worker.seq_len,
                                 max_row_chars=train.worker.max_row_chars,
                                 stratum=lambda file: train.replay.stratum(site.name, file))
-        self.states = StateStore(state_dir, uri=state_uri)
+        self.states = StateStore(state_dir, uri=state_uri, keep=train.keep_states)
         self.state_writer = StateWriter(self.states)
         engine_started = time.perf_counter()
         self.engine = self._engine(model_config)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.state import KEEP_STATES, StateStore, StateWriter
+from workers.state import StateStore, StateWriter
 
 
 def save(store: StateStore, round_index: int) -> None:
@@ -19,11 +19,15 @@ def kept(folder: Path) -> list[str]:
 
 
 def test_past_round_9999_the_newest_states_are_kept(tmp_path):
-    store = StateStore(str(tmp_path))
+    store = StateStore(str(tmp_path), keep=2)  # run.keep_versions: 2
     for index in (9998, 9999, 10000):
         save(store, index)
-    assert KEEP_STATES == 2 and kept(tmp_path) == ["round-10000", "round-9999"]
+    assert kept(tmp_path) == ["round-10000", "round-9999"]
     assert store.newest(20000).name == "round-10000"
+    every = StateStore(str(tmp_path / "all"))  # keep_versions unset: every state stays
+    for index in (1, 2, 3):
+        save(every, index)
+    assert kept(tmp_path / "all") == ["round-0001", "round-0002", "round-0003"]
 
 
 def test_states_after_a_restore_point_are_dropped(tmp_path):

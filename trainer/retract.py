@@ -1,0 +1,252 @@
+"""`tributary retract RUN_DIR --file PATH | --site NAME`: the run as if that data had never
+arrived, made exactly.
+
+The lineage (trainer/lineage.py) names the first version the data touched. Everything a run
+holds just before it — the global weights and outer state, cursors and control, every
+site's optimizer and RNG states, the replay store — predates the data, so the run restarts
+from there in a staging copy (`RUN_DIR/retractions/rNNNN/RUN_NAME`: versions up to that
+point, hard-linked), with the file never read (or the site gone), for as many rounds as the
+run had made. Only when that new line is complete does it replace the old: the replaced
+versions move to `versions/retracted/rNNNN/` (weights deleted unless asked to keep them;
+manifests kept for the audit), the new ones, replay snapshots, worker states, metrics and
+config take their place, and `latest` moves last. The record `retractions/rNNNN.json` says
+what was removed, why, when, from where, and which versions were replaced; a retraction that
+was interrupted is continued by running `tributary retract RUN_DIR` again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer import checkpoint
+from trainer.config import Config, dump_config, load_config
+from trainer.lineage import Query, lineage
+
+RETRACTIONS = "retractions"
+RETRACTED = "retracted"  # versions/retracted/rNNNN/: the replaced versions' manifests
+
+
+@dataclass
+class Record:
+    """retractions/rNNNN.json: what was removed and what it replaced."""
+    id: str
+    file: str | None
+    site: str | None
+    reason: str
+    restart_from: str  # the last version before the data: the new line builds on it
+    replaced: list[str]  # versions the data touched or that came after them
+    rounds: int  # the rounds the run had made, made again
+    status: str = "running"  # running → swapping → done
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    finished: str | None = None
+    new_line: list[str] = field(default_factory=list)
+    keep_weights: bool = False
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / RETRACTIONS).mkdir(exist_ok=True)
+        checkpoint.write_json(run_dir / RETRACTIONS / f"{self.id}.json", dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class Plan:
+    record: Record
+    tokens: int  # new and replay tokens the replaced versions trained: the cost, again
+    missing: list[str]  # what the restart needs and the run no longer holds
+
+
+def plan(run_dir: Path, config: Config, *, file: str | None, site: str | None,
+         reason: str, keep_weights: bool = False) -> Plan:
+    """What a retraction would do, and whether it can (no change to anything)."""
+    if file is None and site is not None and site not in {s.name for s in config.sites}:
+        raise ValueError(f"{run_dir}: no site {site!r} in this run "
+                         f"({', '.join(s.name for s in config.sites)})")
+    query = Query.of(file=file, site=site, rows=None)
+    touches = lineage(run_dir, query, replay_scope=config.replay.scope)
+    if not touches:
+        raise ValueError(f"{run_dir}: no version saw that data; there is nothing to retract "
+                         "(`tributary lineage` lists what each version read)")
+    manifests = {m["version"]: m for m in checkpoint.all_manifests(run_dir,
+                                                                   include_rejected=True)}
+    first = min(int(t.version[1:]) for t in touches)
+    before = manifests[first - 1]
+    replaced = [m["name"] for n, m in sorted(manifests.items()) if n >= first]
+    tokens = sum(t.get("new", 0) + t.get("replay", 0) for n, m in manifests.items() if n >= first
+                 for t in m.get("tokens", {}).values())
+    record = Record(id=_next_id(run_dir), file=query.file, site=site, reason=reason,
+                    restart_from=before["name"], replaced=replaced,
+                    rounds=max(m["round"] for m in manifests.values()),
+                    keep_weights=keep_weights)
+    return Plan(record, tokens, _missing(run_dir, config, manifests, before))
+
+
+def _missing(run_dir: Path, config: Config, manifests: dict[int, dict],
+             before: dict) -> list[str]:
+    """What a restart from `before` reads that run.keep_versions has pruned."""
+    accepted = [m for n, m in manifests.items() if n <= before["version"]
+                and m["status"] == "accepted"]
+    base = max(accepted, key=lambda m: m["version"])
+    missing = []
+    if not any((run_dir / checkpoint.VERSIONS / base["name"]).glob("*.safetensors")):
+        missing.append(f"the weights of {base['name']}")
+    if not before.get("replay") or not (run_dir / before["replay"]).is_dir():
+        missing.append(f"the replay snapshot of {before['name']}")
+    for site in config.sites:
+        rounds = [m["round"] for m in accepted if site.name in m.get("increments", {})]
+        if rounds and not _states(run_dir, site.name, max(rounds)):
+            missing.append(f"site {site.name}'s state of round {max(rounds)}")
+    return missing
+
+
+def _states(run_dir: Path, site: str, round_index: int) -> list[Path]:
+    return list((run_dir / "sites" / site).glob(f"state*/round-{round_index:04d}"))
+
+
+def _next_id(run_dir: Path) -> str:
+    done = sorted((run_dir / RETRACTIONS).glob("r[0-9]*.json"))
+    return f"r{len(done) + 1:04d}"
+
+
+def unfinished(run_dir: Path) -> Record | None:
+    for path in sorted((run_dir / RETRACTIONS).glob("r[0-9]*.json")):
+        record = Record(**json.loads(path.read_text()))
+        if record.status != "done":
+            return record
+    return None
+
+
+def staging(run_dir: Path, record: Record) -> Path:
+    return run_dir / RETRACTIONS / record.id / run_dir.name
+
+
+def carry_out(run_dir: Path, record: Record, *, run) -> Path:
+    """Build (or continue) the new line in staging, then swap it in. `run(config, resume,
+    exclude)` trains: run_training, passed in so tests and the CLI share this path."""
+    record.save(run_dir)
+    stage = staging(run_dir, record)
+    config = _staging_config(run_dir, record, stage)
+    if record.status == "running":
+        if not (stage / checkpoint.VERSIONS / checkpoint.LATEST).exists():
+            _build(run_dir, record, stage)
+        exclude = ({_site_of(run_dir, record): {Path(record.file).name}} if record.file
+                   else None)
+        run(config, resume=True, exclude=exclude)
+        record.status = "swapping"
+        record.save(run_dir)
+    _swap(run_dir, record, stage)
+    return run_dir / checkpoint.VERSIONS / checkpoint.LATEST
+
+
+def _staging_config(run_dir: Path, record: Record, stage: Path) -> Config:
+    """The run's config, in staging, for the rounds it had made; a retracted site is gone."""
+    config = load_config(run_dir / "config.yaml", check_files=False)
+    sites = config.sites if record.file else [s for s in config.sites if s.name != record.site]
+    return dataclasses.replace(config, rounds=record.rounds, sites=sites,
+                               run=dataclasses.replace(config.run, dir=str(stage)))
+
+
+def _site_of(run_dir: Path, record: Record) -> str:
+    for touch in lineage(run_dir, Query(file=record.file)):
+        for rows in touch.rows:
+            return rows["site"]
+    raise ValueError(f"{record.file}: no version names it any more")
+
+
+def _build(run_dir: Path, record: Record, stage: Path) -> None:
+    """The run as it stood after `restart_from`: hard links of what it reads (nothing in
+    them is ever rewritten in place), copies of what a run appends to."""
+    shutil.rmtree(stage, ignore_errors=True)
+    last = checkpoint.version_number(Path(record.restart_from))
+    manifest = _manifest(run_dir, record.restart_from)
+    for parts in ([checkpoint.VERSIONS], [checkpoint.VERSIONS, checkpoint.REJECTED]):
+        for folder in run_dir.joinpath(*parts).glob("v[0-9]*"):
+            if not folder.is_symlink() and checkpoint.version_number(folder) <= last:
+                _link_tree(folder, stage.joinpath(*parts, folder.name))
+    _link_tree(run_dir / manifest["replay"], stage / manifest["replay"])
+    for state in (run_dir / "sites").glob("*/state*/round-*"):
+        if int(state.name.split("-")[1]) <= manifest["round"]:
+            _link_tree(state, stage / state.relative_to(run_dir))
+    shutil.copy2(run_dir / "metrics.jsonl", stage / "metrics.jsonl")  # appended to: a copy
+    if (run_dir / "quarantine").is_dir():
+        shutil.copytree(run_dir / "quarantine", stage / "quarantine")
+    # `latest` last: its presence says the staging copy is whole.
+    accepted = max(checkpoint.all_manifests(stage), key=lambda m: m["version"])
+    os.symlink(accepted["name"], stage / checkpoint.VERSIONS / checkpoint.LATEST)
+
+
+def _swap(run_dir: Path, record: Record, stage: Path) -> None:
+    """Replace the old line by the new one; every step can be done again after a crash."""
+    last = checkpoint.version_number(Path(record.restart_from))
+    aside = run_dir / checkpoint.VERSIONS / RETRACTED / record.id
+    for parts, target in (([checkpoint.VERSIONS], aside),
+                          ([checkpoint.VERSIONS, checkpoint.REJECTED], aside / "rejected")):
+        for folder in _after(run_dir.joinpath(*parts), last):
+            # Set aside before the new line moves in: after a crash, a name already aside
+            # means the folder here is the new line's.
+            if not (target / folder.name).exists():
+                _set_aside(folder, target / folder.name, keep_weights=record.keep_weights)
+    for parts in ([checkpoint.VERSIONS], [checkpoint.VERSIONS, checkpoint.REJECTED]):
+        for folder in _after(stage.joinpath(*parts), last):
+            os.makedirs(run_dir.joinpath(*parts), exist_ok=True)
+            os.replace(folder, run_dir.joinpath(*parts, folder.name))
+    for name in ("replay", "sites"):
+        if (stage / name).exists():
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+            os.replace(stage / name, run_dir / name)
+    if (stage / "metrics.jsonl").exists():
+        os.replace(stage / "metrics.jsonl", run_dir / "metrics.jsonl")
+    if (stage / "config.yaml").exists():
+        config = load_config(stage / "config.yaml", check_files=False)
+        dump_config(dataclasses.replace(config, run=dataclasses.replace(
+            config.run, dir=str(run_dir))), run_dir / "config.yaml")
+        (stage / "config.yaml").unlink()
+    newest = max(checkpoint.all_manifests(run_dir), key=lambda m: m["version"])
+    checkpoint.point_latest(run_dir, newest["name"])
+    record.new_line = [m["name"] for m in checkpoint.all_manifests(run_dir, include_rejected=True)
+                       if m["version"] > last]
+    record.status, record.finished = "done", time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    record.save(run_dir)
+    shutil.rmtree(run_dir / RETRACTIONS / record.id, ignore_errors=True)
+
+
+def _after(folder: Path, last: int) -> list[Path]:
+    return sorted((p for p in folder.glob("v[0-9]*") if p.is_dir() and not p.is_symlink()
+                   and checkpoint.version_number(p) > last), key=checkpoint.version_number)
+
+
+def _set_aside(folder: Path, target: Path, *, keep_weights: bool) -> None:
+    """Move a replaced version aside; its weights go (the withdrawn data's influence must not
+    linger) unless kept on purpose, its manifest stays for the audit."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(folder, target)
+    if not keep_weights:
+        for item in target.iterdir():
+            if item.name != "manifest.json":
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    shutil.copytree(source, target, copy_function=os.link, symlinks=True)
+
+
+def _manifest(run_dir: Path, name: str) -> dict:
+    for parts in ([checkpoint.VERSIONS], [checkpoint.VERSIONS, checkpoint.REJECTED]):
+        path = run_dir.joinpath(*parts, name)
+        if (path / "manifest.json").is_file():
+            return checkpoint.read_manifest(path)
+    raise FileNotFoundError(f"{run_dir}: no manifest of {name}")
+
+
+def estimate(plan: Plan) -> str:
+    record = plan.record
+    what = f"file {record.file}" if record.file else f"site {record.site}"
+    return (f"retracting {what}: the run restarts after {record.restart_from} and makes "
+            f"{len(record.replaced)} version(s) again ({', '.join(record.replaced)}), up to "
+            f"round {record.rounds}: about {plan.tokens:,} tokens of training")
