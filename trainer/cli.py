@@ -181,7 +181,11 @@ def _retract(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.coordinator import run_training
     from trainer.retract import carry_out, estimate, plan, unfinished
+    from workers.storage import is_uri
 
+    if is_uri(args.run_dir):
+        raise ValueError("retract works on a local run folder; a run on an object store is "
+                         "not supported yet")
     run_dir = Path(args.run_dir)
     record = unfinished(run_dir)
     if record is not None:
