@@ -61,17 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     lineage = commands.add_parser(
         "lineage", help="the versions whose training saw a file's rows or a site's data "
         "(directly, through the replay store, or by building on one that did)")
-    lineage.add_argument("run_dir")
-    lineage.add_argument("--file", help="an increment file, as the site's config names it")
-    lineage.add_argument("--site", help="a site's name")
+    add_data_arguments(lineage, site_help="a site's name")
     lineage.add_argument("--rows", metavar="A:B", help="only rows A to B-1 of --file")
     lineage.add_argument("--json", action="store_true", help="print JSON instead of a table")
     retract = commands.add_parser(
         "retract", help="remove a file's or a site's contribution exactly: restart the run "
         "from before the data arrived without it, then replace the versions it touched")
-    retract.add_argument("run_dir")
-    retract.add_argument("--file", help="an increment file, as the site's config names it")
-    retract.add_argument("--site", help="a site's name: all of its data, and the site")
+    add_data_arguments(retract, site_help="a site's name: all of its data, and the site")
     retract.add_argument("--reason", default="", help="why (kept in the retraction record)")
     retract.add_argument("--yes", action="store_true", help="do not ask before starting")
     retract.add_argument("--keep-weights", action="store_true",
@@ -85,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("prepare-demo", help="build the demo's site and eval folders")
     demo.add_argument("dir")
     return parser
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, site_help: str) -> None:
+    """RUN_DIR and the data it is asked about (lineage, retract)."""
+    parser.add_argument("run_dir")
+    parser.add_argument("--file", help="an increment file, as the site's config names it")
+    parser.add_argument("--site", help=site_help)
 
 
 def main(argv: list[str] | None = None) -> int:
