@@ -200,10 +200,12 @@ def _swap(run_dir: Path, record: Record, stage: Path) -> None:
             os.replace(stage / name, run_dir / name)
     if (stage / "metrics.jsonl").exists():
         os.replace(stage / "metrics.jsonl", run_dir / "metrics.jsonl")
-    if (stage / "config.yaml").exists():
+    if (stage / "config.yaml").exists():  # the staging run's (a retracted site is gone) ...
         config = load_config(stage / "config.yaml", check_files=False)
-        dump_config(dataclasses.replace(config, run=dataclasses.replace(
-            config.run, dir=str(run_dir))), run_dir / "config.yaml")
+        before = load_config(run_dir / "config.yaml", check_files=False)
+        dump_config(dataclasses.replace(  # ... with the run's own folder and round count
+            config, rounds=before.rounds, run=dataclasses.replace(config.run, dir=str(run_dir))),
+            run_dir / "config.yaml")
         (stage / "config.yaml").unlink()
     newest = max(checkpoint.all_manifests(run_dir), key=lambda m: m["version"])
     checkpoint.point_latest(run_dir, newest["name"])
