@@ -117,7 +117,7 @@ class ModelServer:
     @api.get("/health")
     def health(self) -> dict:
         """Open without the API key (for load balancers): the version and the swaps so far."""
-        return {"status": "ok", "version": self.backend.version,
+        return {"status": "ok", "version": self.backend.version, "replica": self.metrics.replica,
                 "pinned": self.options.version is not None, "swaps": self.swaps[-20:]}
 
     @api.get("/v1/models")
