@@ -122,6 +122,7 @@ def missing_packages_message(command: str, missing: list[str]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from trainer import retract
     from trainer.config import load_config, resolve_paths
     from trainer.coordinator import run_training
 
@@ -131,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
         config = resolve_paths(load_config(args.config, overrides=args.set))
     if args.serve:
         return _run_and_serve(config, args)
-    latest = run_training(config)
+    latest = retract.train(config, resume=False, run=run_training)
     print(f"done: newest version {latest}")
     return 0
 
@@ -143,6 +144,7 @@ def _run_and_serve(config, args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.connect import connect
+    from trainer import retract
     from trainer.coordinator import run_training
     from workers.storage import is_uri
 
@@ -158,7 +160,7 @@ def _run_and_serve(config, args: argparse.Namespace) -> int:
                       include_dashboard=config.cluster.include_dashboard)
     try:
         server.start()
-        latest = run_training(config)
+        latest = retract.train(config, resume=False, run=run_training)
         print(f"done: newest version {latest}")
         server.serve_on()
     finally:
@@ -183,7 +185,15 @@ def _lineage(args: argparse.Namespace) -> int:
 def _retract(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.coordinator import run_training
-    from trainer.retract import carry_out, estimate, plan, unfinished
+    from trainer.retract import (
+        carry_out,
+        estimate,
+        is_running,
+        plan,
+        request,
+        unfinished,
+        wait_done,
+    )
     from workers.storage import is_uri
 
     if is_uri(args.run_dir):
@@ -191,6 +201,10 @@ def _retract(args: argparse.Namespace) -> int:
                          "not supported yet")
     run_dir = Path(args.run_dir)
     record = unfinished(run_dir)
+    if record is not None and is_running(run_dir):  # the running run carries it out
+        print(f"retraction {record.id} is being carried out by the running run; waiting")
+        wait_done(run_dir, record.id)
+        return 0
     if record is not None:
         print(f"continuing retraction {record.id} ({record.status}): "
               f"{record.file or 'site ' + str(record.site)}")
@@ -208,6 +222,13 @@ def _retract(args: argparse.Namespace) -> int:
             print("nothing changed (confirm with --yes)", file=sys.stderr)
             return 1
         record = planned.record
+        if is_running(run_dir):
+            request(run_dir, record)
+            print(f"the run is going: it pauses after its round in progress, retracts "
+                  f"({record.id}) and continues; waiting", flush=True)
+            record = wait_done(run_dir, record.id)
+            print(f"retraction {record.id} done: the new line is {', '.join(record.new_line)}")
+            return 0
     latest = carry_out(run_dir, record, run=run_training)
     print(f"retraction {record.id} done: versions/latest is {latest.resolve().name}; "
           f"replaced versions are in versions/retracted/{record.id}")
@@ -228,6 +249,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
+    from trainer import retract
     from trainer.config import load_config, resolve_paths
     from trainer.coordinator import run_training
 
@@ -242,7 +264,7 @@ def _resume(args: argparse.Namespace) -> int:
     else:
         config = resolve_paths(load_config(Path(args.run_dir) / "config.yaml",
                                            overrides=overrides))
-    latest = run_training(config, resume=True)
+    latest = retract.train(config, resume=True, run=run_training)
     print(f"done: newest version {latest}")
     return 0
 

@@ -17,7 +17,7 @@ import ray
 from tqdm import tqdm
 
 from cluster.connect import connect
-from trainer import checkpoint
+from trainer import checkpoint, retract
 from trainer.asynchronous import AsyncLoop
 from trainer.config import Config, credential_keys, dump_config
 from trainer.control import after_gate, budget_step, steered_ratio
@@ -126,12 +126,14 @@ class Coordinator:
         self.startup["workers"] = time.perf_counter() - clock
         self._write_timing()
         try:
-            with StopSignal() as stop:
+            with StopSignal() as stop, retract.Pausing(self.run_dir, stop):
                 if self.config.merge.mode == "async":
                     AsyncLoop(self).run(stop)
                 else:
                     self._loop(stop)
-                if stop.requested:
+                if stop.requested and stop.requested.startswith("retraction"):
+                    print(f"Paused after round {self.state.round} for a {stop.requested}.")
+                elif stop.requested:
                     print(f"Stopped by {stop.requested} after round {self.state.round}; "
                           f"`tributary resume {self._user_run_dir()}` carries on.")
         finally:  # a version being written in the background is finished, never abandoned

@@ -18,17 +18,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from trainer import checkpoint
 from trainer.config import Config, dump_config, load_config
 from trainer.lineage import Query, lineage
 
+log = logging.getLogger(__name__)
 RETRACTIONS = "retractions"
+RUNNING = "coordinator.json"  # RUN_DIR/coordinator.json: the process training the run now
 RETRACTED = "retracted"  # versions/retracted/rNNNN/: the replaced versions' manifests
 
 
@@ -42,7 +48,8 @@ class Record:
     restart_from: str  # the last version before the data: the new line builds on it
     replaced: list[str]  # versions the data touched or that came after them
     rounds: int  # the rounds the run had made, made again
-    status: str = "running"  # running → swapping → done
+    # requested (a running run pauses for it) → running → swapping → done
+    status: str = "running"
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     finished: str | None = None
     new_line: list[str] = field(default_factory=list)
@@ -127,6 +134,12 @@ def staging(run_dir: Path, record: Record) -> Path:
 def carry_out(run_dir: Path, record: Record, *, run) -> Path:
     """Build (or continue) the new line in staging, then swap it in. `run(config, resume,
     exclude)` trains: run_training, passed in so tests and the CLI share this path."""
+    if record.status == "requested":  # the run went on until it paused: count all of it
+        last = checkpoint.version_number(Path(record.restart_from))
+        manifests = checkpoint.all_manifests(run_dir, include_rejected=True)
+        record.replaced = [m["name"] for m in manifests if m["version"] > last]
+        record.rounds = max(m["round"] for m in manifests)
+        record.status = "running"
     record.save(run_dir)
     stage = staging(run_dir, record)
     config = _staging_config(run_dir, record, stage)
@@ -252,3 +265,82 @@ def estimate(plan: Plan) -> str:
     return (f"retracting {what}: the run restarts after {record.restart_from} and makes "
             f"{len(record.replaced)} version(s) again ({', '.join(record.replaced)}), up to "
             f"round {record.rounds}: about {plan.tokens:,} tokens of training")
+
+
+# ---------------------------------------------------------------- a run that is going
+
+
+class Pausing:
+    """While a coordinator runs: RUN_DIR/coordinator.json says so, and a retraction requested
+    meanwhile (`request`) makes the run stop after the round in progress; `train` then
+    retracts and continues."""
+
+    def __init__(self, run_dir: Path, stop, *, poll_s: float = 1.0) -> None:
+        self.run_dir, self.stop, self.poll_s = run_dir, stop, poll_s
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="retractions", daemon=True)
+
+    def __enter__(self) -> Self:
+        checkpoint.write_json(self.run_dir / RUNNING, {"pid": os.getpid(),
+                                                       "host": socket.gethostname()})
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        (self.run_dir / RUNNING).unlink(missing_ok=True)
+
+    def _watch(self) -> None:
+        while not self.done.wait(self.poll_s):
+            record = unfinished(self.run_dir)
+            if record is not None and record.status == "requested":
+                self.stop.ask(f"retraction {record.id}")
+                return
+
+
+def is_running(run_dir: Path) -> bool:
+    """Is a coordinator training this run now (on this machine: its process is alive)?"""
+    path = run_dir / RUNNING
+    if not path.is_file():
+        return False
+    running = json.loads(path.read_text())
+    if running.get("host") != socket.gethostname():
+        return True  # another machine's process: it removes the file when it ends
+    try:
+        os.kill(running["pid"], 0)
+    except ProcessLookupError:
+        return False  # it died without removing the file (SIGKILL)
+    return True
+
+
+def request(run_dir: Path, record: Record) -> None:
+    """Ask the run that is going to pause at its next round boundary and retract."""
+    record.status = "requested"
+    record.save(run_dir)
+
+
+def wait_done(run_dir: Path, record_id: str, *, poll_s: float = 2.0) -> Record:
+    path = run_dir / RETRACTIONS / f"{record_id}.json"
+    while True:
+        record = Record(**json.loads(path.read_text()))
+        if record.status == "done":
+            return record
+        time.sleep(poll_s)
+
+
+def train(config: Config, *, resume: bool, run) -> Path:
+    """`run(config, resume=…)` (run_training), and whenever it paused for a requested
+    retraction: carry the retraction out, then go on with the run where it was going."""
+    latest = run(config, resume=resume)
+    run_dir = Path(config.run.dir)
+    while (record := unfinished(run_dir)) is not None:
+        log.info("retraction %s: restarting from %s without %s", record.id,
+                 record.restart_from, record.file or f"site {record.site}")
+        carry_out(run_dir, record, run=run)
+        if not record.file:  # a retracted site is gone from the run
+            config = dataclasses.replace(config, sites=[s for s in config.sites
+                                                        if s.name != record.site])
+        latest = run(config, resume=True)
+    return latest
+

@@ -39,6 +39,13 @@ class StopSignal:
         self.event.set()
         log.warning("%s: finishing the round in progress, then stopping", self.requested)
 
+    def ask(self, reason: str) -> None:
+        """Stop after the round in progress, for `reason` (a retraction asked for a pause)."""
+        if not self.requested:
+            self.requested = reason
+            self.event.set()
+            log.warning("%s: finishing the round in progress, then pausing", reason)
+
     def wait(self, seconds: float) -> None:
         """Sleep, but wake at once when a stop is requested."""
         self.event.wait(seconds)

@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import tiny_config
+from trainer import retract as retract_module
 from trainer.checkpoint import all_manifests, latest_version
 from trainer.config import load_config
 from trainer.coordinator import run_training
@@ -139,3 +142,26 @@ def test_a_retraction_killed_midway_continues_to_the_same_end(runs, notes_site):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "continuing retraction r0001" in again.stdout
     assert_same_weights(run_dir, runs["fresh"])
+
+
+def test_a_running_run_pauses_retracts_and_continues(runs, demo_root, notes_site, capsys):
+    run_dir = runs["root"] / "live" / "run"
+    config = tiny_config(demo_root, notes_site, run_dir, rounds=ROUNDS)
+    result = {}
+    live = threading.Thread(target=lambda: result.update(
+        latest=retract_module.train(config, resume=False, run=run_training)))
+    live.start()
+    while not (run_dir / "versions" / "v0002").exists() and live.is_alive():
+        time.sleep(0.2)
+    assert retract_module.is_running(run_dir)
+    planned = plan(run_dir, load_config(run_dir / "config.yaml", check_files=False),
+                   file=str(notes_site / "part-1.jsonl"), site=None, reason="while running")
+    retract_module.request(run_dir, planned.record)
+    live.join(timeout=900)
+
+    assert "latest" in result, "the run raised; see the log above"
+    record = json.loads((run_dir / "retractions" / f"{planned.record.id}.json").read_text())
+    assert record["status"] == "done" and record["reason"] == "while running"
+    assert "Paused after round" in capsys.readouterr().out  # it did pause, mid-run
+    assert_same_weights(run_dir, runs["fresh"])  # paused, retracted, continued to the end
+    assert not retract_module.is_running(run_dir)
