@@ -19,9 +19,21 @@ ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: the sockets are held open together while the OS picks, so
+    two calls in a row cannot hand out the same port (it happened: the metrics agent and the
+    dashboard got one port, and the test cluster did not start)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def tiny_config(demo_root: Path, notes: Path, run_dir: Path, **overrides) -> Config:

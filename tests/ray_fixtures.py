@@ -13,16 +13,16 @@ import ray
 import requests
 
 from cluster.connect import NAMESPACE
-from tests.helpers import free_port, tiny_config
+from tests.helpers import free_ports, tiny_config
 from trainer.coordinator import run_training
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    metrics_port = free_port()
+    metrics_port, dashboard_port = free_ports(2)
     # "local": a cluster of its own, even while a `ray start` cluster runs on this machine.
     ray.init(address="local", namespace=NAMESPACE, num_cpus=2, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=free_port(),
+             dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              _metrics_export_port=metrics_port,
              # Export metrics every second (Ray's default is 10 s): a short test run is over
              # before a first 10 s export, and the tests check what is served while it runs.

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cluster.auth import auth_headers
-from tests.helpers import free_port, tiny_config
+from tests.helpers import free_ports, tiny_config
 from trainer.checkpoint import all_manifests
 from trainer.cli import main as cli
 from trainer.metrics import read_metrics
@@ -43,7 +43,7 @@ def start_node(args: list[str], env: dict, log: Path) -> Node:
     (and not the other Ray clusters on the machine, as `ray stop` would)."""
     ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--metrics-export-port", "--runtime-env-agent-port"]
-    port_args = [a for p in ports for a in (p, str(free_port()))]
+    port_args = [a for p, n in zip(ports, free_ports(len(ports))) for a in (p, str(n))]
     with open(log, "w") as out:
         process = subprocess.Popen([RAY, "start", "--block", "--num-cpus", "2",
                                     "--object-store-memory", str(300 * 2**20), *port_args,
@@ -93,7 +93,7 @@ CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start --hea
 def two_node_cluster(tmp_path_factory):
     env = dict(os.environ, RAY_AUTH_MODE="token",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard = free_ports(2)
     previous = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.is_file() else None
     logs = tmp_path_factory.mktemp("ray-start-logs")
     head = start_node(["--head", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
