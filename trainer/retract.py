@@ -156,11 +156,19 @@ def carry_out(run_dir: Path, record: Record, *, run) -> Path:
 
 
 def _staging_config(run_dir: Path, record: Record, stage: Path) -> Config:
-    """The run's config, in staging, for the rounds it had made; a retracted site is gone."""
-    config = load_config(run_dir / "config.yaml", check_files=False)
-    sites = config.sites if record.file else [s for s in config.sites if s.name != record.site]
+    """The run's config, in staging, for the rounds it had made, a retracted site gone, and
+    no site watched: where the data without the withdrawn file runs out before those rounds,
+    the new line ends there instead of waiting for more (the run itself goes on watching)."""
+    config = _without_site(load_config(run_dir / "config.yaml", check_files=False), record)
+    sites = [dataclasses.replace(s, watch=False) for s in config.sites]
     return dataclasses.replace(config, rounds=record.rounds, sites=sites,
                                run=dataclasses.replace(config.run, dir=str(stage)))
+
+
+def _without_site(config: Config, record: Record) -> Config:
+    if record.file:
+        return config
+    return dataclasses.replace(config, sites=[s for s in config.sites if s.name != record.site])
 
 
 def _site_of(run_dir: Path, record: Record) -> str:
@@ -213,12 +221,9 @@ def _swap(run_dir: Path, record: Record, stage: Path) -> None:
             os.replace(stage / name, run_dir / name)
     if (stage / "metrics.jsonl").exists():
         os.replace(stage / "metrics.jsonl", run_dir / "metrics.jsonl")
-    if (stage / "config.yaml").exists():  # the staging run's (a retracted site is gone) ...
-        config = load_config(stage / "config.yaml", check_files=False)
-        before = load_config(run_dir / "config.yaml", check_files=False)
-        dump_config(dataclasses.replace(  # ... with the run's own folder and round count
-            config, rounds=before.rounds, run=dataclasses.replace(config.run, dir=str(run_dir))),
-            run_dir / "config.yaml")
+    if (stage / "config.yaml").exists():  # the run's own config, a retracted site gone
+        config = load_config(run_dir / "config.yaml", check_files=False)
+        dump_config(_without_site(config, record), run_dir / "config.yaml")
         (stage / "config.yaml").unlink()
     newest = max(checkpoint.all_manifests(run_dir), key=lambda m: m["version"])
     checkpoint.point_latest(run_dir, newest["name"])
@@ -338,9 +343,6 @@ def train(config: Config, *, resume: bool, run) -> Path:
         log.info("retraction %s: restarting from %s without %s", record.id,
                  record.restart_from, record.file or f"site {record.site}")
         carry_out(run_dir, record, run=run)
-        if not record.file:  # a retracted site is gone from the run
-            config = dataclasses.replace(config, sites=[s for s in config.sites
-                                                        if s.name != record.site])
-        latest = run(config, resume=True)
+        latest = run(_without_site(config, record), resume=True)
     return latest
 
