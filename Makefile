@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_DATA ?= data/demo
 CONFIG ?= configs/local.yaml
 
-.PHONY: install demo-data run test test-unit test-integration clean
+.PHONY: install demo-data run run-serve test test-unit test-integration clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo-data: install
 
 run: demo-data
 	$(VENV)/bin/tributary run $(CONFIG)
+
+# The demo, served while it trains (OpenAI-compatible API on http://127.0.0.1:8000/v1).
+run-serve: demo-data
+	$(VENV)/bin/tributary run $(CONFIG) --serve
 
 test: install
 	$(PY) -m pytest -q
