@@ -104,15 +104,21 @@ def prune_versions(run_dir: Path, *, keep: int) -> list[Path]:
         versions = sorted((p for p in folder.glob("v[0-9]*") if p.is_dir()
                            and any(p.glob("*.safetensors"))), key=version_number)
         for old in [v for v in versions[:-keep] if v.resolve() != latest]:
-            files = [f for f in old.iterdir() if f.name != "manifest.json"]
-            for item in files:
-                if item.is_dir():
-                    shutil.rmtree(item)
-                else:
-                    item.unlink()
-            if files:
+            if drop_weights(old):
                 pruned.append(old)
     return pruned
+
+
+def drop_weights(folder: Path) -> bool:
+    """Delete everything of a version folder but its manifest (the lineage stays); True if
+    anything was there to delete."""
+    files = [f for f in folder.iterdir() if f.name != "manifest.json"]
+    for item in files:
+        if item.is_dir():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+    return bool(files)
 
 
 def supersede(run_dir: Path, *, after: int) -> list[Path]:

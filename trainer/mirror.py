@@ -48,8 +48,12 @@ def staging_dir(uri: str) -> Path:
     """The local working copy of a URI run: one folder per URI, named like the run (so the
     `run` tag of metrics is the same)."""
     root = Path(os.environ.get(STAGING_ENV, "~/.cache/tributary/staging")).expanduser()
-    digest = hashlib.sha256(redact(uri).encode()).hexdigest()[:12]
-    return root / digest / base_name(uri.rstrip("/"))
+    return root / uri_key(uri) / base_name(uri.rstrip("/"))
+
+
+def uri_key(uri: str) -> str:
+    """A short folder name for a URI's local copies (credentials left out)."""
+    return hashlib.sha256(redact(uri).encode()).hexdigest()[:12]
 
 
 class Mirror:

@@ -247,9 +247,7 @@ def _set_aside(folder: Path, target: Path, *, keep_weights: bool) -> None:
         shutil.rmtree(target)
     os.replace(folder, target)
     if not keep_weights:
-        for item in target.iterdir():
-            if item.name != "manifest.json":
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        checkpoint.drop_weights(target)
 
 
 def _link_tree(source: Path, target: Path) -> None:

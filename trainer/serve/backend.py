@@ -73,7 +73,9 @@ class TransformersBackend:
         # two reads can never pair one version's weights with another's name.
         self.current: tuple[torch.nn.Module, str] | None = None
         self.swap(self.prepare(first, version=version))
+        # The same for every version of a run: worked out once, not per request.
         self.context_tokens = int(getattr(self._base_config(), "max_position_embeddings", 2048))
+        self.eos, self.cache_arg = self._eos(), self._cache_arg()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -120,8 +122,8 @@ class TransformersBackend:
         (the cores are shared anyway), and a LoRA swap waits for it to end."""
         with self.lock:
             model, version = self.current
-            yield Session(version=version, model=model, eos=self._eos(),
-                          device=self.device, cache_arg=self._cache_arg())
+            yield Session(version=version, model=model, eos=self.eos, device=self.device,
+                          cache_arg=self.cache_arg)
 
     def _eos(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id, getattr(self._base_config(), "eos_token_id", None)}

@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 
 from trainer import checkpoint
-from trainer.mirror import LATEST_FILE
+from trainer.mirror import LATEST_FILE, uri_key
+from trainer.model_source import cache_dir
 from workers.storage import fetch_published, is_uri, join, read_text, redact
 
 VERSION_NAME = re.compile(r"v\d{4,}")
@@ -31,8 +32,7 @@ class VersionSource:
     def __init__(self, run_dir: str | Path, *, cache: Path | None = None) -> None:
         self.location = str(run_dir)
         self.remote = is_uri(self.location)
-        self.cache = cache or Path(os.environ.get("TRIBUTARY_CACHE", "~/.cache/tributary")
-                                   ).expanduser() / "serve"
+        self.cache = cache or cache_dir() / "serve"
 
     @property
     def run_name(self) -> str:
@@ -63,7 +63,7 @@ class VersionSource:
         if not VERSION_NAME.fullmatch(name):
             raise VersionError(f"{name!r} is not a version name (expected e.g. v0003)")
         if self.remote:
-            local = self.cache / _digest(self.location) / name
+            local = self.cache / uri_key(self.location) / name
             if not (local / "manifest.json").is_file():
                 self._download(name, local)
         else:
@@ -104,8 +104,3 @@ def _read(path: Path) -> str | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
 
-
-def _digest(location: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(redact(location).encode()).hexdigest()[:12]
