@@ -38,7 +38,10 @@ def test_workers_hold_the_published_weights_bit_for_bit(ray_cluster, demo_root, 
         published[weights_digest({n: saved[n].numpy() for n in names})] = folder_.name
     full_bytes = max(r["bytes"] for rs in records.values() for r in rs)
     for site, received in records.items():
-        assert len(received) >= 3, site
+        # Sync: every site trains every round, so notes' replaced worker trains round 3. Async:
+        # the other site may publish the last version while the replacement is still starting
+        # (it then never gets a task), so notes holds at least its first task and the failed one.
+        assert len(received) >= (3 if mode == "sync" or site != "notes" else 2), site
         for index, record in enumerate(received):
             # Bit for bit the weights of a published version: in sync, the round's parent.
             assert record["digest"] in published, (site, record["task"])
