@@ -324,10 +324,8 @@ class Coordinator:
         if accepted:
             self.saving += self.fleet.commit([u.worker_id for u in result.updates],
                                              round_index=round_index)
-            for update in result.updates:
-                if update.sequences.num_rows:  # none with replay.scope: site
-                    ray.get(self.replay.add.remote(update.worker_id, update.sequences,
-                                                   round_index=round_index))
+            ray.get([self.replay.add.remote(u.worker_id, u.sequences, round_index=round_index)
+                     for u in result.updates if u.sequences.num_rows])  # none: scope site
 
     def _publish(self, result: RoundResult, evals: dict | None, *, gate: list[str],
                  consumed: bool, timing: Timing) -> None:

@@ -274,18 +274,17 @@ class SiteFleet:
         """Accepted workers take a copy of their state to persist, and write it while their
         next round trains. Returns the refs that resolve once each is on disk: the version
         is written only then, so a crash in between resumes from the previous version with
-        that version's state."""
-        saving, durable = {}, []
+        that version's state. Nothing here waits: each rank's `durable` takes its `commit`
+        as an argument, so Ray runs it only after the copy is taken (a commit that failed
+        fails its `durable`, reported where the version waits), and the worker's next task
+        queues behind its commit."""
+        durable = []
         for site in sites:
             try:
-                saving[site] = self.actors[site].call("commit", round_index=round_index)
+                workers = self.actors[site]
+                durable += workers.chain("durable", after=workers.call(
+                    "commit", round_index=round_index), round_index=round_index)
             except Exception as exc:  # noqa: BLE001 - its workers are gone
-                self._state_lost(site, exc)
-        for site, refs in saving.items():
-            try:
-                ray.get(refs)  # the copy is taken: `durable` (another thread) may now wait
-                durable += self.actors[site].call("durable", round_index=round_index)
-            except Exception as exc:  # noqa: BLE001 - merged already; only its state is lost
                 self._state_lost(site, exc)
         return durable
 

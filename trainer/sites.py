@@ -45,6 +45,12 @@ class SiteWorkers:
         """Start `method` on every rank; returns their refs, rank 0 first."""
         return [getattr(actor, method).remote(**kwargs) for actor in self.actors]
 
+    def chain(self, method: str, *, after: list, **kwargs) -> list:
+        """Start `method` on every rank once that rank's ref in `after` is ready (Ray
+        resolves an argument ref before the call runs, and fails the call if it failed)."""
+        return [getattr(actor, method).remote(ref, **kwargs)
+                for actor, ref in zip(self.actors, after, strict=True)]
+
     def kill(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)

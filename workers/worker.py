@@ -73,6 +73,8 @@ class Worker:
         self.reader = RowReader(site=site, tokenizer=tokenizer, seq_len=train.worker.seq_len,
                                 max_row_chars=train.worker.max_row_chars,
                                 stratum=lambda file: train.replay.stratum(site.name, file))
+        # pyarrow imports pandas on its first table (0.1-0.2 s): paid here, not in round 1
+        empty_sequences()
         self.states = StateStore(state_dir, uri=state_uri, keep=train.keep_states)
         self.state_writer = StateWriter(self.states)
         engine_started = time.perf_counter()
@@ -268,9 +270,10 @@ class Worker:
         self.committed_round, self.dirty, self.pending = round_index, False, None
 
     @ray.method(concurrency_group="io")
-    def durable(self, *, round_index: int) -> None:
+    def durable(self, _committed: None = None, *, round_index: int) -> None:
         """Returns once the state committed for `round_index` is on disk (the coordinator
-        writes that round's version only then)."""
+        writes that round's version only then). `_committed`: the ref of that `commit`,
+        passed so that Ray starts this only once the commit has run."""
         self.state_writer.durable(round_index)
 
     def restore(self, *, round_index: int) -> int:

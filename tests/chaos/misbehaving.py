@@ -56,6 +56,20 @@ def failing_worker(*, site: str) -> type:
     return FailingWorker
 
 
+def unsaved_worker(*, site: str, round_index: int) -> type:
+    """A Worker class whose `site` cannot commit its state of `round_index` (a full disk):
+    the commit raises after the update was merged."""
+
+    class UnsavedWorker(Worker):
+        def commit(self, *, round_index: int) -> None:
+            if self.site.name == site and round_index == unsaved_round:
+                raise OSError(28, "No space left on device (injected)")
+            super().commit(round_index=round_index)
+
+    unsaved_round = round_index
+    return UnsavedWorker
+
+
 def noisy_worker(*, round_index: int | None, scale: float) -> type:
     """A Worker class whose every site adds Gaussian noise (std `scale`) to its delta in
     `round_index` (None: every round): finite, of similar norm across sites, and harmful to

@@ -3,6 +3,7 @@ Real Ray, real DeepSpeed on CPU, the tiny model on real text."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -186,3 +187,22 @@ def test_site_that_stays_down_is_reported_and_left_out(
     assert manifests[2]["down"] == ["notes"] and manifests[-1]["down"] == ["notes"]
     assert all("notes" not in m["increments"] for m in manifests)
     assert_rows_exactly_once(run_dir, "speeches", text_column="text")
+
+
+def test_a_state_that_cannot_be_saved_is_reported_and_the_run_goes_on(
+        ray_cluster, demo_root, notes_site, tmp_path, caplog):
+    """The coordinator does not wait for workers' commits (each `durable` waits for its own):
+    a commit that fails is reported when the version waits for it, the merged update stays
+    merged, and the site trains its next round from its previous saved state."""
+    run_dir = tmp_path / "run"
+    worker = misbehaving.unsaved_worker(site="notes", round_index=2)
+    with caplog.at_level(logging.WARNING, logger="trainer.versions"):
+        run_training(tiny_config(demo_root, notes_site, run_dir, rounds=3), worker_cls=worker)
+    manifests = all_manifests(run_dir)
+    assert [m["round"] for m in manifests] == [0, 1, 2, 3]
+    assert all("notes" in m["increments"] and not m["failures"] for m in manifests[1:])
+    [warning] = [r.getMessage() for r in caplog.records if "was not saved" in r.getMessage()]
+    assert "v0002" in warning and "No space left on device" in warning
+    saved = sorted(p.name for p in (run_dir / "sites" / "notes" / "state").glob("round-*"))
+    assert saved == ["round-0001", "round-0003"]
+    assert_rows_exactly_once(run_dir, "notes", text_column="body")
