@@ -90,6 +90,7 @@ class Worker:
         # round that is then not accepted, the in-memory state is rolled back.
         self.committed_round, self.dirty = 0, False
         self.pending: pa.Table | None = None  # this round's sequences, kept until commit
+        self.snapshot: dict | None = None  # the optimizer state's copy the last commit wrote
         # Error feedback: what compression has not yet delivered (committed / this round's).
         self.residual: dict[str, np.ndarray] | None = None
         self.pending_residual: dict[str, np.ndarray] | None = None
@@ -254,8 +255,9 @@ class Worker:
         # Copied now, written on a thread while the next round trains (`durable` says when it
         # is on disk). A site-local replay store goes with it and changes every round: that
         # state is written now.
-        optimizer, generators, residual = (ds.optimizer_snapshot(self.engine.optimizer),
-                                           rng.capture(), self.residual)
+        self.state_writer.wait()  # the last snapshot is written: its memory is free again
+        optimizer = ds.optimizer_snapshot(self.engine.optimizer, into=self.snapshot)
+        self.snapshot, generators, residual = optimizer[0], rng.capture(), self.residual
 
         def write(folder: Path) -> None:
             ds.write_optimizer_snapshot(optimizer, folder)
