@@ -101,9 +101,10 @@ def startup_table(run_dir: Path) -> str:
     engines = [w["engine"] for w in s["worker_init"].values()]
     rows = [["Ray start", f"{s['ray']:.2f}"],
             ["coordinator: tokenizer, model, eval sets, replay store", f"{s['coordinator']:.2f}"],
-            ["version 0 (evaluated, written)", f"{s['first_version']:.2f}"],
             ["workers started (actors, DeepSpeed)", f"{s['workers']:.2f}"],
             ["of it: a worker's DeepSpeed engine (max)", f"{max(engines):.2f}"],
+            ["beside it: version 0 evaluated and written", f"{s['first_version']:.2f}"],
+            ["then the wait for version 0", f"{s['first_version_wait']:.2f}"],
             ["after the last round: its version's evaluation and write",
              f"{timing['finish']['last_version']:.2f}"]]
     return markdown(["outside the rounds", "seconds"], rows)

@@ -118,12 +118,16 @@ class Coordinator:
     def run(self) -> Path:
         print(self.table.header())
         clock = time.perf_counter()
-        if not self.resume:
+        if not self.resume:  # evaluated and written while the workers start (run.overlap)
             self.writer.write(0, state=self.state, result=RoundResult([], {}, []),
-                              evaluate=self._evaluate)
-        self.startup["first_version"], clock = time.perf_counter() - clock, time.perf_counter()
-        self._start_fleet()
-        self.startup["workers"] = time.perf_counter() - clock
+                              evaluate=self._evaluate, background=self.config.run.overlap)
+        try:
+            self._start_fleet()
+        finally:  # version 0 is there before round 1, or before a failed start is reported
+            self.startup["workers"], clock = time.perf_counter() - clock, time.perf_counter()
+            self.writer.wait()
+        self.startup["first_version_wait"] = time.perf_counter() - clock
+        self.startup["first_version"] = self.writer.seconds if not self.resume else 0.0
         self._write_timing()
         try:
             with StopSignal() as stop, retract.Pausing(self.run_dir, stop):
@@ -391,9 +395,10 @@ class Coordinator:
 
     def _write_timing(self, *, finish: float | None = None) -> None:
         """RUN_DIR/timing.json: where the time before the first round went (Ray, the
-        coordinator's model and data, version 0, the workers with each one's DeepSpeed
-        engine) and, at the end, the wait for the last version's background evaluation and
-        write; for `benchmarks/round_overhead.py` and for anyone whose start is slow."""
+        coordinator's model and data, the workers with each one's DeepSpeed engine, version 0
+        written beside them and any wait for it past them) and, at the end, the wait for the
+        last version's background evaluation and write; for `benchmarks/round_overhead.py`
+        and for anyone whose start is slow."""
         workers = {site: p.get("init_seconds", {}) for site, p in self.fleet.placement.items()}
         timing = {"startup": {**{k: round(v, 3) for k, v in self.startup.items()},
                               "worker_init": workers}}

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import logging
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class VersionWriter:
         self.metrics = MetricsLog(run_dir)
         self.history = history  # eval results of the accepted versions, oldest first
         self.pending: Background | None = None
+        self.seconds = 0.0  # how long the last version took to evaluate and write
 
     @classmethod
     def for_run(cls, config: Config, *, model: torch.nn.Module, tokenizer, replay,
@@ -83,6 +85,7 @@ class VersionWriter:
         outer = {k: v.clone() for k, v in (outer_state or {}).items()}
 
         def write() -> None:
+            started = time.perf_counter()
             evals = evaluate()
             if replay_saved is not None:
                 ray.get(replay_saved)
@@ -110,6 +113,7 @@ class VersionWriter:
                 self.mirror.publish(number, rejected=bool(gate), replay_dir=replay_dir)
                 self.mirror.prune()
             print(self.table.row(record.to_dict()))
+            self.seconds = time.perf_counter() - started
 
         self.wait()
         if background:

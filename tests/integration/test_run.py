@@ -51,7 +51,8 @@ def test_versions_manifests_and_metrics_are_written(two_rounds):
     assert records[-1]["load_seconds"]["notes"] > 0 and records[-1]["read_seconds"]["notes"] > 0
     timing = json.loads((run_dir / "timing.json").read_text())
     assert set(timing["startup"]) == {"ray", "coordinator", "first_version", "workers",
-                                      "worker_init"}
+                                      "first_version_wait", "worker_init"}
+    assert timing["startup"]["first_version"] > 0  # evaluated and written beside the workers
     assert timing["startup"]["worker_init"]["notes"]["engine"] > 0
     assert timing["finish"]["last_version"] >= 0
     # The recorded perplexity is the real one: recomputed from the saved v0002 on the run's
