@@ -127,7 +127,7 @@ class Coordinator:
             self.startup["workers"], clock = time.perf_counter() - clock, time.perf_counter()
             self.writer.wait()
         self.startup["first_version_wait"] = time.perf_counter() - clock
-        self.startup["first_version"] = self.writer.seconds if not self.resume else 0.0
+        self.startup["first_version"] = self.writer.seconds  # 0.0 on resume: none written
         self._write_timing()
         try:
             with StopSignal() as stop, retract.Pausing(self.run_dir, stop):
