@@ -1,6 +1,6 @@
 """merge.mode async against sync: the same sites, data and token budget, sites of different speed.
 
-    python benchmarks/async_vs_sync.py            # 3 pairs per scenario, ~25 min
+    python benchmarks/async_vs_sync.py            # 5 pairs per scenario, ~1 hour
     python benchmarks/async_vs_sync.py --quick    # 1 pair, half the data: a smoke test
 
 Two sites on this machine's two cores, one worker (one core) each, the same number of new
@@ -25,7 +25,7 @@ start-up to the last version), new tokens per second over that time, the final h
 perplexity per eval set, forgetting (a set's final perplexity over its best at any version,
 minus 1, averaged over the sets), and per pair the ratios sync/async (time) and async/sync
 (perplexity). Runs alternate sync, async within a pair; pair k uses seed k (model
-initialisation, sampling); medians over the pairs.
+initialisation, sampling); medians, min and max over the pairs.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def pid_reporting(folder: Path) -> type:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 pair, half the data")
-    parser.add_argument("--pairs", type=int, help="sync/async pairs per scenario (default 3)")
+    parser.add_argument("--pairs", type=int, help="sync/async pairs per scenario (default 5)")
     parser.add_argument("--updates", type=int,
                         help="the slow site's updates; every site gets as many tokens "
                              "(default 4, quick 2)")
@@ -92,7 +92,7 @@ def main() -> None:
                              "evaluate the last version)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-async"))
     args = parser.parse_args()
-    pairs = args.pairs or (1 if args.quick else 3)
+    pairs = args.pairs or (1 if args.quick else 5)
     updates = args.updates or (2 if args.quick else 4)
     out = Path(args.out)
     demo = REPO / "data" / "demo"
@@ -222,6 +222,7 @@ def summarize(records: list[dict], *, wall: float) -> dict:
 def report(results: dict[str, list[dict]], *, scenarios: list[str], eval_every: int) -> str:
     lines = [(f"sync evaluates and writes every round; async every {eval_every}th version "
               "and the last"), ""]
+    ratios = []  # the closing ratio line: one entry per scenario, medians over the pairs
     for scenario in scenarios:
         sync, asyn = results[f"{scenario}/sync"], results[f"{scenario}/async"]
         sets = list(sync[0]["perplexity"])
@@ -233,12 +234,19 @@ def report(results: dict[str, list[dict]], *, scenarios: list[str], eval_every: 
                 for mode, runs in (("sync", sync), ("async", asyn))]
         speedup = [s["wall_s"] / a["wall_s"] for s, a in zip(sync, asyn, strict=True)]
         quality = [a["mean_ppl"] / s["mean_ppl"] for s, a in zip(sync, asyn, strict=True)]
+        difference = [a["mean_ppl"] - s["mean_ppl"] for s, a in zip(sync, asyn, strict=True)]
         tokens = {r["new_tokens"] for r in sync + asyn}
+        ratio = _spread(quality, digits=3)
         lines += [f"### {scenario} ({len(sync)} pairs; medians)", "", markdown(header, rows), "",
                   f"- wall time sync / async: {_spread(speedup)}",
-                  f"- mean perplexity async / sync: {_spread(quality, digits=3)}",
+                  f"- mean perplexity async / sync: {ratio}; mean ± sd "
+                  + _mean_sd(quality, digits=3),
+                  "- mean perplexity async − sync, paired: mean ± sd "
+                  + _mean_sd(difference, digits=1, sign="+"),
                   f"- new tokens trained per run: {sorted(tokens)}", ""]
-    return "\n".join(lines)
+        ratios.append(f"{scenario}: sync / async wall time {_spread(speedup)}, mean perplexity "
+                      f"async / sync {ratio}")
+    return "\n".join([*lines, "ratio: " + "; ".join(ratios)])
 
 
 def _med(runs: list[dict], key: str, digits: int) -> str:
@@ -247,6 +255,12 @@ def _med(runs: list[dict], key: str, digits: int) -> str:
 
 def _fmt(value: float, digits: int) -> str:
     return f"{value:.{digits}f}"
+
+
+def _mean_sd(values: list[float], *, digits: int, sign: str = "") -> str:
+    """mean ± sample sd over the seeds (sd 0 with a single pair); sign "+" for differences."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):{sign}.{digits}f} ± {sd:.{digits}f}"
 
 
 def _spread(values: list[float], *, digits: int = 2) -> str:
