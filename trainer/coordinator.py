@@ -157,6 +157,8 @@ class Coordinator:
                 stop.wait(self.config.run.poll_s)
                 continue
             outcome = self.run_round(self.state.round + 1)
+            if outcome == "idle" and not self.state.active(self.config.sites):
+                continue  # that round found every site out of rows: stop now, not a poll later
             if outcome in ("idle", "unavailable"):  # nothing new, or storage down: look later
                 self._say_waiting(outcome)
                 stop.wait(self.config.run.poll_s)

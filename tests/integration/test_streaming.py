@@ -1,9 +1,11 @@
 """A watched site: increments pushed while the run goes are trained in later rounds, in order,
 each row exactly once; `rounds: null` runs until SIGTERM, which finishes the round and exits
-cleanly; `resume` carries on with what arrived meanwhile."""
+cleanly; `resume` carries on with what arrived meanwhile. On folders nobody watches it stops
+once their rows are trained."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -18,6 +20,7 @@ import ray
 from tests.helpers import assert_rows_exactly_once, tiny_config
 from trainer.checkpoint import all_manifests
 from trainer.config import dump_config
+from trainer.coordinator import run_training
 from trainer.metrics import read_metrics
 from workers.increments import IncrementError, push_increment
 
@@ -101,6 +104,25 @@ def test_watched_site_trains_pushed_increments_and_stops_cleanly_on_sigterm(
                              text=True, timeout=600, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert trained_files(run_dir, "notes") == [Path(p).name for p in [first, *pushed, late]]
+    assert_rows_exactly_once(run_dir, "notes", text_column="body")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_run_until_stopped_ends_when_its_folders_run_out_not_a_poll_later(
+        ray_cluster, demo_root, notes_site, tmp_path, capsys, mode):
+    """`rounds: null` on a folder nobody watches: once every row is trained the run stops at
+    once (a sync run used to wait out one `run.poll_s` first, saying it was waiting)."""
+    run_dir = tmp_path / "run"
+    config = tiny_config(demo_root, notes_site, run_dir, **{
+        "rounds": "null", "run.poll_s": 900, "merge.mode": mode})
+    config = dataclasses.replace(config, sites=[s for s in config.sites if s.name == "notes"])
+    started = time.monotonic()
+    run_training(config)
+    elapsed = time.monotonic() - started
+    output = capsys.readouterr().out
+    assert "No site has rows left" in output
+    assert "waiting" not in output
+    assert elapsed < 900, f"the run took {elapsed:.0f} s: it waited out run.poll_s"
     assert_rows_exactly_once(run_dir, "notes", text_column="body")
 
 
