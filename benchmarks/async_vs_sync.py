@@ -105,7 +105,7 @@ def main() -> None:
             for mode in ("sync", "async"):
                 run_dir = out / "runs" / f"{scenario}-{pair}-{mode}"
                 summary = run_once(sites, demo, run_dir, mode=mode, seed=pair,
-                                   eval_every=args.eval_every if mode == "async" else 1,
+                                   eval_every=args.eval_every,
                                    stall=scenario == "stall")
                 results.setdefault(f"{scenario}/{mode}", []).append(summary)
                 print(f"{run_dir.name}: {summary['wall_s']:.1f} s, "
@@ -152,7 +152,9 @@ def rows_of(folder: Path, column: str) -> list[str]:
 def config_for(sites: dict[str, Path], demo: Path, run_dir: Path, *, mode: str, seed: int,
                eval_every: int):
     raw = {
-        "run": {"dir": str(run_dir), "seed": seed, "eval_every": eval_every},
+        # Sync evaluates every round (its gate needs it); run.eval_every is async's knob.
+        "run": {"dir": str(run_dir), "seed": seed,
+                "eval_every": eval_every if mode == "async" else 1},
         "rounds": None,  # until every site has consumed its folder
         "model": {"source": "random", "tokenizer": "gpt2", "architecture": ARCH},
         "sites": [{"name": name, "path": str(path),
