@@ -36,12 +36,16 @@ import os
 import shutil
 import signal
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/summaries.py
+from summaries import mean_sd, median_range
 
 from cluster.connect import connect
 from trainer.config import config_from_dict, resolve_paths
@@ -238,15 +242,15 @@ def report(results: dict[str, list[dict]], *, scenarios: list[str], eval_every: 
         quality = [a["mean_ppl"] / s["mean_ppl"] for s, a in zip(sync, asyn, strict=True)]
         difference = [a["mean_ppl"] - s["mean_ppl"] for s, a in zip(sync, asyn, strict=True)]
         tokens = {r["new_tokens"] for r in sync + asyn}
-        ratio = _spread(quality, digits=3)
+        ratio = median_range(quality, "{:.3f}")
         lines += [f"### {scenario} ({len(sync)} pairs; medians)", "", markdown(header, rows), "",
-                  f"- wall time sync / async: {_spread(speedup)}",
+                  f"- wall time sync / async: {median_range(speedup)}",
                   f"- mean perplexity async / sync: {ratio}; mean ± sd "
-                  + _mean_sd(quality, digits=3),
+                  + mean_sd(quality, "{:.3f}"),
                   "- mean perplexity async − sync, paired: mean ± sd "
-                  + _mean_sd(difference, digits=1, sign="+"),
+                  + mean_sd(difference, "{:+.1f}"),
                   f"- new tokens trained per run: {sorted(tokens)}", ""]
-        ratios.append(f"{scenario}: sync / async wall time {_spread(speedup)}, mean perplexity "
+        ratios.append(f"{scenario}: sync / async wall time {median_range(speedup)}, mean perplexity "
                       f"async / sync {ratio}")
     return "\n".join([*lines, "ratio: " + "; ".join(ratios)])
 
@@ -257,18 +261,6 @@ def _med(runs: list[dict], key: str, digits: int) -> str:
 
 def _fmt(value: float, digits: int) -> str:
     return f"{value:.{digits}f}"
-
-
-def _mean_sd(values: list[float], *, digits: int, sign: str = "") -> str:
-    """mean ± sample sd over the seeds (sd 0 with a single pair); sign "+" for differences."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):{sign}.{digits}f} ± {sd:.{digits}f}"
-
-
-def _spread(values: list[float], *, digits: int = 2) -> str:
-    """median (min–max) over the pairs."""
-    return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–"
-            f"{max(values):.{digits}f})")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,11 @@ import argparse
 import math
 import shutil
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/summaries.py
+from summaries import mean_sd
 
 from cluster.connect import connect
 from trainer.config import load_config, resolve_paths
@@ -64,14 +68,6 @@ def final_loss(records: list[dict]) -> float:
     return sum(math.log(v) for v in final.values()) / len(final)
 
 
-def spread(values: list[float], fmt: str) -> str:
-    """mean ± sd (the sd unsigned)"""
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return (fmt.format(statistics.mean(values)) + " ± "
-            + fmt.replace("+", "").format(statistics.stdev(values)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
@@ -103,8 +99,8 @@ def main() -> None:
         paired = [100 * (final_loss(r) / final_loss(b) - 1) for r, b in zip(per_seed, base)]
         summary[name] = (statistics.mean(after), statistics.mean(paired))
         rows.append([name, f"{per_worker_round(per_seed[0], 'bytes_sent', first=True) / 1e6:.2f}",
-                     spread(sent, "{:.3f}"), spread(after, "{:.3f}"), spread(received, "{:.3f}"),
-                     spread(losses, "{:.4f}"), spread(paired, "{:+.2f}")])
+                     mean_sd(sent, "{:.3f}"), mean_sd(after, "{:.3f}"), mean_sd(received, "{:.3f}"),
+                     mean_sd(losses, "{:.4f}"), mean_sd(paired, "{:+.2f}")])
     print(f"{args.rounds} rounds, seeds {args.seeds}; bytes per worker and round, as a "
           "fraction of fp32 in the same seed")
     print(markdown(["arm", "MB sent (seed 0)", "sent / fp32", "received / fp32 (rounds 2+)",

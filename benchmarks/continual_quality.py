@@ -47,6 +47,8 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from summaries import mean_sd
+
 from cluster.connect import connect
 from trainer.config import config_from_dict, resolve_paths
 from trainer.coordinator import run_training
@@ -366,9 +368,9 @@ def report(results: dict) -> str:
         lines += [f"### {name} ({len(next(iter(arms.values())))} seeds)", "",
                   markdown(["arm", "mean perplexity", "forgetting (older sets)",
                             "newest gain", "tokens new/replay"],
-                           [[arm, _ms([r["mean"] for r in runs]),
-                             _ms([r["forgetting"] for r in runs], digits=3),
-                             _ms([r["gain"] for r in runs], digits=3),
+                           [[arm, mean_sd([r["mean"] for r in runs]),
+                             mean_sd([r["forgetting"] for r in runs], "{:.3f}"),
+                             mean_sd([r["gain"] for r in runs], "{:.3f}"),
                              (f"{statistics.fmean(r['new_tokens'] for r in runs):.0f}/"
                              f"{statistics.fmean(r['replay_tokens'] for r in runs):.0f}")]
                             for arm, runs in arms.items()]), ""]
@@ -388,16 +390,8 @@ def ratio_lines(arms: dict[str, list[dict]]) -> list[str]:
             if base in arms:
                 ratios = [a[key] / b[key] if b[key] else float("nan")
                           for a, b in zip(arms[arm], arms[base], strict=True)]
-                lines.append(f"- {what}, {arm} / {base}: {_ms(ratios, digits=3)}")
+                lines.append(f"- {what}, {arm} / {base}: {mean_sd(ratios, '{:.3f}')}")
     return lines
-
-
-def _ms(values: list[float], *, digits: int = 2) -> str:
-    """mean ± sd; one seed has no spread to show, and says so rather than print ± 0."""
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f} (1 seed: no spread)"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 if __name__ == "__main__":

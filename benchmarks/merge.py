@@ -21,9 +21,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/summaries.py
+from summaries import median_range
 
 from trainer.merge import _weighted_sum, finite_problem, median, trimmed_mean
 from trainer.native import weighted_sum_library
@@ -48,12 +53,6 @@ def timed(run) -> float:
     started = time.perf_counter()
     run()
     return time.perf_counter() - started
-
-
-def spread(values: list[float], fmt: str = "{:.2f}") -> str:
-    """median (min–max)"""
-    return (fmt.format(statistics.median(values)) + " (" + fmt.format(min(values)) + "–"
-            + fmt.format(max(values)) + ")")
 
 
 def per_tensor_loop(updates, out):
@@ -105,9 +104,9 @@ def merge_row(k: int, *, pool, out, gb: float, pairs: int) -> tuple[list[str], f
         return [(moved / m) / (2 * gb / c) for m, c in zip(runs[name], runs["copy"])]
 
     naive = [n / m for n, m in zip(runs["naive"], runs["merge"])]
-    row = [str(k), spread([2 * gb / c for c in runs["copy"]], "{:.1f}"),
-           spread([moved / m for m in runs["merge"]], "{:.1f}"), spread(of_copy("merge")),
-           spread(of_copy("torch")), spread(of_copy("loop")), spread(naive, "{:.1f}")]
+    row = [str(k), median_range([2 * gb / c for c in runs["copy"]], "{:.1f}"),
+           median_range([moved / m for m in runs["merge"]], "{:.1f}"), median_range(of_copy("merge")),
+           median_range(of_copy("torch")), median_range(of_copy("loop")), median_range(naive, "{:.1f}")]
     return row, statistics.median(of_copy("merge"))
 
 
@@ -151,7 +150,7 @@ def robust_table(*, pool, out, pairs: int) -> None:
         for _ in range(pairs):
             fedavg.append(timed(lambda: weighted_average(updates, out=out)))
             seconds.append(timed(run))
-        rows.append([name, spread(seconds), spread([s / f for s, f in zip(seconds, fedavg)],
+        rows.append([name, median_range(seconds), median_range([s / f for s, f in zip(seconds, fedavg)],
                                                    "{:.1f}")])
     print(markdown(["K = 8, warm", "seconds", "× weighted average"], rows))
 

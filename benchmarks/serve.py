@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,9 @@ from pathlib import Path
 import requests
 import torch
 from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/summaries.py
+from summaries import median_range
 
 from cluster.connect import connect
 from trainer import checkpoint
@@ -103,11 +107,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def spread(values: list[float], fmt: str = "{:.2f}") -> str:
-    return (f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–"
-            f"{fmt.format(max(values))})")
-
-
 def throughput(url: str, name: str, model, tokenizer, *, levels: list[int], pairs: int,
                per_client: int) -> tuple[list[list[str]], float]:
     rows, ratio_at_1 = [], None
@@ -123,7 +122,7 @@ def throughput(url: str, name: str, model, tokenizer, *, levels: list[int], pair
             latencies += seconds
         ratios = [r / b for r, b in zip(rates, base)]
         ratio_at_1 = statistics.median(ratios) if clients == 1 else ratio_at_1
-        rows.append([str(clients), spread(base), spread(rates), spread(ratios),
+        rows.append([str(clients), median_range(base), median_range(rates), median_range(ratios),
                      f"{percentile(latencies, 0.5) * 1000:.0f}",
                      f"{percentile(latencies, 0.99) * 1000:.0f}", str(len(latencies))])
     return rows, ratio_at_1
