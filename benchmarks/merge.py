@@ -7,14 +7,12 @@ Reading K fp32 deltas and writing one result moves (K + 1) × P × 4 bytes: that
 Each repetition times plain tensor copies of the same model (2 × P × 4 bytes each, repeated
 about (K + 1) / 2 times, so the copy moves as many bytes as the merge and meets the same
 noise for as long) right before the merge as the run calls it (`FedAvg.combine`:
-`weighted_average(..., out=)` on inputs the merger validated, which takes the compiled kernel
-of trainer/weighted_sum.c), so each pair's ratio says how close the merge comes to the memory's
-speed whatever else shares the machine; the table gives the median, min and max over the
-pairs. Three baselines run in the same pairs: the merge's torch path (blocks of 1 M elements,
-one torch operation per input and block: what runs where no C compiler is), the per-tensor
-loop before that (each weighted add re-reads and rewrites the whole output: ~3K model sizes of
-traffic) and a naive average (a temporary per term, a fresh output each time). The robust
-strategies are timed warm (one untimed run first) at K = 8.
+`weighted_average(..., out=)` on inputs the merger validated), so each pair's ratio says how
+close the merge comes to the memory's speed whatever else shares the machine; the table gives
+the median, min and max over the pairs. Two baselines run in the same pairs: the per-tensor
+loop the merge used before (each weighted add re-reads and rewrites the whole output: ~3K
+model sizes of traffic) and a naive average (a temporary per term, a fresh output each time).
+The robust strategies are timed warm (one untimed run first) at K = 8.
 """
 
 from __future__ import annotations
@@ -30,8 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/summaries.py
 from summaries import median_range
 
-from trainer.merge import _weighted_sum, finite_problem, median, trimmed_mean
-from trainer.native import weighted_sum_library
+from trainer.merge import finite_problem, median, trimmed_mean
 from trainer.strategies import FedAvg
 from trainer.table import markdown
 
@@ -67,14 +64,6 @@ def per_tensor_loop(updates, out):
             raise ValueError(f"{key} holds NaN or Inf")
 
 
-def torch_blocks(updates, out):
-    """The merge's own torch path (where the kernel cannot be built), as the merger calls it."""
-    total = sum(w for _, w in updates)
-    for key in updates[0][0]:
-        _weighted_sum(out[key].view(-1), [(state[key].view(-1), w / total)
-                                          for state, w in updates], checksum=False)
-
-
 def naive_average(updates):
     total = sum(w for _, w in updates)
     return {k: sum(state[k] * (w / total) for state, w in updates) for k in updates[0][0]}
@@ -85,17 +74,16 @@ def weighted_average(updates, *, out):
 
 
 def merge_row(k: int, *, pool, out, gb: float, pairs: int) -> tuple[list[str], float]:
-    """One K: `pairs` repetitions of copy, merge and the three baselines, interleaved."""
+    """One K: `pairs` repetitions of copy, merge and the two baselines, interleaved."""
     updates = [(pool[i], float(i + 1)) for i in range(k)]
     names = list(out)
     copies = max(1, round((k + 1) / 2))  # the copies move about the merge's (K + 1) sizes
     weighted_average(updates, out=out)  # warm: pages touched, caches and threads started
-    runs = {"copy": [], "merge": [], "torch": [], "loop": [], "naive": []}
+    runs = {"copy": [], "merge": [], "loop": [], "naive": []}
     for _ in range(pairs):
         runs["copy"].append(timed(lambda: [out[n].copy_(pool[c % 16][n]) for c in range(copies)
                                            for n in names]) / copies)
         runs["merge"].append(timed(lambda: weighted_average(updates, out=out)))
-        runs["torch"].append(timed(lambda: torch_blocks(updates, out)))
         runs["loop"].append(timed(lambda: per_tensor_loop(updates, out)))
         runs["naive"].append(timed(lambda: naive_average(updates)))
     moved = (k + 1) * gb
@@ -106,7 +94,7 @@ def merge_row(k: int, *, pool, out, gb: float, pairs: int) -> tuple[list[str], f
     naive = [n / m for n, m in zip(runs["naive"], runs["merge"])]
     row = [str(k), median_range([2 * gb / c for c in runs["copy"]], "{:.1f}"),
            median_range([moved / m for m in runs["merge"]], "{:.1f}"), median_range(of_copy("merge")),
-           median_range(of_copy("torch")), median_range(of_copy("loop")), median_range(naive, "{:.1f}")]
+           median_range(of_copy("loop")), median_range(naive, "{:.1f}")]
     return row, statistics.median(of_copy("merge"))
 
 
@@ -123,16 +111,14 @@ def main() -> None:
             for _ in range(16)]
     out = {k: torch.empty(s) for k, s in shapes.items()}
     gb = params * 4 / 1e9
-    kernel = "compiled kernel" if weighted_sum_library() else "torch path (no C compiler)"
     print(f"{params / 1e6:.1f} M parameters ({gb:.2f} GB per fp32 state), "
-          f"{torch.get_num_threads()} threads, merge: {kernel}, {pairs} pairs per row: "
-          "median (min–max)")
+          f"{torch.get_num_threads()} threads, {pairs} pairs per row: median (min–max)")
     rows, ratios = [], {}
     for k in (2, 4, 8, 16):
         row, ratios[k] = merge_row(k, pool=pool, out=out, gb=gb, pairs=pairs)
         rows.append(row)
-    print(markdown(["K", "copy GB/s", "merge GB/s", "merge/copy", "torch path/copy",
-                    "per-tensor loop/copy", "naive s / merge s"], rows))
+    print(markdown(["K", "copy GB/s", "merge GB/s", "merge/copy", "per-tensor loop/copy",
+                    "naive s / merge s"], rows))
     robust_table(pool=pool, out=out, pairs=pairs)
     print("ratio: merge bandwidth / copy bandwidth, median at K = 2, 4, 8, 16: "
           + ", ".join(f"{ratios[k]:.2f}" for k in ratios))

@@ -8,8 +8,6 @@ from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
 
-from trainer.native import native_weighted_sum
-
 State = Mapping[str, torch.Tensor]
 
 
@@ -19,8 +17,7 @@ def weighted_average(
     out: MutableMapping[str, torch.Tensor] | None = None,
     check_finite: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Σ wᵢ·stateᵢ / Σ wᵢ over every tensor, accumulated in fp32, in one pass over memory
-    (trainer/weighted_sum.c where it builds, torch's operations a block at a time elsewhere).
+    """Σ wᵢ·stateᵢ / Σ wᵢ, tensor by tensor, accumulated in fp32.
 
     `out`, if given, holds preallocated tensors of the same keys and shapes and receives
     the result (saving a fresh allocation every round). Raises ValueError on mismatched
@@ -29,23 +26,19 @@ def weighted_average(
     """
     _check_updates(updates, out)
     total = float(sum(weight for _, weight in updates))
-    weights = [weight / total for _, weight in updates]
-    result = {key: out[key] if out is not None else torch.empty(first.shape, dtype=torch.float32)
-              for key, first in updates[0][0].items()}
-    inputs = [[state[key].reshape(-1) for key in result] for state, _ in updates]
-    outs = [acc.view(-1) for acc in result.values()]
-    checksum = native_weighted_sum(outs, inputs, weights, checksum=check_finite)
-    if checksum is None:  # no compiled kernel here, or inputs it does not take (bf16, GPU)
-        checksum = sum(_weighted_sum(acc, [(group[index], weight) for group, weight
-                                           in zip(inputs, weights)], checksum=check_finite)
-                       for index, acc in enumerate(outs))
-    if not math.isfinite(checksum):
-        problem = finite_problem(result, name="weighted_average: input")
-        raise ValueError(problem or "weighted_average: the inputs sum past the fp32 range")
+    result: dict[str, torch.Tensor] = {}
+    for key, first in updates[0][0].items():
+        acc = out[key] if out is not None else torch.empty(first.shape, dtype=torch.float32)
+        checksum = _weighted_sum(acc.view(-1), [(state[key].reshape(-1), weight / total)
+                                                for state, weight in updates],
+                                 checksum=check_finite)
+        if not math.isfinite(checksum):
+            raise ValueError(f"weighted_average: input tensor {key!r} holds NaN or Inf")
+        result[key] = acc
     return result
 
 
-# The torch path's elements summed at a time: 4 MB of fp32, which stays in cache while every
+# Elements of the output summed at a time: 4 MB of fp32, which stays in cache while every
 # input's block is added to it, so memory sees each input read once and the output written
 # once (K + 1 model sizes) instead of the output re-read and rewritten per input (3K). Larger
 # blocks fall out of cache, smaller ones pay per-operation overhead (benchmarks/merge.py).

@@ -63,11 +63,9 @@ def test_apply_delta_is_the_outer_step():
 
 @pytest.mark.parametrize("count", [2, 5, 8])
 def test_blocked_merges_equal_whole_tensor_references_across_block_edges(monkeypatch, count):
-    """Blocks of 7 elements over tensors of 50 and 3: every edge case of the block loop (the
-    weighted average on its torch path: the compiled kernel is tested below)."""
+    """Blocks of 7 elements over tensors of 50 and 3: every edge case of the block loop."""
     from trainer import merge
 
-    monkeypatch.setattr(merge, "native_weighted_sum", lambda *args, **kwargs: None)
     monkeypatch.setattr(merge, "MERGE_BLOCK", 7)
     monkeypatch.setattr(merge, "ROBUST_BLOCK", 7)
     generator = torch.Generator().manual_seed(count)
@@ -82,70 +80,3 @@ def test_blocked_merges_equal_whole_tensor_references_across_block_edges(monkeyp
         trimmed = stacked.sort(dim=0).values[cut:count - cut].mean(dim=0)
         torch.testing.assert_close(merge.trimmed_mean(updates, trim_fraction=0.2)[key], trimmed)
         torch.testing.assert_close(merge.median(updates)[key], stacked.quantile(0.5, dim=0))
-
-
-def uneven_updates(count: int, *, seed: int = 0) -> list[tuple[dict, float]]:
-    """Tensors beside tiny ones, one of them over two of the kernel's 128 K-element chunks and
-    across the line between two threads' shares (6 chunks: 3 and 3)."""
-    generator = torch.Generator().manual_seed(seed)
-    shapes = {"embed": (301, 123), "norm": (5,), "mlp": (300001,), "one": (1,)}
-    return [({k: torch.randn(s, generator=generator) for k, s in shapes.items()}, float(i + 1))
-            for i in range(count)]
-
-
-@pytest.mark.parametrize("count", [1, 2, 3, 16])
-def test_compiled_weighted_sum_builds_here_and_equals_the_torch_path(monkeypatch, count):
-    from trainer import merge
-    from trainer.native import weighted_sum_library
-
-    assert weighted_sum_library() is not None, "this machine has a C compiler: it must build"
-    updates = uneven_updates(count, seed=count)
-    compiled = {k: v.clone() for k, v in merge.weighted_average(updates).items()}
-    monkeypatch.setattr(merge, "native_weighted_sum", lambda *args, **kwargs: None)
-    reference = merge.weighted_average(updates)
-    for key in reference:  # one rounding apart at most (torch's adds may fuse the multiply)
-        torch.testing.assert_close(compiled[key], reference[key], rtol=1e-6, atol=1e-7)
-
-
-def test_compiled_weighted_sum_is_the_same_bits_on_any_thread_count():
-    from trainer.merge import weighted_average
-
-    updates = uneven_updates(5)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results.append(weighted_average(updates))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        assert all(torch.equal(results[0][k], other[k]) for k in other)
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_compiled_weighted_sum_names_a_non_finite_input(bad):
-    updates = uneven_updates(3)
-    updates[2][0]["mlp"][299999] = bad  # in the last chunk of the second thread's share
-    with pytest.raises(ValueError, match="input tensor 'mlp' holds NaN or Inf"):
-        weighted_average(updates)
-    weighted_average(updates, check_finite=False)  # the merger's path: validated before
-
-
-def test_without_a_compiler_the_merge_warns_once_and_uses_torch(monkeypatch, tmp_path, caplog):
-    from trainer import native
-
-    monkeypatch.setenv("TRIBUTARY_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "false")  # `false --version` fails: no working compiler
-    native.weighted_sum_library.cache_clear()
-    try:
-        with caplog.at_level("WARNING", logger="trainer.native"):
-            merged = weighted_average([(state([[1.0, 2.0]], [3.0]), 1.0),
-                                       (state([[3.0, 4.0]], [5.0]), 1.0)])
-            weighted_average([(state([[1.0, 2.0]], [3.0]), 1.0)])
-        assert torch.equal(merged["w"], torch.tensor([[2.0, 3.0]]))
-        assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
-        assert "using torch" in caplog.records[0].message
-        assert not list(tmp_path.rglob("*.so"))
-    finally:
-        native.weighted_sum_library.cache_clear()
