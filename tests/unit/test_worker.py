@@ -89,6 +89,9 @@ def test_same_inputs_give_identical_deltas_and_restore_continues_exactly(
     assert all(np.array_equal(first_a.delta[k], first_b.delta[k]) for k in first_a.delta)
     store.add("code", first_a.sequences, round_index=1)
     a.commit(round_index=1)
+    # The state is written on a thread; a restart relies on it only once it is durable (the
+    # coordinator's rule). Without this wait a busy machine restored nothing (restore -> 0).
+    a.durable(round_index=1)
 
     second_a = a.train_round(task(a, 2, first_a.cursor), setup[2])
     assert second_a.metrics["replay_tokens"] > 0
