@@ -250,8 +250,8 @@ def report(results: dict[str, list[dict]], *, scenarios: list[str], eval_every: 
                   "- mean perplexity async − sync, paired: mean ± sd "
                   + mean_sd(difference, "{:+.1f}"),
                   f"- new tokens trained per run: {sorted(tokens)}", ""]
-        ratios.append(f"{scenario}: sync / async wall time {median_range(speedup)}, mean perplexity "
-                      f"async / sync {ratio}")
+        ratios.append(f"{scenario}: sync / async wall time {median_range(speedup)}, "
+                      f"mean perplexity async / sync {ratio}")
     return "\n".join([*lines, "ratio: " + "; ".join(ratios)])
 
 

@@ -93,7 +93,8 @@ def merge_row(k: int, *, pool, out, gb: float, pairs: int) -> tuple[list[str], f
 
     naive = [n / m for n, m in zip(runs["naive"], runs["merge"])]
     row = [str(k), median_range([2 * gb / c for c in runs["copy"]], "{:.1f}"),
-           median_range([moved / m for m in runs["merge"]], "{:.1f}"), median_range(of_copy("merge")),
+           median_range([moved / m for m in runs["merge"]], "{:.1f}"),
+           median_range(of_copy("merge")),
            median_range(of_copy("loop")), median_range(naive, "{:.1f}")]
     return row, statistics.median(of_copy("merge"))
 
@@ -136,8 +137,8 @@ def robust_table(*, pool, out, pairs: int) -> None:
         for _ in range(pairs):
             fedavg.append(timed(lambda: weighted_average(updates, out=out)))
             seconds.append(timed(run))
-        rows.append([name, median_range(seconds), median_range([s / f for s, f in zip(seconds, fedavg)],
-                                                   "{:.1f}")])
+        ratios = [s / f for s, f in zip(seconds, fedavg)]
+        rows.append([name, median_range(seconds), median_range(ratios, "{:.1f}")])
     print(markdown(["K = 8, warm", "seconds", "× weighted average"], rows))
 
 
