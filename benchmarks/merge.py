@@ -81,7 +81,7 @@ def merge_row(k: int, *, pool, out, gb: float, pairs: int) -> tuple[list[str], f
     weighted_average(updates, out=out)  # warm: pages touched, caches and threads started
     runs = {"copy": [], "merge": [], "loop": [], "naive": []}
     for _ in range(pairs):
-        runs["copy"].append(timed(lambda: [out[n].copy_(pool[c % 16][n]) for c in range(copies)
+        runs["copy"].append(timed(lambda: [out[n].copy_(pool[c % len(pool)][n]) for c in range(copies)
                                            for n in names]) / copies)
         runs["merge"].append(timed(lambda: weighted_average(updates, out=out)))
         runs["loop"].append(timed(lambda: per_tensor_loop(updates, out)))
@@ -91,12 +91,11 @@ def merge_row(k: int, *, pool, out, gb: float, pairs: int) -> tuple[list[str], f
     def of_copy(name: str) -> list[float]:  # bandwidth over the same pair's copy bandwidth
         return [(moved / m) / (2 * gb / c) for m, c in zip(runs[name], runs["copy"])]
 
-    naive = [n / m for n, m in zip(runs["naive"], runs["merge"])]
+    ratio, naive = of_copy("merge"), [n / m for n, m in zip(runs["naive"], runs["merge"])]
     row = [str(k), median_range([2 * gb / c for c in runs["copy"]], "{:.1f}"),
-           median_range([moved / m for m in runs["merge"]], "{:.1f}"),
-           median_range(of_copy("merge")),
+           median_range([moved / m for m in runs["merge"]], "{:.1f}"), median_range(ratio),
            median_range(of_copy("loop")), median_range(naive, "{:.1f}")]
-    return row, statistics.median(of_copy("merge"))
+    return row, statistics.median(ratio)
 
 
 def main() -> None:
