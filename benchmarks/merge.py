@@ -81,8 +81,8 @@ def merge_row(k: int, *, pool, out, gb: float, pairs: int) -> tuple[list[str], f
     weighted_average(updates, out=out)  # warm: pages touched, caches and threads started
     runs = {"copy": [], "merge": [], "loop": [], "naive": []}
     for _ in range(pairs):
-        runs["copy"].append(timed(lambda: [out[n].copy_(pool[c % len(pool)][n]) for c in range(copies)
-                                           for n in names]) / copies)
+        runs["copy"].append(timed(lambda: [out[n].copy_(pool[c % len(pool)][n])
+                                           for c in range(copies) for n in names]) / copies)
         runs["merge"].append(timed(lambda: weighted_average(updates, out=out)))
         runs["loop"].append(timed(lambda: per_tensor_loop(updates, out)))
         runs["naive"].append(timed(lambda: naive_average(updates)))
