@@ -4,7 +4,9 @@ SIGTERM/SIGINT turned into "stop after this round"."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 
 log = logging.getLogger(__name__)
@@ -52,15 +54,21 @@ class StopSignal:
 
 
 class Background:
-    """A function on its own thread whose exception is raised again by `join`."""
+    """A function on its own thread whose exception is raised again by `join`. `niceness`
+    lowers that thread's CPU priority (Linux, where a nice value belongs to a thread and the
+    threads it starts, such as torch's OpenMP team for work it runs, inherit it); elsewhere
+    it is ignored."""
 
-    def __init__(self, target, *, name: str) -> None:
+    def __init__(self, target, *, name: str, niceness: int = 0) -> None:
         self.error: BaseException | None = None
+        self.niceness = niceness
         self.thread = threading.Thread(target=self._run, args=(target,), name=name, daemon=True)
         self.thread.start()
 
     def _run(self, target) -> None:
         try:
+            if self.niceness and sys.platform == "linux":
+                os.nice(self.niceness)
             target()
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that joins
             self.error = exc

@@ -29,6 +29,11 @@ from workers.types import SiteConfig
 
 log = logging.getLogger(__name__)
 
+# A version written while the next round trains yields the CPU to that round: on a node whose
+# cores it shares with the workers (Ray starts them at nice 15), an evaluation at nice 0 would
+# slow every site's reads and steps. It still finishes, since the loop waits for it.
+BACKGROUND_NICENESS = 19
+
 
 def wait_durable(refs: Sequence, *, version: int) -> None:
     """Wait for the workers' states a version builds on. One that could not be saved is
@@ -117,7 +122,8 @@ class VersionWriter:
 
         self.wait()
         if background:
-            self.pending = Background(write, name=f"write-{checkpoint.version_name(number)}")
+            self.pending = Background(write, name=f"write-{checkpoint.version_name(number)}",
+                                      niceness=BACKGROUND_NICENESS)
         else:
             write()
 
