@@ -55,7 +55,7 @@ def _one_pass(out: State, states: Sequence[State]) -> bool:
     tensors, object-store arrays among them). Anything else goes the torch block path."""
     tensors = [*out.values(), *(tensor for state in states for tensor in state.values())]
     return _native is not None and all(
-        isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+        isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_cpu
         and t.is_contiguous() for t in tensors)
 
 
