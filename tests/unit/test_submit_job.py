@@ -37,7 +37,8 @@ def repo_copy(tmp_path) -> Path:
     strays = {".env": "AWS_SECRET_ACCESS_KEY=x\n", "configs/.env": "TOKEN=x\n",
               "data/site/part-0.jsonl": "{}\n", "runs/a/metrics.jsonl": "{}\n",
               ".venv/bin/python": "", ".git/config": "", "notes.txt": "mine\n",
-              "trainer/__pycache__/cli.cpython-311.pyc": "", "workers/.cache/x": ""}
+              "trainer/__pycache__/cli.cpython-311.pyc": "", "workers/.cache/x": "",
+              "trainer/_weighted_sum.cpython-311-x86_64-linux-gnu.so": ""}
     for relative, text in strays.items():
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         (root / relative).write_text(text)
@@ -53,7 +54,7 @@ def test_upload_is_exactly_the_allow_list(repo_copy):
     expected = {p.relative_to(repo_copy).as_posix() for name in UPLOAD
                 for p in ([repo_copy / name] if (repo_copy / name).is_file()
                           else (repo_copy / name).rglob("*"))
-                if p.is_file() and "__pycache__" not in p.parts
+                if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".so"
                 and not any(part.startswith(".") for part in p.relative_to(repo_copy).parts)}
     assert sent == expected
 
@@ -93,7 +94,7 @@ def test_staging_copies_the_files_and_counts_them(repo_copy, tmp_path):
     assert all((staging / p).read_bytes() == (repo_copy / p).read_bytes() for p in staged)
     by_entry = {s.entry: s for s in shipped}
     assert set(by_entry) == {"trainer/", "workers/", "cluster/", "configs/", "pyproject.toml",
-                             "Makefile", "README.md"}
+                             "setup.py", "Makefile", "README.md"}
     configs = [p for p in staged if p.parts[0] == "configs"]
     assert by_entry["configs/"].files == len(configs)
     assert by_entry["configs/"].bytes == sum((staging / p).stat().st_size for p in configs)
