@@ -39,4 +39,4 @@ test-integration: install
 	$(PY) -m pytest -q tests/integration
 
 clean:
-	rm -rf $(VENV) runs data
+	rm -rf $(VENV) runs data build _tributary_weighted_sum*.so

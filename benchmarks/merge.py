@@ -10,7 +10,8 @@ noise for as long) right before the merge as the run calls it (`FedAvg.combine`:
 `weighted_average(..., out=)` on inputs the merger validated), so each pair's ratio says how
 close the merge comes to the memory's speed whatever else shares the machine; the table gives
 the median, min and max over the pairs. Three baselines run in the same pairs: torch's block
-path (the merge before the one-pass kernel, and its fallback where that is not built), the
+path (the merge's path where the one-pass kernel is not built or does not take the inputs;
+the merge before the kernel, but for its products now rounded apart, as the kernel's), the
 per-tensor loop before that (each weighted add re-reads and rewrites the whole output: ~3K
 model sizes of traffic) and a naive average (a temporary per term, a fresh output each time).
 The robust strategies are timed warm (one untimed run first) at K = 8.

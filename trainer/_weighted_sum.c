@@ -14,6 +14,10 @@
  * -ffp-contract=off), so the result is the same on every machine, instruction set and thread
  * count. Threads: `threads` parts, each a contiguous, cache-line-aligned share of every
  * tensor; the GIL is released while they run.
+ *
+ * Built by setup.py as the top-level module _tributary_weighted_sum, not inside `trainer`: a
+ * job sent with `tributary submit` imports `trainer` from its uploaded copy of the sources,
+ * which has no build output, and still finds this module where Tributary is installed.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,10 +26,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
+#error "build without -ffast-math: it would fold the NaN check away and reorder the sums"
+#endif
+
 #if defined(__x86_64__)
 #include <immintrin.h>
+#endif
+/* One clone per instruction set, picked at load time (an ifunc: glibc only). */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
+#endif
+#endif
+#ifndef CLONES
 #define CLONES
 #endif
 
@@ -109,7 +123,8 @@ static void *run(void *arg)
     job->bad = -1;
     for (Py_ssize_t t = 0; t < job->tensors; t++) {
         Py_ssize_t n = job->lengths[t];
-        /* Shares are whole cache lines, so no two threads write into one line. */
+        /* Shares are whole cache lines: where the output starts on a line (torch allocates
+         * so), no two threads write into one line. */
         Py_ssize_t share = ((n + job->parts - 1) / job->parts + LANE - 1) / LANE * LANE;
         Py_ssize_t lo = share * job->part, hi = lo + share < n ? lo + share : n;
         if (lo >= hi)
@@ -172,16 +187,16 @@ static PyObject *weighted_sum(PyObject *Py_UNUSED(self), PyObject *args, PyObjec
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$ip", names, &outs_arg, &ins_arg,
                                      &lengths_arg, &weights_arg, &threads, &stream))
         return NULL;
-    PyObject *outs_seq = PySequence_Fast(outs_arg, "outs must be a sequence");
-    PyObject *ins_seq = PySequence_Fast(ins_arg, "ins must be a sequence");
-    PyObject *lengths_seq = PySequence_Fast(lengths_arg, "lengths must be a sequence");
-    PyObject *weights_seq = PySequence_Fast(weights_arg, "weights must be a sequence");
+    PyObject *outs_seq = NULL, *ins_seq = NULL, *lengths_seq = NULL, *weights_seq = NULL;
     PyObject *result = NULL;
     void **outs = NULL, **ins = NULL;
     Py_ssize_t *lengths = NULL;
     float *weights = NULL;
     Job *jobs = NULL;
-    if (!outs_seq || !ins_seq || !lengths_seq || !weights_seq)
+    if (!(outs_seq = PySequence_Fast(outs_arg, "outs must be a sequence"))
+        || !(ins_seq = PySequence_Fast(ins_arg, "ins must be a sequence"))
+        || !(lengths_seq = PySequence_Fast(lengths_arg, "lengths must be a sequence"))
+        || !(weights_seq = PySequence_Fast(weights_arg, "weights must be a sequence")))
         goto done;
     Py_ssize_t tensors = PySequence_Fast_GET_SIZE(outs_seq);
     Py_ssize_t k = PySequence_Fast_GET_SIZE(weights_seq);
@@ -258,11 +273,15 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_weighted_sum",
+    PyModuleDef_HEAD_INIT, "_tributary_weighted_sum",
     "The merge's weighted sum in one pass over memory (see trainer/merge.py).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__weighted_sum(void)
+/* API: what trainer/merge.py expects; an installed build of another API is not used. */
+PyMODINIT_FUNC PyInit__tributary_weighted_sum(void)
 {
-    return PyModule_Create(&module);
+    PyObject *created = PyModule_Create(&module);
+    if (created && PyModule_AddIntConstant(created, "API", 1) < 0)
+        Py_CLEAR(created);
+    return created;
 }

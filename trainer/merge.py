@@ -8,13 +8,29 @@ from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
 
-try:  # the one-pass weighted sum, built at install from trainer/_weighted_sum.c (pyproject.toml)
-    from trainer import _weighted_sum as _native
-except ImportError:  # no C compiler at install: correct, about 0.8x the speed (README)
-    _native = None
-    warnings.warn("trainer._weighted_sum is not built (no C compiler when Tributary was "
-                  "installed?): merges use torch's block path, slower; reinstall Tributary "
-                  "where gcc or clang works", RuntimeWarning, stacklevel=2)
+
+def _load_native():
+    """The one-pass weighted sum that setup.py builds at install (trainer/_weighted_sum.c), or
+    None, with a warning: merges are then correct but slower (README, "Merging")."""
+    try:
+        import _tributary_weighted_sum as native
+    except ImportError:
+        warnings.warn("_tributary_weighted_sum is not built (no C compiler when Tributary was "
+                      "installed?): merges use torch's block path, slower; reinstall Tributary "
+                      "where gcc or clang works", RuntimeWarning, stacklevel=3)
+        return None
+    if getattr(native, "API", None) != NATIVE_API:
+        warnings.warn(f"{native.__file__} was built from other sources (API "
+                      f"{getattr(native, 'API', None)}, not {NATIVE_API}): merges use torch's "
+                      "block path, slower; reinstall Tributary", RuntimeWarning, stacklevel=3)
+        return None
+    return native
+
+
+NATIVE_API = 1
+_native = _load_native()
+# Elements below which one more thread costs more to start than it saves.
+MIN_THREAD_SHARE = 1 << 16
 
 State = Mapping[str, torch.Tensor]
 
@@ -25,24 +41,24 @@ def weighted_average(
     out: MutableMapping[str, torch.Tensor] | None = None,
     check_finite: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Σ wᵢ·stateᵢ / Σ wᵢ, tensor by tensor, accumulated in fp32.
+    """Σ wᵢ·stateᵢ / Σ wᵢ, tensor by tensor, accumulated in fp32: each product rounded, then
+    summed in input order, with the same bits on either path below.
 
     `out`, if given, holds preallocated tensors of the same keys and shapes and receives
-    the result (saving a fresh allocation every round). Raises ValueError on mismatched
-    keys or shapes, a non-positive or non-finite total weight, or (unless `check_finite` is
-    off: the caller validated every input, as the merger does) non-finite input.
+    the result (saving a fresh allocation every round); it may not share memory with an
+    input. Raises ValueError on mismatched keys or shapes, a non-positive or non-finite total
+    weight, or (unless `check_finite` is off: the caller validated every input, as the
+    merger does) non-finite input.
     """
     _check_updates(updates, out)
     total = float(sum(weight for _, weight in updates))
     result = {key: out[key] if out is not None else torch.empty(first.shape, dtype=torch.float32)
               for key, first in updates[0][0].items()}
     states, scales = [state for state, _ in updates], [weight / total for _, weight in updates]
-    if _one_pass(result, states):
-        bad = _native.weighted_sum(
-            [t.data_ptr() for t in result.values()],
-            [state[key].data_ptr() for key in result for state in states],
-            [t.numel() for t in result.values()], scales, threads=torch.get_num_threads())
-        problem = list(result)[bad] if bad >= 0 else None
+    inputs = [state[key] for key in result for state in states]  # K per output, in order
+    _check_apart(result, inputs, count=len(states))
+    if _native is not None and _one_pass_takes([*result.values(), *inputs]):
+        problem = _one_pass(result, inputs, scales)
     else:
         problem = blocked_weighted_sum(result, states, scales, check_finite=check_finite)
     if problem is not None and check_finite:
@@ -50,13 +66,38 @@ def weighted_average(
     return result
 
 
-def _one_pass(out: State, states: Sequence[State]) -> bool:
-    """Whether the compiled one-pass sum takes these: fp32, contiguous, in CPU memory (torch
-    tensors, object-store arrays among them). Anything else goes the torch block path."""
-    tensors = [*out.values(), *(tensor for state in states for tensor in state.values())]
-    return _native is not None and all(
-        isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_cpu
-        and t.is_contiguous() for t in tensors)
+def _one_pass_takes(tensors: Sequence) -> bool:
+    """Whether the compiled sum takes these: fp32, contiguous, in CPU memory (torch tensors,
+    object-store arrays among them). Anything else goes torch's block path."""
+    return all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_cpu
+               and t.is_contiguous() for t in tensors)
+
+
+def _one_pass(out: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor],
+              scales: Sequence[float]) -> str | None:
+    """Every output at once, each element summed from its K inputs and written once (the
+    kernel reads `inputs` by address: this frame keeps them alive). Returns the first key
+    whose result holds NaN or Inf, else None."""
+    elements = sum(t.numel() for t in out.values())
+    threads = max(1, min(torch.get_num_threads(), elements // MIN_THREAD_SHARE, 1024))
+    bad = _native.weighted_sum([t.data_ptr() for t in out.values()],
+                               [t.data_ptr() for t in inputs],
+                               [t.numel() for t in out.values()], scales, threads=threads)
+    return list(out)[bad] if bad >= 0 else None
+
+
+def _check_apart(out: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor], *,
+                 count: int) -> None:
+    """An output written over one of its own inputs would be read after it was overwritten
+    (by the block path; by the kernel where it is offset)."""
+    for index, (key, tensor) in enumerate(out.items()):
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        for other in inputs[index * count:(index + 1) * count]:
+            first = other.data_ptr()
+            if (first < end and start < first + other.numel() * other.element_size()
+                    and other.device == tensor.device):
+                raise ValueError(f"weighted_average: out[{key!r}] shares memory with an input")
 
 
 def blocked_weighted_sum(out: State, states: Sequence[State], scales: Sequence[float], *,
@@ -65,10 +106,13 @@ def blocked_weighted_sum(out: State, states: Sequence[State], scales: Sequence[f
     time: the path for inputs the one-pass kernel does not take (bf16, GPU, strided) or where
     it was not built. Returns the first key whose result holds NaN or Inf (looked for only
     with `check_finite`), else None."""
+    scratch: torch.Tensor | None = None  # one product at a time, reused across tensors
     for key, acc in out.items():
+        if scratch is None or scratch.device != acc.device:
+            scratch = torch.empty(MERGE_BLOCK, dtype=torch.float32, device=acc.device)
         checksum = _block_sum(acc.view(-1), [(state[key].reshape(-1), scale)
                                              for state, scale in zip(states, scales)],
-                              checksum=check_finite)
+                              scratch=scratch, checksum=check_finite)
         if not math.isfinite(checksum):
             return key
     return None
@@ -82,25 +126,31 @@ MERGE_BLOCK = 1 << 20
 
 
 def _block_sum(acc: torch.Tensor, terms: list[tuple[torch.Tensor, float]], *,
-               checksum: bool) -> float:
+               scratch: torch.Tensor, checksum: bool) -> float:
     """acc = Σ wᵢ·xᵢ over flat tensors, one cache-sized block at a time, in fp32 (torch's
-    operations spread each block over the cores). With `checksum`, returns the sum of acc,
-    taken block by block while each is in cache: NaN or Inf anywhere makes it non-finite (as
-    `finite_problem`) without reading the output from memory again; else 0."""
+    operations spread each block over the cores). Each product is rounded in `scratch` before
+    it is added, as the kernel does: an add with alpha would fuse them (FMA) into other bits.
+    With `checksum`, returns the sum of acc, taken block by block while each is in cache: NaN
+    or Inf anywhere makes it non-finite (as `finite_problem`) without reading the output from
+    memory again; else 0."""
     (first, first_weight), rest = terms[0], terms[1:]
     total = torch.zeros((), dtype=torch.float64)
     for start in range(0, acc.numel(), MERGE_BLOCK):
         block = acc[start:start + MERGE_BLOCK]
-        head = first[start:start + MERGE_BLOCK]
-        if head.dtype == torch.float32:
-            torch.mul(head, first_weight, out=block)
-        else:  # widen first, so bf16/fp16 inputs are scaled in fp32
-            block.copy_(head).mul_(first_weight)
+        _scaled(first[start:start + MERGE_BLOCK], first_weight, out=block)
+        product = scratch[:block.numel()]
         for tensor, weight in rest:
-            block.add_(tensor[start:start + MERGE_BLOCK], alpha=weight)
+            block.add_(_scaled(tensor[start:start + MERGE_BLOCK], weight, out=product))
         if checksum:  # one more operation per block: ~5 % of the merge at K = 2
             total += block.sum()
     return float(total)
+
+
+def _scaled(x: torch.Tensor, weight: float, *, out: torch.Tensor) -> torch.Tensor:
+    """out = x·weight in fp32 (bf16/fp16 inputs are widened first, so scaled in fp32)."""
+    if x.dtype == torch.float32:
+        return torch.mul(x, weight, out=out)
+    return out.copy_(x).mul_(weight)
 
 
 def trimmed_mean(

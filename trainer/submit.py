@@ -35,10 +35,9 @@ CONFIG_ENV = "TRIBUTARY_CONFIG"
 # reads. The cluster templates ship the same list (tests/unit/test_cluster_templates.py).
 UPLOAD = ("trainer", "workers", "cluster", "configs", "pyproject.toml", "setup.py", "Makefile",
           "README.md")
-# Inside those: never caches or build output, nor hidden files (.env, editor state). The merge's
-# compiled sum (.so) is built for this machine; `pip install -e .` builds the cluster's own.
+# Inside those: never caches or build output, nor hidden files (.env, editor state).
 SKIPPED_DIRS = {"__pycache__"}
-SKIPPED_SUFFIXES = (".pyc", ".egg-info", ".so")
+SKIPPED_SUFFIXES = (".pyc", ".egg-info")
 # A file that looks like a private key stops the submission instead of travelling.
 KEY_SUFFIXES = (".pem", ".key", ".p12", ".pfx", ".jks", ".keystore")
 KEY_NAMES = ("id_rsa", "id_dsa", "id_ecdsa", "id_ed25519")  # ssh's default private keys

@@ -85,8 +85,16 @@ def test_blocked_merges_equal_whole_tensor_references_across_block_edges(monkeyp
 
 # The one-pass kernel (trainer/_weighted_sum.c) that weighted_average uses for fp32 CPU tensors.
 
+def stepwise(inputs, weights):
+    """Each product rounded, then summed in input order: fp32 torch, step by step."""
+    total = inputs[0] * weights[0]
+    for tensor, weight in zip(inputs[1:], weights[1:]):
+        total = total + tensor * weight
+    return total
+
+
 def test_the_one_pass_kernel_is_built():
-    """pyproject.toml builds it at install; a build that failed would quietly leave the slower
+    """setup.py builds it at install; a build that failed would quietly leave the slower
     block path (the install goes on without a compiler), so the suite insists on it here."""
     from trainer import merge
 
@@ -97,7 +105,7 @@ SIZES = (0, 1, 15, 16, 17, 33, 1000, 4099)  # empty, shorter than a cache line, 
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 16])
-def test_one_pass_merge_matches_a_float64_reference_and_the_block_path(count):
+def test_one_pass_merge_has_the_block_paths_bits_and_a_float64_references_values(count):
     from trainer import merge
 
     generator = torch.Generator().manual_seed(count)
@@ -108,49 +116,60 @@ def test_one_pass_merge_matches_a_float64_reference_and_the_block_path(count):
     blocked = {key: torch.empty_like(t) for key, t in merged.items()}
     merge.blocked_weighted_sum(blocked, [s for s, _ in updates], [w / total for _, w in updates])
     for key, tensor in merged.items():
+        assert torch.equal(tensor, blocked[key]), key
         exact = sum(s[key].double() * (w / total) for s, w in updates)
         torch.testing.assert_close(tensor, exact.float(), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(tensor, blocked[key])
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("stream", [True, False])
-@pytest.mark.parametrize("offset", [0, 1])
-def test_one_pass_sum_has_the_same_bits_on_any_thread_count_and_alignment(threads, stream,
-                                                                         offset):
-    """Each product rounded, then summed in input order: what fp32 torch gives step by step.
-    `offset` 1 starts every buffer 4 bytes past a cache line (streamed stores wait for one)."""
+def test_one_pass_sum_has_the_same_bits_on_any_thread_count_and_alignment(threads, stream):
+    """Every buffer starts at its own offset from a cache line (streamed stores wait for the
+    output's first whole line); the output's neighbours stay untouched."""
     from trainer import merge
 
     generator = torch.Generator().manual_seed(threads)
     count, weights = 10_007, [0.1, 0.2, 0.3, 0.15, 0.25]
-    inputs = [torch.randn(count + offset, generator=generator)[offset:] for _ in weights]
-    expected = inputs[0] * weights[0]
-    for tensor, weight in zip(inputs[1:], weights[1:]):
-        expected = expected + tensor * weight
-    out = torch.full((count + offset,), float("nan"))[offset:]
+    inputs = [torch.randn(count + 16, generator=generator)[offset:offset + count]
+              for offset in (0, 1, 3, 8, 15)]
+    room = torch.full((count + 9,), 7.0)
+    out = room[5:5 + count]
     bad = merge._native.weighted_sum([out.data_ptr()], [t.data_ptr() for t in inputs], [count],
                                      weights, threads=threads, stream=stream)
     assert bad == -1
-    assert torch.equal(out, expected)
+    assert torch.equal(out, stepwise(inputs, weights))
+    assert torch.equal(room[:5], torch.full((5,), 7.0)) and torch.equal(room[-4:], room[:4])
 
 
-def test_one_pass_merge_names_the_first_tensor_that_is_not_finite():
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("at", [0, 40, 99])  # before the first whole line, in one, the tail
+def test_one_pass_sum_finds_the_first_tensor_that_is_not_finite(threads, at):
     from trainer import merge
 
-    def update(poison: float, at: int) -> dict[str, torch.Tensor]:
+    tensors = [torch.ones(100) for _ in range(4)]
+    tensors[2][at] = float("nan")
+    tensors[3][at] = float("inf")
+    outs = [torch.empty(101)[1:] for _ in tensors]  # 4 bytes past a line: a head to stream
+    found = merge._native.weighted_sum([o.data_ptr() for o in outs],
+                                       [t.data_ptr() for t in tensors], [100] * 4, [1.0],
+                                       threads=threads)
+    assert found == 2
+    assert merge._native.weighted_sum([outs[0].data_ptr()], [tensors[3].data_ptr()], [100],
+                                      [0.0], threads=threads) == 0  # 0 · Inf is NaN
+
+
+def test_one_pass_merge_names_the_tensor_that_is_not_finite():
+    def update(poison: float) -> dict[str, torch.Tensor]:
         state = {name: torch.ones(100) for name in ("a", "b", "c")}
-        state["b"][at] = poison  # 99: in the tail after the last whole cache line
+        state["b"][99] = poison
         state["c"][40] = float("inf")
         return state
 
-    updates = [(update(float("nan"), 99), 1.0), (update(1.0, 0), 1.0)]
+    updates = [(update(float("nan")), 1.0), (update(1.0), 1.0)]
     with pytest.raises(ValueError, match="input tensor 'b' holds NaN or Inf"):
         weighted_average(updates)
     merged = weighted_average(updates, check_finite=False)  # the caller validated: no check
     assert merged["b"][99].isnan() and merged["c"][40].isinf()
-    assert merge._native.weighted_sum([merged["a"].data_ptr()], [updates[0][0]["c"].data_ptr()],
-                                      [100], [0.0]) == 0  # 0 · Inf is NaN
 
 
 def test_one_pass_sum_rejects_what_it_cannot_take():
@@ -168,11 +187,41 @@ def test_one_pass_sum_rejects_what_it_cannot_take():
             merge._native.weighted_sum(*args, **kwargs)
 
 
-def test_without_the_kernel_the_block_path_gives_the_same_merge(monkeypatch):
+def test_strided_inputs_take_the_block_path_with_the_same_bits(monkeypatch):
+    from trainer import merge
+
+    generator = torch.Generator().manual_seed(5)
+    wide = [torch.randn(40, 30, generator=generator) for _ in range(3)]
+    updates = [({"w": t.T}, float(i + 1)) for i, t in enumerate(wide)]  # not contiguous
+    original, called = merge.blocked_weighted_sum, []
+    monkeypatch.setattr(merge, "blocked_weighted_sum",
+                        lambda *args, **kwargs: called.append(1) or original(*args, **kwargs))
+    merged = weighted_average(updates)["w"]
+    assert called, "a strided input went to the one-pass kernel"
+    assert torch.equal(merged, stepwise([t.T for t in wide], [1 / 6, 2 / 6, 3 / 6]))
+
+
+def test_an_output_that_is_one_of_the_inputs_is_refused():
+    state = {"w": torch.ones(8)}
+    with pytest.raises(ValueError, match="out\\['w'\\] shares memory with an input"):
+        weighted_average([({"w": torch.zeros(8)}, 1.0), (state, 1.0)], out=state)
+
+
+def test_without_the_kernel_the_merge_warns_once_and_gives_the_same_bits(monkeypatch):
+    import sys
+    import types
+
     from trainer import merge
 
     generator = torch.Generator().manual_seed(3)
     updates = [({"w": torch.randn(3000, generator=generator)}, float(i + 1)) for i in range(4)]
     one_pass = weighted_average(updates)["w"]
+    monkeypatch.setitem(sys.modules, "_tributary_weighted_sum", None)  # import fails
+    with pytest.warns(RuntimeWarning, match="not built"):
+        assert merge._load_native() is None
+    monkeypatch.setitem(sys.modules, "_tributary_weighted_sum",
+                        types.SimpleNamespace(API=0, __file__="old.so"))
+    with pytest.warns(RuntimeWarning, match="other sources"):
+        assert merge._load_native() is None
     monkeypatch.setattr(merge, "_native", None)
-    torch.testing.assert_close(weighted_average(updates)["w"], one_pass)
+    assert torch.equal(weighted_average(updates)["w"], one_pass)

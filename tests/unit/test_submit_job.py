@@ -37,8 +37,7 @@ def repo_copy(tmp_path) -> Path:
     strays = {".env": "AWS_SECRET_ACCESS_KEY=x\n", "configs/.env": "TOKEN=x\n",
               "data/site/part-0.jsonl": "{}\n", "runs/a/metrics.jsonl": "{}\n",
               ".venv/bin/python": "", ".git/config": "", "notes.txt": "mine\n",
-              "trainer/__pycache__/cli.cpython-311.pyc": "", "workers/.cache/x": "",
-              "trainer/_weighted_sum.cpython-311-x86_64-linux-gnu.so": ""}
+              "trainer/__pycache__/cli.cpython-311.pyc": "", "workers/.cache/x": ""}
     for relative, text in strays.items():
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         (root / relative).write_text(text)
@@ -54,7 +53,7 @@ def test_upload_is_exactly_the_allow_list(repo_copy):
     expected = {p.relative_to(repo_copy).as_posix() for name in UPLOAD
                 for p in ([repo_copy / name] if (repo_copy / name).is_file()
                           else (repo_copy / name).rglob("*"))
-                if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".so"
+                if p.is_file() and "__pycache__" not in p.parts
                 and not any(part.startswith(".") for part in p.relative_to(repo_copy).parts)}
     assert sent == expected
 
