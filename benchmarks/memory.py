@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/sampling.py
 from sampling import Periodic, store_bytes_used
 
 from trainer.config import config_from_dict, resolve_paths
@@ -152,6 +155,8 @@ def main() -> None:
                     "object store GiB"], rows))
     print(markdown(["setup", "role", "fit: GiB + bytes/parameter"]
                    + [f"predicted {name} GiB" for name in PREDICT], prediction_rows(measured)))
+    print("ratio: measured / predicted at each setup's largest model, by the fit of its smaller "
+          "ones: " + ("; ".join(extrapolation_ratios(measured)) or "needs 3 sizes of a setup"))
 
 
 def prediction_rows(measured: dict) -> list[list[str]]:
@@ -162,6 +167,21 @@ def prediction_rows(measured: dict) -> list[list[str]]:
             rows.append([setup, role, f"{a / 2**30:.2f} + {b:.1f} × P"]
                         + [f"{(a + b * n) / 2**30:.0f}" for n in PREDICT.values()])
     return rows
+
+
+def extrapolation_ratios(measured: dict) -> list[str]:
+    """How well the line extrapolates, which is what the 8B / 70B predictions do: for each
+    setup measured at 3 or more sizes, the largest one's peak over what the fit of the
+    smaller ones predicts for it (coordinator and worker)."""
+    parts = []
+    for setup, points in measured.items():
+        if len(points) < 3:
+            continue
+        *smaller, largest = sorted(points)
+        for role, index in (("coordinator", 1), ("worker", 2)):
+            a, b = fit([(p[0], p[index]) for p in smaller])
+            parts.append(f"{setup} {role} {largest[index] / (a + b * largest[0]):.2f}")
+    return parts
 
 
 def _base_parameters(size: str) -> int:
