@@ -144,13 +144,25 @@ def publish_to_serve(url: str, run_dir: Path, model, tokenizer, *,
                 break
             time.sleep(0.01)
         seen = time.perf_counter() - published
-        swap = health["swaps"][-1]["seconds"]
+        swap = swap_seconds(url, name)
         started = time.perf_counter()
         AutoModelForCausalLM.from_pretrained(run_dir / "versions" / name, dtype=torch.float32)
         load = time.perf_counter() - started
         ratios.append(seen / load)
         rows.append([name, f"{seen:.3f}", f"{swap:.3f}", f"{load:.3f}", f"{seen / load:.2f}"])
     return rows, statistics.median(ratios)
+
+
+def swap_seconds(url: str, name: str, *, timeout_s: float = 30) -> float:
+    """The replica's own time for its swap to `name`. It records a swap just after making
+    it, so /health can name the new version a moment before its swap is listed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        swaps = requests.get(f"{url}/health", timeout=30).json()["swaps"]
+        if swaps and swaps[-1]["version"] == name:
+            return swaps[-1]["seconds"]
+        time.sleep(0.01)
+    raise RuntimeError(f"{url}/health: serving {name} but no swap to it listed in {timeout_s} s")
 
 
 def main() -> None:
