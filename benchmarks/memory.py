@@ -1,7 +1,7 @@
 """Peak memory of the coordinator and of a worker, measured on real runs of growing random
 Llama models, and a linear fit per role and setup that predicts what larger models need.
 
-    python benchmarks/memory.py            # 10 runs, ~17 min on 2 cores, up to ~20 GB of memory
+    python benchmarks/memory.py            # 10 runs, ~9 min on 2 cores, up to ~23 GB of memory
     python benchmarks/memory.py --quick    # the two smallest runs
 
 Each run: 2 sites on the demo data, 1 round of 2 steps of 2 × 64 tokens, on this machine's
@@ -11,7 +11,8 @@ process holds) of the coordinator (this process) and of each worker actor (proce
 Setups: full federation (fp32 deltas; bf16 deltas and downlink; sharded merging with 2
 reducers) and LoRA (r 16 on the attention projections). The fit is peak = a + b × parameters
 per role and setup, least squares over the measured sizes; its predictions for 8B and 70B
-are printed beside the measured points. Workers train in fp32 here (no GPU): on a GPU with
+are printed beside the measured points, and a ratio line checks that extrapolation: each
+setup's largest model against what the fit of its smaller sizes predicts. Workers train in fp32 here (no GPU): on a GPU with
 bf16 weights a worker's model and gradients take half as much.
 """
 
