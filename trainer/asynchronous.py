@@ -27,13 +27,12 @@ import ray
 
 from trainer import checkpoint
 from trainer.faults import kill_point
-from trainer.fleet import reason
+from trainer.fleet import combine_ranks, reason
 from trainer.manifest import Timing
 from trainer.quality import gate_problems
 from trainer.quarantine import note_damaged
 from trainer.state import RoundResult, RunError
 from trainer.threads import StopSignal
-from workers.compression import unpack_delta
 from workers.types import NoData, RoundTask, WorkerUpdate
 
 log = logging.getLogger(__name__)
@@ -194,24 +193,24 @@ class AsyncLoop:
         flight = self._land(site)
         try:
             answer = ray.get(flight.ref)
-            ray.get(flight.followers, timeout=max(0.0, flight.deadline - now))
+            followers = ray.get(flight.followers, timeout=max(0.0, flight.deadline - now))
         except Exception as exc:  # noqa: BLE001 - a dead actor or an error inside train_round
             self._failed(site, reason(exc))
             return
-        self._answer(site, flight, answer)
+        self._answer(site, flight, answer, followers)
 
     def _land(self, site: str) -> Flight:
         flight = self.flights.pop(site)
         self.activity.busy[site] += time.monotonic() - flight.started
         return flight
 
-    def _answer(self, site: str, flight: Flight, answer) -> None:
+    def _answer(self, site: str, flight: Flight, answer, followers: list) -> None:
         c = self.c
         self.events.quarantined += note_damaged(c.run_dir, c.state, site, answer.quarantined)
         if isinstance(answer, NoData):
             self._no_data(site, answer)
             return
-        update = dataclasses.replace(answer, delta=unpack_delta(answer.delta))
+        update = combine_ranks(answer, followers)
         staleness = c.state.version - flight.base
         problem = c._report_problem(update, flight.task) or self._stale(staleness)
         if problem is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from trainer.placement import infeasible, wait_until_placed, waiting_reason, wor
 from trainer.sites import SiteWorkers, all_names, start_site, wait_for_name
 from trainer.state import RunState
 from workers.compression import unpack_delta
+from workers.partitions import assemble
 from workers.storage import join
 from workers.types import GroupSpec, NoData, RoundTask, SiteConfig, TrainSpec, WorkerUpdate
 
@@ -196,14 +197,18 @@ class SiteFleet:
                 self.drop(site)
                 continue
             args = (task, weights(site) if callable(weights) else weights, base)
+            # Every rank of a multi-worker site trains the round; each answers with the
+            # slices of the delta it owns (ZeRO), rank 0's answer also speaks for the site.
             if task.shards:
-                refs = workers.primary.train_round_split.options(
-                    num_returns=len(task.shards) + 1).remote(*args)
-                out.pending[refs[0]], out.parts[site] = site, refs[1:]
+                calls = [a.train_round_split.options(num_returns=len(task.shards) + 1)
+                         .remote(*args) for a in workers.actors]
+                answers = [refs[0] for refs in calls]
+                # Reducer i reads slice i of every rank (a list of refs for a group).
+                slices = [refs[1:] for refs in calls]
+                out.parts[site] = slices[0] if len(calls) == 1 else [list(s) for s in zip(*slices)]
             else:
-                out.pending[workers.primary.train_round.remote(*args)] = site
-            # The other ranks of a multi-worker site train the same round with it.
-            out.followers[site] = [a.train_round.remote(*args) for a in workers.actors[1:]]
+                answers = [a.train_round.remote(*args) for a in workers.actors]
+            out.pending[answers[0]], out.followers[site] = site, answers[1:]
         return out
 
     def gather(self, dispatched: Dispatched, *, round_index: int, timeout_s: float,
@@ -222,7 +227,8 @@ class SiteFleet:
             on_answer()
             try:
                 answer = ray.get(ready[0])
-                self._wait_followers(dispatched.followers.get(site, []), deadline=deadline)
+                followers = self._wait_followers(dispatched.followers.get(site, []),
+                                                 deadline=deadline)
             except Exception as exc:  # noqa: BLE001 - a dead actor or an error inside train_round
                 failures[site] = reason(exc)
                 self.drop(site)
@@ -233,7 +239,7 @@ class SiteFleet:
             elif isinstance(answer, NoData):
                 idle.append(site)
             elif answer.round == round_index:
-                updates.append(dataclasses.replace(answer, delta=unpack_delta(answer.delta)))
+                updates.append(combine_ranks(answer, followers))
         for site in pending.values():  # stragglers: their rows stay unconsumed
             failures[site] = f"no update within merge.round_timeout_s={timeout_s}"
             self.drop(site)
@@ -241,17 +247,18 @@ class SiteFleet:
                         unavailable, damaged, dispatched.parts)
 
     @staticmethod
-    def _wait_followers(refs: list, *, deadline: float) -> None:
+    def _wait_followers(refs: list, *, deadline: float) -> list:
         """A group answers once all its ranks have, by the round's deadline (a rank stuck in
-        a collective, e.g. after reading other data than rank 0, must not hang the run)."""
+        a collective, e.g. after reading other data than rank 0, must not hang the run).
+        Returns the other ranks' answers."""
         if not refs:
-            return
-        done, pending = ray.wait(refs, num_returns=len(refs),
-                                 timeout=max(0.0, deadline - time.monotonic()))
+            return []
+        _, pending = ray.wait(refs, num_returns=len(refs),
+                              timeout=max(0.0, deadline - time.monotonic()))
         if pending:
             raise TimeoutError(f"{len(pending)} rank(s) of the site's group did not finish "
                                "by the round's deadline")
-        ray.get(done)
+        return ray.get(refs)
 
     def count_misses(self, *, answered: Iterable[str], missed: Iterable[str],
                      state: RunState) -> None:
@@ -291,6 +298,17 @@ class SiteFleet:
     def _state_lost(self, site: str, exc: Exception) -> None:
         log.warning("site %s could not save its optimizer state: %s", site, exc)
         self.drop(site)
+
+
+def combine_ranks(answer: WorkerUpdate, followers: Sequence[WorkerUpdate]) -> WorkerUpdate:
+    """A site's update from its ranks' answers: rank 0's, with the delta put together from
+    the slices every rank sent (unpacked to fp32). With sharded merging the slices went to
+    the reducers instead, and the delta here is empty."""
+    ranks = [answer, *followers]
+    pieces = [(unpack_delta(a.delta), a.layout) for a in ranks if a.delta]
+    sent = sum(a.metrics.get("bytes_sent", 0) for a in ranks)
+    return dataclasses.replace(answer, delta=assemble(pieces), layout={},
+                               metrics={**answer.metrics, "bytes_sent": sent})
 
 
 def reason(exc: BaseException) -> str:

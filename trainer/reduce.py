@@ -19,7 +19,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from trainer.strategies import FedAvg, MergeConfig
 from trainer.validate import DeltaStats, delta_stats
-from workers.compression import Packed, unpack_delta
+from workers.compression import unpack_delta
+from workers.partitions import assemble
 
 
 def plan_shards(shapes: Mapping[str, tuple[int, ...]], count: int) -> list[list[str]]:
@@ -35,6 +36,17 @@ def plan_shards(shapes: Mapping[str, tuple[int, ...]], count: int) -> list[list[
     return [[name for name in shapes if owner[name] == index] for index in range(count)]
 
 
+# One site's slice i: (payload, layout) from a one-worker site, or for a group the refs of
+# every rank's (payload, layout), each rank holding the ZeRO slices of the tensors it owns.
+Part = tuple | list
+
+
+def whole_slice(part: Part) -> dict[str, np.ndarray]:
+    """A site's slice of the delta in fp32, put together from its ranks' pieces."""
+    pieces = [p for p in ray.get(part) if p is not None] if isinstance(part, list) else [part]
+    return assemble((unpack_delta(payload), layout) for payload, layout in pieces)
+
+
 class ShardReducer:
     """A plain class the coordinator runs as an actor: one slice of every round's deltas."""
 
@@ -44,16 +56,16 @@ class ShardReducer:
         # The combined slice, reused every round (no fresh pages to fault in).
         self.out = {k: torch.zeros(s, dtype=torch.float32) for k, s in self.shapes.items()}
 
-    def inspect(self, *payloads: dict | Packed) -> list[DeltaStats]:
+    def inspect(self, *parts: Part) -> list[DeltaStats]:
         """Validation facts of this slice of each update, in order."""
-        return [delta_stats(unpack_delta(p), self.shapes) for p in payloads]
+        return [delta_stats(whole_slice(p), self.shapes) for p in parts]
 
-    def combine(self, weights: Sequence[float], *payloads: dict | Packed) -> dict[str, np.ndarray]:
+    def combine(self, weights: Sequence[float], *parts: Part) -> dict[str, np.ndarray]:
         """The strategy's combination (weighted average, trimmed mean, median) of this slice."""
         with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
             warnings.simplefilter("ignore", UserWarning)
-            updates = [({k: torch.from_numpy(v) for k, v in unpack_delta(p).items()}, w)
-                       for p, w in zip(payloads, weights, strict=True)]
+            updates = [({k: torch.from_numpy(v) for k, v in whole_slice(p).items()}, w)
+                       for p, w in zip(parts, weights, strict=True)]
         combined = self.strategy.combine(updates, out=self.out)
         return {k: v.numpy() for k, v in combined.items()}
 

@@ -93,10 +93,12 @@ def _dequantize(codes: np.ndarray, scale: np.ndarray, shape: tuple[int, ...]) ->
 
 def split_payload(payload: Delta | Packed, shards: list[list[str]]) -> list[Delta | Packed]:
     """The payload cut into one payload per shard (a list of tensor names each), compressed
-    form kept, so each slice can travel to its reducer as its own object."""
+    form kept, so each slice can travel to its reducer as its own object. A rank of a ZeRO
+    site holds only some tensors: the others are left out of its slices."""
     if not isinstance(payload, Packed):
-        return [{name: payload[name] for name in names} for names in shards]
+        return [{name: payload[name] for name in names if name in payload} for names in shards]
     return [Packed(kind=payload.kind,
-                   data={n: payload.data[n] for n in names},
+                   data={n: payload.data[n] for n in names if n in payload.data},
                    scales={n: payload.scales[n] for n in names if n in payload.scales},
-                   shapes={n: payload.shapes[n] for n in names}) for names in shards]
+                   shapes={n: payload.shapes[n] for n in names if n in payload.shapes})
+            for names in shards]

@@ -1,7 +1,8 @@
 """The DeepSpeed side of a worker: its own process group, the engine, and its optimizer state.
 
-Each worker is its own single-rank DeepSpeed job (a private process group on a free port),
-so sites never block on each other's collectives; merging happens in the coordinator.
+Each site is its own DeepSpeed job (a private process group: one rank on a free port, or the
+N ranks of `sites[].num_workers`), so sites never block on each other's collectives; merging
+happens in the coordinator. At ZeRO-3 the model is built partitioned (`partitioned_build`).
 Optimizer state is saved as safetensors + JSON (DeepSpeed's own checkpoints are pickles,
 which Tributary never reads from disk).
 """
@@ -12,11 +13,12 @@ import copy
 import json
 import os
 import socket
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from workers.partitions import EngineWeights
 
 
 def free_port() -> int:
@@ -89,46 +91,46 @@ def build_engine(model: torch.nn.Module, *, ds_config: dict, lr: float, weight_d
     return engine
 
 
-def load_weights_(engine, weights: dict, *, strict: bool = True) -> None:
-    """Overwrite the engine's parameters in place with the global weights (numpy or torch);
-    `strict=False` loads the ones given (a LoRA adapter, or the base under it)."""
-    module = engine.module
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # object-store arrays are read-only
-        for name, param in module.named_parameters():
-            if strict or name in weights:
-                param.copy_(torch.as_tensor(weights[name]).to(param.dtype))
-    # Mixed-precision/ZeRO optimizers keep fp32 master copies: refresh them from the module.
-    refresh = getattr(engine.optimizer, "_restore_from_bit16_weights", None)
-    if callable(refresh):
-        refresh()
+def zero_stage(ds_config: dict) -> int:
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
 
 
-def local_weights(engine) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in engine.module.named_parameters()}
+def zero3_setting(ds_config: dict):
+    """At ZeRO-3, transformers' handle on the DeepSpeed config: while it is alive, models are
+    built under `deepspeed.zero.Init`, each parameter partitioned over the ranks as it is
+    created, so no rank ever holds the whole model (and transformers' own code, such as
+    generation, knows the parameters are partitioned). Keep it as long as the model; None
+    below ZeRO-3."""
+    if zero_stage(ds_config) < 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
 
 
-def optimizer_snapshot(optimizer: torch.optim.Optimizer, *, into: dict | None = None
-                       ) -> tuple[dict, dict]:
-    """(tensors, everything else) of the torch optimizer's state, copied to the CPU: the
-    optimizer may step on while the copy is written (`write_optimizer_snapshot`). `into`: the
-    tensors of an earlier snapshot that nothing reads any more, copied into where names,
-    shapes and dtypes match: a fresh copy faults in new pages every time, several times
-    slower than copying into memory already mapped (the AdamW moments are 2× the model)."""
-    state = optimizer.state_dict()
+def optimizer_snapshot(weights: EngineWeights, *, into: dict | None = None) -> tuple[dict, dict]:
+    """(tensors, everything else) of the optimizer's state on this rank, copied to the CPU:
+    the optimizer may step on while the copy is written (`write_optimizer_snapshot`). At any
+    ZeRO stage this is the inner torch optimizer's state of this rank's fp32 masters (the
+    masters themselves are set from the global weights every round). `into`: the tensors of
+    an earlier snapshot that nothing reads any more, copied into where names, shapes and
+    dtypes match: a fresh copy faults in new pages every time, several times slower than
+    copying into memory already mapped (the AdamW moments are 2× the model)."""
+    inner = weights.inner
     tensors, scalars = {}, {}
-    for index, slots in state["state"].items():
-        for slot, value in slots.items():
-            key = f"{index}.{slot}"
+    for index, key in enumerate(weights.state_keys()):
+        for slot, value in inner.state.get(key, {}).items():
+            name = f"{index}.{slot}"
             if not torch.is_tensor(value):
-                scalars[key] = value
+                scalars[name] = value
                 continue
-            old = (into or {}).get(key)
+            old = (into or {}).get(name)
             if old is not None and old.shape == value.shape and old.dtype == value.dtype:
-                tensors[key] = old.copy_(value.detach())
+                tensors[name] = old.copy_(value.detach())
             else:
-                tensors[key] = value.detach().to("cpu", copy=True).contiguous()
-    return tensors, {"param_groups": copy.deepcopy(state["param_groups"]), "scalars": scalars}
+                tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in inner.param_groups]
+    return tensors, {"param_groups": copy.deepcopy(groups), "scalars": scalars}
 
 
 def write_optimizer_snapshot(snapshot: tuple[dict, dict], folder: Path) -> None:
@@ -139,13 +141,25 @@ def write_optimizer_snapshot(snapshot: tuple[dict, dict], folder: Path) -> None:
     (folder / "optimizer.json").write_text(json.dumps(meta))
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def load_optimizer_state(weights: EngineWeights, folder: Path) -> None:
+    """The state `write_optimizer_snapshot` wrote, back into this rank's optimizer."""
     meta = json.loads((folder / "optimizer.json").read_text())
+    keys = weights.state_keys()
     slots: dict[int, dict] = {}
-    for key, tensor in load_file(str(folder / "optimizer.safetensors")).items():
-        index, slot = key.split(".", 1)
-        slots.setdefault(int(index), {})[slot] = tensor
-    for key, value in meta["scalars"].items():
-        index, slot = key.split(".", 1)
+    for name, tensor in load_file(str(folder / "optimizer.safetensors")).items():
+        index, slot = name.split(".", 1)
+        slots.setdefault(int(index), {})[slot] = tensor.to(keys[int(index)].device)
+    for name, value in meta["scalars"].items():
+        index, slot = name.split(".", 1)
         slots.setdefault(int(index), {})[slot] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+    inner = weights.inner
+    inner.state.clear()
+    for index, state in slots.items():
+        inner.state[keys[index]] = state
+    for group, saved in zip(inner.param_groups, meta["param_groups"], strict=True):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def clear_optimizer_state(weights: EngineWeights) -> None:
+    """A fresh optimizer: no moments yet."""
+    weights.inner.state.clear()

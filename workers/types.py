@@ -214,6 +214,9 @@ class WorkerUpdate:
     sequences: pa.Table
     metrics: dict = field(default_factory=dict)
     quarantined: tuple[dict, ...] = ()  # records of damaged increment files (skipped)
+    # A rank of a ZeRO site sends only the slices of the fp32 masters it owns: here, for each
+    # tensor sent as a slice, (its start in the flattened tensor, the tensor's shape).
+    layout: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

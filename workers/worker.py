@@ -33,6 +33,7 @@ from workers.increments import cursor_after, increment_step, merge_ranges
 from workers.lora import apply_lora, is_trained
 from workers.model import build_model
 from workers.packing import empty_sequences, real_tokens
+from workers.partitions import EngineWeights, Layout, split_slices
 from workers.reader import NewRows, RowReader
 from workers.replay import ReplayStore, site_key
 from workers.retry import StorageUnavailable
@@ -79,6 +80,7 @@ class Worker:
         self.state_writer = StateWriter(self.states)
         engine_started = time.perf_counter()
         self.engine = self._engine(model_config)
+        self.weights = EngineWeights(self.engine, rank=self.group.rank)
         self.init_seconds = {"engine": time.perf_counter() - engine_started}
         self.device = self.engine.device
         self.steps = RoundSteps(engine=self.engine, train=train, group=self.group,
@@ -106,6 +108,7 @@ class Worker:
             ds.init_group(rank=self.group.rank, size=self.group.size,
                           master_addr=self.group.master_addr, master_port=self.group.master_port)
         torch.manual_seed(train.seed)
+        self.zero3 = ds.zero3_setting(train.deepspeed)  # kept: transformers holds it weakly
         model = build_model(model_config)
         if train.lora is not None:  # adapters only train
             model = apply_lora(model, train.lora, seed=train.seed)
@@ -174,15 +177,16 @@ class Worker:
         self.dirty, self.pending = True, sequences
         trained = self.steps.run(plan, sequences, holdout, anchor=self.steps.anchor(weights))
         trained = dataclasses.replace(trained, seconds=time.perf_counter() - started)
-        if self.group.rank > 0:  # the group's weights are identical: rank 0 sends the delta
-            return self._update(task, plan, {}, rows, sequences, trained=trained)
+        # Every rank sends the slice of the fp32 masters it owns (all of it at ZeRO-0 on
+        # rank 0, nothing on the others): no rank gathers the model.
         started = time.perf_counter()
-        payload, residual = pack_delta(
-            self._delta(weights), kind=self.train.compression, residual=self.residual)
+        delta, layout = self._delta(weights)
+        payload, residual = pack_delta(delta, kind=self.train.compression,
+                                       residual=self.residual)
         self.pending_residual = residual if self.train.error_feedback else None
         self.seconds["delta_seconds"] = time.perf_counter() - started
         return self._update(task, plan, payload, rows, sequences, trained=trained,
-                            holdout=holdout, received=received)
+                            holdout=holdout, received=received, layout=layout)
 
     def train_round_split(self, task: RoundTask, weights: dict, base: dict | None = None
                           ) -> tuple:
@@ -194,25 +198,28 @@ class Worker:
         shards = [list(names) for names in task.shards]
         if isinstance(answer, NoData) or not answer.delta:
             return (answer, *([None] * len(shards)))
-        return (dataclasses.replace(answer, delta={}), *split_payload(answer.delta, shards))
+        parts = [(payload, {n: answer.layout[n] for n in names if n in answer.layout})
+                 for payload, names in zip(split_payload(answer.delta, shards), shards,
+                                           strict=True)]
+        return (dataclasses.replace(answer, delta={}), *parts)
 
     def _load(self, weights: dict, base: dict | None) -> int:
         """Load the round's weights; returns the bytes of the base received (once)."""
         received = 0
         if not self.base_loaded and base is not None:
-            ds.load_weights_(self.engine, base, strict=False)
+            self.weights.load_(base, strict=False)
             self.base_loaded, received = True, _nbytes(base)
-        ds.load_weights_(self.engine, weights, strict=self.train.lora is None)
+        self.weights.load_(weights, strict=self.train.lora is None)
         return received
 
     def _update(self, task: RoundTask, plan: RoundPlan, delta: dict | Packed, rows: NewRows,
                 sequences: pa.Table, *, trained: Trained, holdout: pa.Table | None = None,
-                received: int = 0) -> WorkerUpdate:
+                received: int = 0, layout: Layout | None = None) -> WorkerUpdate:
         consumed = merge_ranges(rows.ranges)
         new_tokens = real_tokens(sequences)
         losses = trained.losses
         return WorkerUpdate(
-            worker_id=self.site.name, round=plan.round_index, delta=delta,
+            worker_id=self.site.name, round=plan.round_index, delta=delta, layout=layout or {},
             # Repeated passes weigh in: the new tokens of every epoch actually run.
             weight=float(new_tokens * trained.epochs),
             consumed=consumed, cursor=cursor_after(consumed, task.cursor, steps=len(losses)),
@@ -234,14 +241,12 @@ class Worker:
         return self.replay(count, [self.train.seed, round_index, site_key(self.site.name)],
                            round_index=round_index, weights=weights)
 
-    def _delta(self, global_weights: dict) -> dict[str, np.ndarray]:
-        delta = {}
-        for name, param in ds.local_weights(self.engine).items():
-            if self.train.lora is not None and not is_trained(name):
-                continue  # the frozen A and base: no update to send
-            base = torch.as_tensor(global_weights[name], dtype=torch.float32)
-            delta[name] = (param.to("cpu", torch.float32) - base).numpy()
-        return delta
+    def _delta(self, global_weights: dict) -> tuple[dict[str, np.ndarray], Layout]:
+        """This rank's fp32 masters minus the global weights: (delta, where its slices go)."""
+        names = None
+        if self.train.lora is not None:  # the frozen A and base: no update to send
+            names = [n for n in self.weights.params if is_trained(n)]
+        return split_slices(self.weights.masters(names), global_weights)
 
     # ------------------------------------------------------------------ committed state
 
@@ -256,7 +261,7 @@ class Worker:
         # is on disk). A site-local replay store goes with it and changes every round: that
         # state is written now.
         self.state_writer.wait()  # the last snapshot is written: its memory is free again
-        optimizer = ds.optimizer_snapshot(self.engine.optimizer, into=self.snapshot)
+        optimizer = ds.optimizer_snapshot(self.weights, into=self.snapshot)
         self.snapshot, generators, residual = optimizer[0], rng.capture(), self.residual
 
         def write(folder: Path) -> None:
@@ -286,10 +291,10 @@ class Worker:
         self.states.discard_after(round_index)
         saved = self.states.newest(round_index)
         if saved is not None:
-            ds.load_optimizer_state(self.engine.optimizer, saved)
+            ds.load_optimizer_state(self.weights, saved)
             self.committed_round = int(saved.name.split("-")[1])
         else:
-            self.engine.optimizer.state.clear()  # a fresh AdamW: no moments yet
+            ds.clear_optimizer_state(self.weights)
             self.committed_round = 0
         rng.restore((rng.load(saved) if saved else None) or self.initial_rng)
         if self.local_replay is not None:

@@ -43,7 +43,7 @@ def test_slices_combined_apart_equal_the_whole_combination(strategy, kind):
         reducer = ShardReducer(shapes={n: SHAPES[n] for n in names},
                                merge=MergeConfig(strategy=strategy, trim_fraction=0.2))
         index = plan_shards(SHAPES, 3).index(names)
-        parts = [split_payload(u, plan_shards(SHAPES, 3))[index] for u in updates]
+        parts = [(split_payload(u, plan_shards(SHAPES, 3))[index], {}) for u in updates]
         combined = reducer.combine(weights, *parts)
         assert sorted(combined) == sorted(names)
         for name in names:
@@ -55,11 +55,11 @@ def test_slice_stats_add_up_to_the_whole_delta_and_find_a_nan():
     shards = plan_shards(SHAPES, 2)
     reducers = [ShardReducer(shapes={n: SHAPES[n] for n in s}, merge=MergeConfig())
                 for s in shards]
-    stats = [r.inspect(p)[0] for r, p in zip(reducers, split_payload(delta, shards), strict=True)]
+    stats = [r.inspect((p, {}))[0] for r, p in zip(reducers, split_payload(delta, shards), strict=True)]
     assert sum(s.sum_squares for s in stats) == pytest.approx(
         delta_stats(delta, SHAPES).sum_squares, rel=1e-6)
     delta["b"][3] = np.nan
-    problems = [r.inspect(p)[0].problem
+    problems = [r.inspect((p, {}))[0].problem
                 for r, p in zip(reducers, split_payload(delta, shards), strict=True)]
     assert [p is not None for p in problems] == ["b" in s for s in shards]
     assert "'b'" in next(p for p in problems if p)
@@ -67,5 +67,5 @@ def test_slice_stats_add_up_to_the_whole_delta_and_find_a_nan():
 
 def test_a_slice_with_a_wrong_shape_is_named():
     reducer = ShardReducer(shapes={"b": (8,)}, merge=MergeConfig())
-    [stats] = reducer.inspect({"b": np.zeros(9, dtype=np.float32)})
+    [stats] = reducer.inspect(({"b": np.zeros(9, dtype=np.float32)}, {}))
     assert "'b'" in stats.problem and "(9,)" in stats.problem
