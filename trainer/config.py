@@ -375,6 +375,7 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
                         "(model.tokenizer); remove it")
     if check_files:
         _check_model(config.model, problems)
+        _check_deepspeed(config, problems)
 
 
 def _need(problems: list[str]):
@@ -425,6 +426,36 @@ def _check_worker(w: WorkerConfig, problems: list[str], *, check_files: bool,
     if isinstance(w.deepspeed, str):
         need(not check_files or Path(w.deepspeed).is_file(), f"{prefix}.deepspeed",
              f"{w.deepspeed} does not exist")
+
+
+def _check_deepspeed(config: Config, problems: list[str]) -> None:
+    """What Tributary asks of each site's DeepSpeed config (file or inline)."""
+    for i, site in enumerate(config.sites):
+        worker = config.worker_for(site.name)
+        key = f"sites[{i}].worker.deepspeed" if "deepspeed" in site.worker.set() else \
+            "worker.deepspeed"
+        if isinstance(worker.deepspeed, str) and not Path(worker.deepspeed).is_file():
+            continue  # reported as missing
+        try:
+            ds = deepspeed_dict(worker)
+        except ConfigError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+            continue
+        zero = ds.get("zero_optimization") or {}
+        stage = zero.get("stage", 0)
+        need = _need(problems)
+        need(stage in (0, 1, 2, 3), f"{key}: zero_optimization.stage",
+             f"must be 0, 1, 2 or 3, found {stage!r}")
+        need(not (ds.get("bf16") or {}).get("enabled") or not (ds.get("fp16") or {}).get(
+            "enabled"), f"{key}: bf16, fp16", "enable one of them, not both")
+        need(stage == 3 or (zero.get("offload_param") or {}).get("device", "none") == "none",
+             f"{key}: zero_optimization.offload_param",
+             f"offloads parameters at ZeRO-3 only (stage is {stage}); use offload_optimizer, "
+             "or stage 3")
+        need(stage != 3 or worker.prox_mu == 0, "worker.prox_mu",
+             f"site {site.name!r} runs ZeRO-3 ({key}), whose parameters are partitioned "
+             "outside the forward pass, where FedProx's term reads them whole; set "
+             "worker.prox_mu: 0 or use ZeRO-2 or lower")
 
 
 def _check_site_worker(config: Config, i: int, problems: list[str], *,

@@ -78,12 +78,17 @@ def _release_shm_buffer(port: int) -> None:
 def build_engine(model: torch.nn.Module, *, ds_config: dict, lr: float, weight_decay: float,
                  micro_batch: int):
     """A DeepSpeed engine for `model`. The DeepSpeed JSON may bring its own "optimizer"
-    section; otherwise torch's AdamW is used (it runs on every accelerator, CPU included)."""
+    section; otherwise torch's AdamW is used (it runs on every accelerator, CPU included),
+    except with ZeRO-Offload of the optimizer, where DeepSpeed's own AdamW steps on the CPU
+    (its DeepSpeedCPUAdam, built on first use; a torch optimizer there is refused by it)."""
     import deepspeed
 
     config = dict(ds_config)
     config.setdefault("train_micro_batch_size_per_gpu", micro_batch)
     config.setdefault("gradient_accumulation_steps", 1)
+    if offloads_optimizer(config) and "optimizer" not in config:
+        config["optimizer"] = {"type": "AdamW",
+                               "params": {"lr": lr, "weight_decay": weight_decay}}
     optimizer = None
     if "optimizer" not in config:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -93,6 +98,12 @@ def build_engine(model: torch.nn.Module, *, ds_config: dict, lr: float, weight_d
 
 def zero_stage(ds_config: dict) -> int:
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    """ZeRO-Offload: the optimizer's states (and its step) live in CPU memory."""
+    offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") != "none"
 
 
 def zero3_setting(ds_config: dict):

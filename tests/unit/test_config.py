@@ -245,6 +245,23 @@ def test_a_sites_own_worker_settings_replace_the_runs_for_that_site_only(tmp_pat
     assert small.worker == config.worker and small.deepspeed == {"zero_optimization": {"stage": 0}}
 
 
+def test_deepspeed_settings_tributary_cannot_run_are_named(tmp_path):
+    raw = minimal(tmp_path)
+    raw["worker"]["prox_mu"] = 0.01
+    raw["worker"]["deepspeed"] = {"zero_optimization": {"stage": 3}}
+    (problem,) = problems_of(raw)
+    assert problem.startswith("worker.prox_mu: site 'a' runs ZeRO-3 (worker.deepspeed)")
+    raw["worker"]["prox_mu"] = 0
+    config_from_dict(raw)  # ZeRO-3 itself is fine
+    raw["sites"][0]["worker"] = {"deepspeed": {
+        "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}},
+        "bf16": {"enabled": True}, "fp16": {"enabled": True}}}
+    problems = problems_of(raw)
+    assert any(p.startswith("sites[0].worker.deepspeed: zero_optimization.offload_param: "
+                            "offloads parameters at ZeRO-3 only") for p in problems)
+    assert "sites[0].worker.deepspeed: bf16, fp16: enable one of them, not both" in problems
+
+
 def test_a_sites_worker_settings_are_checked_under_its_key(tmp_path):
     raw = minimal(tmp_path)
     raw["sites"][0]["worker"] = {"local_steps": 0, "batch_size": 2, "num_cpus": -1,
