@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -60,6 +61,14 @@ def tiny_config(demo_root: Path, notes: Path, run_dir: Path, **overrides) -> Con
     }
     sets = [f"{key}={value}" for key, value in overrides.items()]
     return resolve_paths(config_from_dict(raw, overrides=sets))
+
+
+def zero_config(stage: int, **extra) -> dict:
+    """The CPU DeepSpeed config at ZeRO `stage`; every parameter really partitioned at 3
+    (by default DeepSpeed keeps parameters under 100k elements whole, i.e. all of these)."""
+    config = json.loads((REPO_ROOT / "configs" / "deepspeed" / "cpu.json").read_text())
+    config["zero_optimization"] = {"stage": stage, "stage3_param_persistence_threshold": 0}
+    return {**config, **extra}
 
 
 def assert_tiny_rows_exactly_once(run_dir: Path) -> None:

@@ -49,6 +49,10 @@ class Flight:
     followers: list  # the other ranks' answers (a multi-worker site)
     deadline: float
     started: float
+    waiting: list = field(default_factory=list)  # the ranks' answers not yet in
+
+    def __post_init__(self) -> None:
+        self.waiting = [self.ref, *self.followers]
 
 
 @dataclass(frozen=True)
@@ -178,23 +182,30 @@ class AsyncLoop:
     # ------------------------------------------------------------------ answers
 
     def _receive(self, *, timeout_s: float) -> None:
-        """Take the next answer, and fail the tasks past their deadline."""
-        refs = {flight.ref: site for site, flight in self.flights.items()}
+        """Take the next answer, and fail the tasks past their deadline. A group's task
+        answers once all its ranks have; one rank that fails fails the task at once."""
+        refs = {ref: site for site, flight in self.flights.items() for ref in flight.waiting}
         ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
         now = time.monotonic()
         for site, flight in list(self.flights.items()):
-            if flight.ref not in ready and flight.deadline < now:
+            if not set(ready) & set(flight.waiting) and flight.deadline < now:
                 self._land(site)
                 self._failed(site, "no update within merge.round_timeout_s="
                                    f"{self.c.config.merge.round_timeout_s}")
-        if not ready:
+        if not ready or refs[ready[0]] not in self.flights:
             return
         site = refs[ready[0]]
-        flight = self._land(site)
+        flight = self.flights[site]
+        flight.waiting.remove(ready[0])
         try:
-            answer = ray.get(flight.ref)
-            followers = ray.get(flight.followers, timeout=max(0.0, flight.deadline - now))
+            ray.get(ready[0])
+            if flight.waiting:
+                return  # the site's other ranks are still training
+            self._land(site)
+            answer, followers = ray.get(flight.ref), ray.get(flight.followers)
         except Exception as exc:  # noqa: BLE001 - a dead actor or an error inside train_round
+            if site in self.flights:
+                self._land(site)
             self._failed(site, reason(exc))
             return
         self._answer(site, flight, answer, followers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,7 @@ class SiteFleet:
         try:
             answers = ray.get(self.actors[site].call("ready"))
             if round_index > 0:
-                ray.get(self.actors[site].call("restore", round_index=round_index))
+                restore_ranks(self.actors[site], round_index=round_index)
             self.placement[site] = answers[0]
             for answer in answers:
                 log.info("worker of site %s runs on %s", site, answer)
@@ -162,7 +163,7 @@ class SiteFleet:
                 raise RuntimeError(f"cannot restart its workers: {problem}")
             workers = self._create(site)
             if round_index > 0:
-                ray.get(workers.call("restore", round_index=round_index))
+                restore_ranks(workers, round_index=round_index)
         return self.actors[site]
 
     def drop(self, site: str) -> None:
@@ -214,25 +215,37 @@ class SiteFleet:
     def gather(self, dispatched: Dispatched, *, round_index: int, timeout_s: float,
                on_answer: Callable[[], None] = lambda: None) -> Gathered:
         """Every answer until all sites answered or the deadline passed; a site that did not
-        answer in time is a failure, and its workers are replaced."""
-        pending, failures = dict(dispatched.pending), dict(dispatched.failures)
+        answer in time is a failure, and its workers are replaced. A group answers once all
+        its ranks have; one rank that fails fails its site at once (the others would wait
+        in a collective for it until the deadline)."""
+        primary = {site: ref for ref, site in dispatched.pending.items()}
+        waiting = dict(dispatched.pending)  # every rank's ref -> its site
+        for site, refs in dispatched.followers.items():
+            waiting.update(dict.fromkeys(refs, site))
+        ranks_left = Counter(waiting.values())
+        failures = dict(dispatched.failures)
         updates, idle, unavailable, damaged = [], [], {}, {}
         deadline = time.monotonic() + timeout_s
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1,
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1,
                                 timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 break
-            site = pending.pop(ready[0])
-            on_answer()
+            site = waiting.pop(ready[0])
             try:
-                answer = ray.get(ready[0])
-                followers = self._wait_followers(dispatched.followers.get(site, []),
-                                                 deadline=deadline)
+                ray.get(ready[0])
+                ranks_left[site] -= 1
+                if ranks_left[site]:
+                    continue  # the site's other ranks are still training
+                answer = ray.get(primary[site])
+                followers = ray.get(dispatched.followers.get(site, []))
             except Exception as exc:  # noqa: BLE001 - a dead actor or an error inside train_round
                 failures[site] = reason(exc)
                 self.drop(site)
+                waiting = {ref: s for ref, s in waiting.items() if s != site}
+                on_answer()
                 continue
+            on_answer()
             damaged[site] = answer.quarantined
             if isinstance(answer, NoData) and answer.unavailable:
                 unavailable[site] = answer.unavailable
@@ -240,25 +253,11 @@ class SiteFleet:
                 idle.append(site)
             elif answer.round == round_index:
                 updates.append(combine_ranks(answer, followers))
-        for site in pending.values():  # stragglers: their rows stay unconsumed
+        for site in set(waiting.values()):  # stragglers: their rows stay unconsumed
             failures[site] = f"no update within merge.round_timeout_s={timeout_s}"
             self.drop(site)
         return Gathered(sorted(updates, key=lambda u: u.worker_id), failures, idle,
                         unavailable, damaged, dispatched.parts)
-
-    @staticmethod
-    def _wait_followers(refs: list, *, deadline: float) -> list:
-        """A group answers once all its ranks have, by the round's deadline (a rank stuck in
-        a collective, e.g. after reading other data than rank 0, must not hang the run).
-        Returns the other ranks' answers."""
-        if not refs:
-            return []
-        _, pending = ray.wait(refs, num_returns=len(refs),
-                              timeout=max(0.0, deadline - time.monotonic()))
-        if pending:
-            raise TimeoutError(f"{len(pending)} rank(s) of the site's group did not finish "
-                               "by the round's deadline")
-        return ray.get(refs)
 
     def count_misses(self, *, answered: Iterable[str], missed: Iterable[str],
                      state: RunState) -> None:
@@ -298,6 +297,19 @@ class SiteFleet:
     def _state_lost(self, site: str, exc: Exception) -> None:
         log.warning("site %s could not save its optimizer state: %s", site, exc)
         self.drop(site)
+
+
+def restore_ranks(workers: SiteWorkers, *, round_index: int) -> int:
+    """Every rank loads its state committed at or before `round_index`, and all from the same
+    round: a rank that died while writing its newest state has an older one, and the others
+    then go back to it too (ranks at different rounds would train an inconsistent optimizer).
+    Returns the round loaded."""
+    loaded = ray.get(workers.call("restore", round_index=round_index))
+    if len(set(loaded)) > 1:
+        log.warning("the ranks of site %s hold states of rounds %s; all go back to round %d",
+                    workers.site, loaded, min(loaded))
+        ray.get(workers.call("restore", round_index=min(loaded)))
+    return min(loaded)
 
 
 def combine_ranks(answer: WorkerUpdate, followers: Sequence[WorkerUpdate]) -> WorkerUpdate:

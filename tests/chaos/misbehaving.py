@@ -188,3 +188,26 @@ def recording_worker(*, folder: str, fail_site: str, fail_round: int) -> type:
             return update
 
     return RecordingWorker
+
+
+def rank_killing_worker(*, site: str, rank: int, round_index: int, folder: str) -> type:
+    """A Worker class whose `site`'s rank `rank` SIGKILLs its own process as its round
+    `round_index` starts, once (a marker in `folder` remembers): a node or GPU lost under
+    one rank of a multi-rank site, once the state of its last round is on disk."""
+
+    class RankKillingWorker(Worker):
+        def train_round(self, task, weights, base=None):
+            import os
+            import signal
+            from pathlib import Path
+
+            marker = Path(marker_folder) / f"killed-{site}-rank{rank}"
+            if (self.site.name, self.group.rank, task.round_index) == (site, rank, kill_round) \
+                    and not marker.exists():
+                self.state_writer.wait()
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().train_round(task, weights, base)
+
+    kill_round, marker_folder = round_index, folder
+    return RankKillingWorker

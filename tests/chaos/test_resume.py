@@ -8,6 +8,7 @@ and the move of `latest`, and right after a merge; a torn metrics line is left b
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.chaos import misbehaving
-from tests.helpers import ARCH, REPO_ROOT, assert_rows_exactly_once, tiny_config
+from tests.helpers import ARCH, REPO_ROOT, assert_rows_exactly_once, tiny_config, zero_config
 from trainer.checkpoint import all_manifests
 from trainer.config import dump_config
 from trainer.coordinator import run_training
@@ -42,15 +43,16 @@ LORA = {"rounds": 2, "model.lora": {"r": 4, "alpha": 8, "dropout": 0.2,
         "merge.compression": "int8"}
 NOISY_ROUND = 2  # the noise makes the gate reject round 2's candidate
 
+# argv: the config, and the misbehaving worker as JSON [factory name, its keyword arguments].
 KILL_SCRIPT = """
-import sys, yaml, ray.cloudpickle
+import json, sys, yaml, ray.cloudpickle
 from tests.chaos import misbehaving
 from trainer.config import config_from_dict
 from trainer.coordinator import run_training
 ray.cloudpickle.register_pickle_by_value(misbehaving)
 config = config_from_dict(yaml.safe_load(open(sys.argv[1])))
-worker = misbehaving.noisy_worker(round_index=int(sys.argv[2]), scale=0.5)
-run_training(config, worker_cls=worker)
+factory, kwargs = json.loads(sys.argv[2])
+run_training(config, worker_cls=getattr(misbehaving, factory)(**kwargs))
 """
 
 
@@ -65,20 +67,26 @@ def identical(a: dict, b: dict) -> bool:
         for x, y in zip(a.values(), b.values(), strict=True))
 
 
-def kill_and_resume(config, run_dir: Path, tmp_path: Path, *, point: str, noisy: int) -> None:
-    """Run `config` in a child process that SIGKILLs itself at `point`, then resume here."""
+def kill_and_resume(config, run_dir: Path, tmp_path: Path, *, point: str, noisy: int | None = None,
+                    worker: tuple[str, dict] | None = None) -> str:
+    """Run `config` in a child process that SIGKILLs itself at `point`, then resume here.
+    The sites run `misbehaving.noisy_worker` in round `noisy`, or `worker` (a factory of
+    `misbehaving` and its arguments). Returns the child's log (stderr)."""
     config_path = tmp_path / "config.yaml"
     dump_config(config, config_path)
+    worker = worker or ("noisy_worker", {"round_index": noisy, "scale": 0.5})
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
                TRIBUTARY_KILL_AT=point)
-    child = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(config_path), str(noisy)],
+    child = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(config_path),
+                            json.dumps(worker)],
                            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                            check=False)
     assert child.returncode == -9, child.stderr[-3000:]
     with open(run_dir / "metrics.jsonl", "a") as handle:  # a kill in the middle of a line
         handle.write('{"round": 99, "eval_perplexity": {"shakes')
-    worker = misbehaving.noisy_worker(round_index=noisy, scale=0.5)
-    run_training(config, resume=True, worker_cls=worker)
+    factory, kwargs = worker
+    run_training(config, resume=True, worker_cls=getattr(misbehaving, factory)(**kwargs))
+    return child.stderr
 
 
 def test_everything_on_resumes_bit_identically_after_a_kill_before_latest_moves(
@@ -143,3 +151,32 @@ def test_the_forgetting_budget_steers_replay_and_resumes_bit_identically(
     assert identical(files_of(straight, "v0003"), files_of(killed, "v0003"))
     assert [m["control"] for m in all_manifests(straight)] == [
         m["control"] for m in all_manifests(killed)]
+
+
+ZERO3 = {"rounds": 3, "worker.prox_mu": 0, "merge.min_workers": 2,  # a failed site: retried
+         "merge.compression": "int8", "merge.reducers": 2,
+         "sites.speeches.num_workers": 2, "worker.num_cpus": 0.5}
+
+
+def test_a_zero3_site_resumes_bit_identically_after_a_rank_and_the_coordinator_are_killed(
+        ray_cluster, demo_root, notes_site, tmp_path):
+    """Both sites at ZeRO-3, speeches on two ranks, each holding half of every weight and of
+    the optimizer's moments, and sending the int8 delta of its half to the sharded reducers.
+    Rank 1 dies as round 2 starts: the round is retried with the site restarted from each
+    rank's committed state; the coordinator dies after round 3's merge; resumed, every
+    version equals a run in which nothing died."""
+    ds = json.dumps(zero_config(3))
+    straight = tmp_path / "straight"
+    run_training(tiny_config(demo_root, notes_site, straight, **ZERO3,
+                             **{"worker.deepspeed": ds}))
+    killed = tmp_path / "killed"
+    config = tiny_config(demo_root, notes_site, killed, **ZERO3, **{"worker.deepspeed": ds})
+    worker = ("rank_killing_worker", {"site": "speeches", "rank": 1, "round_index": 2,
+                                      "folder": str(tmp_path)})
+    log = kill_and_resume(config, killed, tmp_path, point="merged:3", worker=worker)
+
+    assert (tmp_path / "killed-speeches-rank1").is_file(), "rank 1 was never killed"
+    assert "round 2 got 1 valid update(s)" in log and "retrying it" in log, log[-3000:]
+    for version in ("v0001", "v0002", "v0003"):
+        assert identical(files_of(straight, version), files_of(killed, version)), version
+    assert all_manifests(straight)[-1]["cursors"] == all_manifests(killed)[-1]["cursors"]

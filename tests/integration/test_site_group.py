@@ -9,7 +9,7 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
-from tests.helpers import REPO_ROOT, tiny_config
+from tests.helpers import tiny_config, zero_config
 from trainer.checkpoint import all_manifests
 from trainer.coordinator import run_training
 from trainer.metrics import read_metrics
@@ -47,14 +47,6 @@ def test_two_worker_site_matches_a_single_worker(two_rounds, ray_cluster, demo_r
     assert (sites / "state-rank1" / "round-0002").is_dir()
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("tributary-worker-speeches")]
-
-
-def zero_config(stage: int, **extra) -> dict:
-    """The CPU DeepSpeed config at ZeRO `stage`; every parameter really partitioned at 3
-    (by default DeepSpeed keeps parameters under 100k elements whole, i.e. all of these)."""
-    config = json.loads((REPO_ROOT / "configs" / "deepspeed" / "cpu.json").read_text())
-    config["zero_optimization"] = {"stage": stage, "stage3_param_persistence_threshold": 0}
-    return {**config, **extra}
 
 
 @pytest.fixture(scope="module")
