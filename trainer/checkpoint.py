@@ -38,16 +38,17 @@ def version_number(folder: Path) -> int:
 def save_version(run_dir: Path, *, number: int, model: torch.nn.Module, tokenizer,
                  manifest: dict, rejected: bool = False,
                  outer_state: dict[str, torch.Tensor] | None = None,
-                 weights: bool = True) -> Path:
+                 weights: bool = True, max_shard_size: str = "5GB") -> Path:
     """Write version `number` with its manifest (and the merge strategy's outer-optimizer
     state, if it keeps one) and point `latest` at it (a rejected version goes to
     versions/rejected/ and `latest` stays where it is). `weights=False` writes the manifest
-    only (run.eval_every): such a version is lineage, never `latest`."""
+    only (run.eval_every): such a version is lineage, never `latest`. Weights over
+    `max_shard_size` are written in shards with an index, as `from_pretrained` reads them."""
     versions = run_dir / VERSIONS / REJECTED if rejected else run_dir / VERSIONS
     final = versions / version_name(number)
     with atomic_dir(final) as tmp:
         if weights:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
             tokenizer.save_pretrained(tmp)
         if outer_state and weights:
             save_file({k: v.contiguous() for k, v in outer_state.items()}, str(tmp / OUTER_STATE))

@@ -27,6 +27,7 @@ import yaml
 
 from trainer.strategies import STRATEGIES, MergeConfig
 from workers.compression import COMPRESSIONS
+from workers.engine import precision
 from workers.lora import LoraSpec
 from workers.replay import BALANCE_MODES, STRATA_KINDS, ReplayConfig
 from workers.schedule import SCHEDULE_KINDS
@@ -38,6 +39,9 @@ GATE_BASELINES = ("best", "start")  # what a protected eval set is judged agains
 # model.architecture keys that come from the tokenizer, never from the config.
 SET_FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
 BUILTIN_TOKENIZERS = ("smollm2", "gpt2")
+# What a model folder ships when it ships its tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DTYPES = ("fp32", "bf16", "fp16")
 # fp32, no ZeRO partitioning: right for one CPU or GPU per worker; see configs/deepspeed/.
 DEFAULT_DEEPSPEED = {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0,
                      "steps_per_print": 1_000_000}
@@ -66,6 +70,9 @@ class RunConfig:
     # Evaluate (and gate, and write the weights of) every N-th version; every version's
     # manifest is written. Mostly for merge.mode async, whose merges come often.
     eval_every: int = 1
+    # Versions larger than this are written as several safetensors files and an index
+    # (what `from_pretrained` reads); the Hugging Face Hub's convention.
+    max_shard_size: str = "5GB"
 
 
 @dataclass(frozen=True)
@@ -73,10 +80,20 @@ class ModelConfig:
     # "smollm2" (the shipped SmolLM2-135M), "random" (built from `architecture`),
     # or a local Hugging Face model folder.
     source: str = "smollm2"
-    tokenizer: str = "smollm2"
+    # "smollm2", "gpt2" or a tokenizer folder; null: the model's own (a folder's, SmolLM2's).
+    tokenizer: str | None = None
     architecture: dict = field(default_factory=dict)
     # Federate LoRA adapters instead of full weights (workers/lora.py); null: full weights.
     lora: LoraSpec | None = None
+    # The sites' weights in "fp32", "bf16" or "fp16" (DeepSpeed's mixed precision, with fp32
+    # master weights); null: as the DeepSpeed config says. The global model stays fp32.
+    dtype: str | None = None
+
+    def tokenizer_source(self) -> str:
+        """The tokenizer to load: the one named, else the model's own."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return "smollm2" if self.source in BUILTIN_MODELS else self.source
 
 
 @dataclass(frozen=True)
@@ -185,7 +202,8 @@ class Config:
         local = self.replay_capacity() // len(self.sites) if self.replay.scope == "site" else 0
         worker = self.worker if site is None else self.worker_for(site)
         return TrainSpec(worker=worker, replay=self.replay,
-                         deepspeed=deepspeed_dict(worker), seed=self.run.seed,
+                         deepspeed=with_dtype(deepspeed_dict(worker), self.model.dtype),
+                         seed=self.run.seed,
                          compression=self.merge.compression,
                          error_feedback=self.merge.error_feedback, lora=self.model.lora,
                          local_replay_capacity=local, keep_states=self.run.keep_versions)
@@ -355,6 +373,9 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
          "set merge.mode: async or remove it")
     need(config.cluster.placement_timeout_s > 0, "cluster.placement_timeout_s",
          "must be greater than 0")
+    need(re.fullmatch(r"\d+\s*([KMGT]i?B)", str(config.run.max_shard_size), re.IGNORECASE),
+         "run.max_shard_size", f"must be a size such as 5GB or 500MB, found "
+         f"{config.run.max_shard_size!r}")
     keep = config.run.keep_versions
     need(keep is None or keep >= 1, "run.keep_versions", f"must be at least 1, found {keep}")
     need(config.quality.max_regression >= 0, "quality.max_regression", "must not be negative")
@@ -370,6 +391,8 @@ def _check_values(config: Config, problems: list[str], *, check_files: bool = Tr
     _check_merge(config, problems)
     _check_lora(config.model.lora, problems)
     _check_overlaps(config, problems, check_files=check_files)
+    need(config.model.dtype in (None, *DTYPES), "model.dtype",
+         f"must be one of {DTYPES}, found {config.model.dtype!r}")
     for key in sorted(set(config.model.architecture) & SET_FROM_TOKENIZER):
         problems.append(f"model.architecture.{key}: Tributary sets this from the tokenizer "
                         "(model.tokenizer); remove it")
@@ -452,6 +475,10 @@ def _check_deepspeed(config: Config, problems: list[str]) -> None:
              f"{key}: zero_optimization.offload_param",
              f"offloads parameters at ZeRO-3 only (stage is {stage}); use offload_optimizer, "
              "or stage 3")
+        dtype = config.model.dtype
+        need(dtype not in DTYPES or precision(ds) in ("fp32", dtype), f"model.dtype, {key}",
+             f"model.dtype is {dtype} but the DeepSpeed config enables {precision(ds)}; "
+             "remove one of them")
         need(stage != 3 or worker.prox_mu == 0, "worker.prox_mu",
              f"site {site.name!r} runs ZeRO-3 ({key}), whose parameters are partitioned "
              "outside the forward pass, where FedProx's term reads them whole; set "
@@ -647,10 +674,16 @@ def _check_model(model: ModelConfig, problems: list[str]) -> None:
             "save_pretrained(..., safe_serialization=True)")
     if model.source == "random" and not model.architecture:
         problems.append("model.architecture: required when model.source is 'random'")
-    if model.tokenizer not in BUILTIN_TOKENIZERS and not Path(model.tokenizer).is_dir():
+    if model.tokenizer is not None and model.tokenizer not in BUILTIN_TOKENIZERS \
+            and not Path(model.tokenizer).is_dir():
         problems.append(
             f"model.tokenizer: {model.tokenizer!r} is neither one of {BUILTIN_TOKENIZERS} "
             "nor a tokenizer folder")
+    if model.tokenizer is None and model.source not in BUILTIN_MODELS and folder.is_dir() \
+            and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        problems.append(
+            f"model.source: {model.source} holds no tokenizer (none of {TOKENIZER_FILES}); "
+            "name one in model.tokenizer (smollm2, gpt2 or a tokenizer folder)")
 
 
 def _safe_name(name: str) -> bool:
@@ -674,11 +707,19 @@ def resolve_paths(config: Config) -> Config:
     model = config.model
     if model.source not in BUILTIN_MODELS:
         model = dataclasses.replace(model, source=absolute(model.source))
-    if model.tokenizer not in BUILTIN_TOKENIZERS:
+    if model.tokenizer is not None and model.tokenizer not in BUILTIN_TOKENIZERS:
         model = dataclasses.replace(model, tokenizer=absolute(model.tokenizer))
     run = dataclasses.replace(config.run, dir=absolute(config.run.dir))
     return dataclasses.replace(
         config, run=run, sites=sites, eval=evals, worker=worker, model=model)
+
+
+def with_dtype(ds: dict, dtype: str | None) -> dict:
+    """The DeepSpeed config with model.dtype's mixed precision switched on (fp32: none)."""
+    if dtype in (None, "fp32"):
+        return ds
+    key = "bf16" if dtype == "bf16" else "fp16"
+    return {**ds, key: {**(ds.get(key) or {}), "enabled": True}}
 
 
 def deepspeed_dict(worker: WorkerConfig) -> dict:

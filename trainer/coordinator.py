@@ -55,7 +55,7 @@ class Coordinator:
         started = time.perf_counter()
         self.config, self.resume, self.mirror = config, resume, mirror
         self.run_dir = Path(config.run.dir)
-        self.tokenizer = load_tokenizer(config.model.tokenizer)
+        self.tokenizer = load_tokenizer(config.model.tokenizer_source())
         self.trains = {s.name: config.train_spec(s.name) for s in config.sites}
         self.replay = ray.remote(ReplayStore).options(num_cpus=0).remote(
             capacity=config.replay_capacity(), seed=config.run.seed,

@@ -1,5 +1,5 @@
 """`tributary export RUN_DIR --merged OUT`: a version as one plain Hugging Face model folder
-(safetensors + tokenizer), the LoRA adapter folded into the base weights when the run
+(safetensors, sharded over run.max_shard_size, + tokenizer), the LoRA adapter folded into the base weights when the run
 federated adapters, so `AutoModelForCausalLM.from_pretrained(OUT)` needs neither PEFT nor
 Tributary."""
 
@@ -21,11 +21,11 @@ def export_merged(run_dir: Path, out: Path, *, version: str | None = None) -> Pa
         raise FileNotFoundError(f"{run_dir}: no version {version or 'latest'} to export")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
-    tokenizer = load_tokenizer(config.model.tokenizer)
+    tokenizer = load_tokenizer(config.model.tokenizer_source())
     model = run_model(config.model, tokenizer=tokenizer, seed=config.run.seed,
                       version_dir=folder)
     if config.model.lora is not None:
         model = model.merge_and_unload()  # W + s·B·A, the adapter layers gone
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, max_shard_size=config.run.max_shard_size)
     tokenizer.save_pretrained(out)
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer
 
-from trainer.config import ModelConfig
+from trainer.config import ConfigError, ModelConfig
 from workers.fsio import atomic_dir
 from workers.lora import apply_lora
 
@@ -73,10 +73,8 @@ def load_tokenizer(name: str):
 
 
 def load_start_model(model: ModelConfig, *, tokenizer, seed: int) -> torch.nn.Module:
-    """The model that becomes v0000."""
-    if model.source == "smollm2":  # a folder in the cache: safetensors only, like any other
-        return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32,
-                                                    use_safetensors=True)
+    """The model that becomes v0000, in fp32 (the global model is merged in fp32 whatever
+    dtype the sites train in: model.dtype)."""
     if model.source == "random":
         torch.manual_seed(seed)
         arch = dict(model.architecture)
@@ -86,8 +84,23 @@ def load_start_model(model: ModelConfig, *, tokenizer, seed: int) -> torch.nn.Mo
                                       eos_token_id=tokenizer.eos_token_id,
                                       pad_token_id=tokenizer.pad_token_id, **arch)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32,
-                                                use_safetensors=True)
+    # SmolLM2 is a folder in the cache: safetensors only, like any other.
+    folder = smollm2_dir() if model.source == "smollm2" else model.source
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                  use_safetensors=True)
+    check_vocabulary(model, tokenizer=tokenizer, embeddings=loaded)
+    return loaded
+
+
+def check_vocabulary(model: ModelConfig, *, tokenizer, embeddings: torch.nn.Module) -> None:
+    """A tokenizer with ids past the model's embedding rows would fail deep inside the first
+    forward pass (or index memory it should not): refuse it here, naming both."""
+    rows = embeddings.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        problem = (f"model.tokenizer: {model.tokenizer_source()} has {len(tokenizer)} tokens, "
+                   f"but model.source {model.source} embeds only {rows}; use the model's own "
+                   "tokenizer (leave model.tokenizer out) or one it was trained with")
+        raise ConfigError([problem])
 
 
 def run_model(model: ModelConfig, *, tokenizer, seed: int,

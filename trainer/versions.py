@@ -52,8 +52,9 @@ class VersionWriter:
     def __init__(self, run_dir: Path, *, model: torch.nn.Module, tokenizer, replay,
                  sites: Sequence[SiteConfig], newest: Sequence[str], seed: int,
                  keep_versions: int | None, mirror: Mirror | None, table: RoundTable,
-                 history: list[dict[str, EvalResult]]) -> None:
+                 history: list[dict[str, EvalResult]], max_shard_size: str = "5GB") -> None:
         self.run_dir, self.model, self.tokenizer = run_dir, model, tokenizer
+        self.max_shard_size = max_shard_size
         self.replay = replay  # the shared replay store actor (its snapshot goes with a version)
         self.sites, self.newest, self.seed = sites, newest, seed
         self.keep_versions, self.mirror, self.table = keep_versions, mirror, table
@@ -69,7 +70,8 @@ class VersionWriter:
         return cls(Path(config.run.dir), model=model, tokenizer=tokenizer, replay=replay,
                    sites=config.sites, newest=[e.name for e in config.eval if e.newest],
                    seed=config.run.seed, keep_versions=config.run.keep_versions,
-                   mirror=mirror, table=table, history=history)
+                   mirror=mirror, table=table, history=history,
+                   max_shard_size=config.run.max_shard_size)
 
     def write(self, number: int, *, state: RunState, result: RoundResult,
               evaluate: Callable[[], dict[str, EvalResult]], gate: Sequence[str] = (),
@@ -109,7 +111,8 @@ class VersionWriter:
             self.metrics.write(record.to_dict())
             checkpoint.save_version(self.run_dir, number=number, model=self.model,
                                     tokenizer=self.tokenizer, manifest=manifest.to_dict(),
-                                    rejected=bool(gate), outer_state=outer, weights=weights)
+                                    rejected=bool(gate), outer_state=outer, weights=weights,
+                                    max_shard_size=self.max_shard_size)
             if not gate and evals:
                 self.history.append(evals)
             if weights:

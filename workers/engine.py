@@ -100,6 +100,18 @@ def zero_stage(ds_config: dict) -> int:
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
 
 
+def precision(ds_config: dict) -> str:
+    """What the module's weights are in under this DeepSpeed config: bf16 or fp16 (mixed
+    precision, the fp32 masters in the optimizer), or fp32."""
+    for key in ("bf16", "fp16"):
+        if (ds_config.get(key) or {}).get("enabled"):
+            return key
+    return "fp32"
+
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def offloads_optimizer(ds_config: dict) -> bool:
     """ZeRO-Offload: the optimizer's states (and its step) live in CPU memory."""
     offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}

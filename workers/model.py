@@ -10,11 +10,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from workers.packing import batch_tensors
 
 
-def build_model(model_config: dict) -> torch.nn.Module:
+def build_model(model_config: dict, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The model's skeleton in `dtype` (its weights are loaded every round): in bf16 it
+    never takes fp32's memory on the site, only DeepSpeed's fp32 masters do."""
     config = dict(model_config)
     config = AutoConfig.for_model(config.pop("model_type"), **config)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 @torch.no_grad()

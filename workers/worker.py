@@ -109,7 +109,7 @@ class Worker:
                           master_addr=self.group.master_addr, master_port=self.group.master_port)
         torch.manual_seed(train.seed)
         self.zero3 = ds.zero3_setting(train.deepspeed)  # kept: transformers holds it weakly
-        model = build_model(model_config)
+        model = build_model(model_config, dtype=ds.TORCH_DTYPES[ds.precision(train.deepspeed)])
         if train.lora is not None:  # adapters only train
             model = apply_lora(model, train.lora, seed=train.seed)
         return ds.build_engine(model, ds_config=train.deepspeed, lr=w.lr,

@@ -10,27 +10,31 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO_ROOT, tiny_config
+from tests.helpers import tiny_config, zero_config
 from trainer.coordinator import run_training
 
 pytestmark = pytest.mark.integration
 LR = 1e-7  # AdamW moves a weight by at most about lr a step; bf16's spacing near 0.02 is 1.2e-4
 
 
-def bf16_config(stage: int) -> str:
-    config = json.loads((REPO_ROOT / "configs" / "deepspeed" / "cpu.json").read_text())
-    config["bf16"] = {"enabled": True}
-    config["zero_optimization"] = {"stage": stage, "stage3_param_persistence_threshold": 0}
-    return json.dumps(config)
+def bf16(stage: int, *, asked_by: str) -> dict[str, str]:
+    """The overrides for bf16 at ZeRO `stage`, asked for in the DeepSpeed JSON or by
+    model.dtype."""
+    ds = zero_config(stage)
+    if asked_by == "deepspeed":
+        return {"worker.deepspeed": json.dumps({**ds, "bf16": {"enabled": True}})}
+    return {"worker.deepspeed": json.dumps(ds), "model.dtype": "bf16"}
 
 
-@pytest.mark.parametrize(("stage", "ranks"), [(0, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize(("stage", "ranks", "asked_by"),
+                         [(0, 1, "deepspeed"), (2, 2, "deepspeed"), (3, 2, "model.dtype")])
 def test_updates_below_bf16_resolution_survive_into_the_global_model(
-        stage, ranks, ray_cluster, demo_root, notes_site, tmp_path):
+        stage, ranks, asked_by, ray_cluster, demo_root, notes_site, tmp_path):
     run_dir = tmp_path / f"bf16-zero{stage}"
-    config = tiny_config(demo_root, notes_site, run_dir, **{
-        "worker.deepspeed": bf16_config(stage), "worker.lr": f"{LR:.1e}", "worker.prox_mu": 0,
+    config = tiny_config(demo_root, notes_site, run_dir, **bf16(stage, asked_by=asked_by), **{
+        "worker.lr": f"{LR:.1e}", "worker.prox_mu": 0,
         "sites.speeches.num_workers": ranks, "worker.num_cpus": 0.5, "rounds": 3})
+    assert config.train_spec("speeches").deepspeed["bf16"]["enabled"]
     run_training(config)
 
     start = load_file(str(run_dir / "versions" / "v0000" / "model.safetensors"))

@@ -110,6 +110,18 @@ def test_every_shipped_yaml_config_loads(path, demo_root, monkeypatch):
     assert config.sites and config.rounds >= 1
 
 
+@pytest.mark.parametrize(("name", "sites"), [("node-8gpu", 1), ("two-nodes-8gpu", 2)])
+def test_the_fleet_configs_run_each_site_as_8_ranks_at_zero3_in_bf16(name, sites, demo_root,
+                                                                     monkeypatch):
+    monkeypatch.chdir(demo_root)
+    config = load_config(REPO / "configs" / f"{name}.yaml")
+    assert len(config.sites) == sites
+    for site in config.sites:
+        ds = config.train_spec(site.name).deepspeed
+        assert site.num_workers == 8 and config.worker_for(site.name).num_gpus == 1
+        assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_deepspeed_config_parses(path):
     config = json.loads(path.read_text())
@@ -294,3 +306,42 @@ def test_async_merge_settings_are_checked_by_key(tmp_path):
     assert problem.startswith("run.eval_every: applies to merge.mode async only")
     raw["merge"] = {"mode": "async"}
     assert config_from_dict(raw).run.eval_every == 4
+
+
+def test_model_dtype_sets_the_sites_precision_and_must_agree_with_deepspeed(tmp_path):
+    raw = minimal(tmp_path)
+    raw["model"]["dtype"] = "bf16"
+    spec = config_from_dict(raw).train_spec("a")
+    assert spec.deepspeed["bf16"] == {"enabled": True}
+    assert spec.deepspeed["zero_optimization"] == {"stage": 0}
+    raw["worker"]["deepspeed"]["fp16"] = {"enabled": True}
+    (problem,) = problems_of(raw)
+    assert problem == ("model.dtype, worker.deepspeed: model.dtype is bf16 but the DeepSpeed "
+                       "config enables fp16; remove one of them")
+    raw["model"]["dtype"] = "int8"
+    assert "model.dtype: must be one of ('fp32', 'bf16', 'fp16'), found 'int8'" in problems_of(raw)
+
+
+def test_a_model_folder_without_a_tokenizer_must_name_one(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    raw = minimal(tmp_path)
+    raw["model"] = {"source": str(folder)}
+    (problem,) = problems_of(raw)
+    assert problem.startswith(f"model.source: {folder} holds no tokenizer")
+    raw["model"]["tokenizer"] = "gpt2"
+    assert config_from_dict(raw).model.tokenizer_source() == "gpt2"
+    (folder / "tokenizer.json").write_text("{}")
+    raw["model"].pop("tokenizer")
+    assert config_from_dict(raw).model.tokenizer_source() == str(folder)
+
+
+def test_the_shard_size_of_versions_is_a_size(tmp_path):
+    raw = minimal(tmp_path)
+    raw["run"]["max_shard_size"] = "2MB"
+    assert config_from_dict(raw).run.max_shard_size == "2MB"
+    raw["run"]["max_shard_size"] = "big"
+    assert problems_of(raw) == [
+        "run.max_shard_size: must be a size such as 5GB or 500MB, found 'big'"]
