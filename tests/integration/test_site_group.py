@@ -7,6 +7,7 @@ import json
 
 import pytest
 import ray
+import torch
 from safetensors.torch import load_file
 
 from tests.helpers import tiny_config, zero_config
@@ -81,3 +82,26 @@ def test_a_two_rank_zero_site_matches_one_rank_at_zero0(stage, one_rank_zero0, d
     moments = [sum(t.numel() for k, t in r.items() if k.endswith("exp_avg")) for r in (rank0, rank1)]
     # ZeRO pads each rank's flat partition to an alignment: a little over half each.
     assert all(total / 2 <= m < total / 2 + 1024 for m in moments), (moments, total)
+
+
+LORA = {"model.lora": "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}", "worker.prox_mu": 0}
+
+
+def test_lora_at_zero3_on_two_ranks_matches_one_rank_at_zero0(ray_cluster, demo_root,
+                                                              notes_site, tmp_path):
+    """The frozen base partitioned over the ranks like any weight, the adapters too; only the
+    adapters' B is federated, each rank sending its slice of it."""
+    one = tmp_path / "one-rank"
+    run_training(tiny_config(demo_root, notes_site, one, **LORA))
+    two = tmp_path / "zero3"
+    run_training(tiny_config(demo_root, notes_site, two, **LORA, **{
+        "sites.speeches.num_workers": 2, "worker.num_cpus": 0.5,
+        "worker.deepspeed": json.dumps(zero_config(3))}))
+
+    expected = load_file(str(one / "versions" / "v0002" / "adapter_model.safetensors"))
+    grouped = load_file(str(two / "versions" / "v0002" / "adapter_model.safetensors"))
+    start = load_file(str(one / "versions" / "v0000" / "adapter_model.safetensors"))
+    assert sorted(grouped) == sorted(expected)
+    assert any(not torch.equal(start[k], expected[k]) for k in start), "the adapters never moved"
+    worst = max(float((expected[k] - grouped[k]).abs().max()) for k in expected)
+    assert worst < TOLERANCE, f"LoRA at ZeRO-3 and one rank differ by up to {worst:.3g}"
