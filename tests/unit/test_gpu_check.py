@@ -61,3 +61,18 @@ def test_merge_check_passes_a_correct_merge_and_fails_one_that_drops_a_weight(mo
 
     monkeypatch.setattr(trainer.merge, "weighted_average", drops_second_weight)
     assert merge_errors(updates, device="cpu")["float64 reference"] > 0.1
+
+
+def test_cpu_twin_of_the_multi_gpu_zero3_site_agrees_with_one_cpu_rank():
+    """Two Ray worker actors at ZeRO-3 (fp32, every parameter partitioned), the update put
+    together from both ranks' slices, against one rank at ZeRO-0 on the same rows."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+         "--model", "tiny", "--steps", "2", "--batch", "2", "--seq-len", "64",
+         "--zero3-ranks", "2"],
+        capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("ZeRO-3 site of 2 ranks"))
+    relative = float(line.rsplit("relative L2 ", 1)[1])
+    assert relative <= gpu_check.ZERO3_TOLERANCE["cpu"]
+    assert done.stdout.splitlines()[-1] == "PASS"

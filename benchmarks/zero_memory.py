@@ -1,0 +1,111 @@
+"""Peak memory per rank of a Tributary site at ZeRO-0, 1, 2 and 3 with 1, 2 and 4 ranks, on the
+same model, measured on real runs.
+
+    python benchmarks/memory.py --zero           # 24 runs, ~15 min on 2 cores, up to ~12 GB
+    python benchmarks/memory.py --zero --quick   # ZeRO-0 and ZeRO-3, 1 and 2 ranks
+
+Each run: one site of N ranks (one DeepSpeed group, fp32, torch AdamW) on the demo speeches,
+1 round of 2 steps of 4 × 64 tokens, on this machine's local Ray cluster. A sampler reads the
+USS (memory only that process holds) of every worker process (`ray::Worker…`, one per rank)
+every 0.2 s; the table gives the largest rank's peak. Each setup runs twice: on the 160M-
+parameter model and on a 0.4M one whose model states are negligible, so the difference of the
+two peaks is the memory the model's states take on a rank (weights, gradients, AdamW moments,
+ZeRO's fp32 partitions, buffers), with the process's fixed cost (Python, torch, DeepSpeed,
+gloo) taken out by measurement rather than estimated. "÷ ZeRO-0, 1 rank" is that difference
+over the same difference at ZeRO-0 on one rank: ZeRO-3 divides all model states over the
+ranks, so it approaches 1/N; ZeRO-1 divides only the optimizer's, ZeRO-2 also the gradients'.
+On a GPU the same states sit in GPU memory (with bf16 weights and gradients, 2 bytes each).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/sampling.py
+from sampling import Periodic
+
+from trainer.config import config_from_dict, resolve_paths
+from trainer.coordinator import run_training
+from trainer.table import markdown
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+LLAMA = {"model_type": "llama", "max_position_embeddings": 256, "tie_word_embeddings": True}
+MODELS = {  # name -> architecture (GPT-2's tokenizer: vocabulary 50 257)
+    "160M": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+             "num_attention_heads": 9, "num_key_value_heads": 3},
+    "floor": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 1, "num_key_value_heads": 1},
+}
+STAGES, RANKS = (0, 1, 2, 3), (1, 2, 4)
+
+
+class RankPeaks(Periodic):
+    """The peak USS of each worker process (one per rank) while the block runs."""
+
+    every_s = 0.2
+
+    def __init__(self) -> None:
+        self.peaks: dict[int, int] = {}
+
+    def sample(self) -> None:
+        for process in psutil.process_iter(["name", "cmdline"]):
+            title = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
+            if title.startswith("ray::Worker"):
+                try:
+                    uss = process.memory_full_info().uss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), uss)
+
+
+def config(run_dir: Path, *, model: str, stage: int, ranks: int):
+    ds = {"train_micro_batch_size_per_gpu": 4 // ranks, "gradient_accumulation_steps": 1,
+          "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+          "steps_per_print": 1000000}
+    raw = {
+        "run": {"dir": str(run_dir), "seed": 0},
+        "rounds": 1,
+        "model": {"source": "random", "tokenizer": "gpt2",
+                  "architecture": {**LLAMA, **MODELS[model]}},
+        "sites": [{"name": "speeches", "path": str(DEMO / "speeches"), "num_workers": ranks}],
+        "worker": {"local_steps": 2, "batch_size": 4, "seq_len": 64, "lr": 1e-4,
+                   "prox_mu": 0, "num_cpus": 2 / ranks, "deepspeed": ds},
+        "replay": {"ratio": 0.0, "capacity_tokens": 4096},
+        "merge": {"min_workers": 1},
+        "cluster": {"include_dashboard": False, "num_cpus": 2},
+    }
+    return resolve_paths(config_from_dict(raw))
+
+
+def peak_per_rank(out: Path, *, model: str, stage: int, ranks: int) -> int:
+    """The largest rank's peak USS (bytes) over one run."""
+    run_dir = out / f"{model}-zero{stage}-{ranks}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own earlier output
+    with RankPeaks() as sampler:
+        run_training(config(run_dir, model=model, stage=stage, ranks=ranks))
+    shutil.rmtree(run_dir, ignore_errors=True)  # ~1 GB of optimizer states per run
+    if len(sampler.peaks) < ranks:
+        raise RuntimeError(f"saw {len(sampler.peaks)} worker processes, expected {ranks}")
+    return max(sampler.peaks.values())
+
+
+def run(out: Path, *, quick: bool) -> None:
+    stages, ranks = ((0, 3), (1, 2)) if quick else (STAGES, RANKS)
+    rows, reference = [], None
+    for stage in stages:
+        for count in ranks:
+            full = peak_per_rank(out, model="160M", stage=stage, ranks=count)
+            floor = peak_per_rank(out, model="floor", stage=stage, ranks=count)
+            states = full - floor
+            reference = reference or states  # ZeRO-0 on one rank comes first
+            rows.append([f"ZeRO-{stage}", str(count), f"{full / 2**30:.2f}",
+                         f"{floor / 2**30:.2f}", f"{states / 2**30:.2f}",
+                         f"{states / reference:.2f}", f"{1 / count:.2f}"])
+            print(rows[-1], flush=True)
+    print(markdown(["stage", "ranks", "peak per rank GiB (160M)", "same, 0.4M model GiB",
+                    "model states per rank GiB", "÷ ZeRO-0, 1 rank", "1/N"], rows))
