@@ -42,6 +42,12 @@ MODELS = {  # name -> architecture (GPT-2's tokenizer: vocabulary 50 257)
               "num_attention_heads": 1, "num_key_value_heads": 1},
 }
 STAGES, RANKS = (0, 1, 2, 3), (1, 2, 4)
+# DeepSpeed's default communication buckets (5e8 elements) and ZeRO-3's cache of gathered
+# parameters (up to 1e9 kept live) are sized for models of billions: for this 160M one they
+# would hold the whole model on every rank. Sized here as they are for an 8B model, ~1/16 of it.
+BUCKETS = {"reduce_bucket_size": 10_000_000, "allgather_bucket_size": 10_000_000,
+           "stage3_prefetch_bucket_size": 10_000_000, "stage3_max_live_parameters": 10_000_000,
+           "stage3_max_reuse_distance": 10_000_000}
 
 
 class RankPeaks(Periodic):
@@ -65,7 +71,8 @@ class RankPeaks(Periodic):
 
 def config(run_dir: Path, *, model: str, stage: int, ranks: int):
     ds = {"train_micro_batch_size_per_gpu": 4 // ranks, "gradient_accumulation_steps": 1,
-          "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+          "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
+                                **BUCKETS},
           "steps_per_print": 1000000}
     raw = {
         "run": {"dir": str(run_dir), "seed": 0},
