@@ -7,13 +7,14 @@ same model, measured on real runs.
 Each run: one site of N ranks (one DeepSpeed group, fp32, torch AdamW) on the demo speeches,
 1 round of 2 steps of 4 × 64 tokens, on this machine's local Ray cluster. A sampler reads the
 USS (memory only that process holds) of every worker process (`ray::Worker…`, one per rank)
-every 0.2 s; the table gives the largest rank's peak. Each setup runs twice: on the 160M-
+every 0.2 s; the table gives the largest rank's peak. Each setup runs twice: on the 135M-
 parameter model and on a 0.4M one whose model states are negligible, so the difference of the
 two peaks is the memory the model's states take on a rank (weights, gradients, AdamW moments,
 ZeRO's fp32 partitions, buffers), with the process's fixed cost (Python, torch, DeepSpeed,
 gloo) taken out by measurement rather than estimated. "÷ ZeRO-0, 1 rank" is that difference
-over the same difference at ZeRO-0 on one rank: ZeRO-3 divides all model states over the
-ranks, so it approaches 1/N; ZeRO-1 divides only the optimizer's, ZeRO-2 also the gradients'.
+over the same difference at ZeRO-0 on one rank, "÷ same stage, 1 rank" over the same stage's
+on one rank: ZeRO-3 divides all model states over the ranks, so that approaches 1/N; ZeRO-1
+divides only the optimizer's, ZeRO-2 also the gradients'.
 On a GPU the same states sit in GPU memory (with bf16 weights and gradients, 2 bytes each).
 """
 
@@ -36,14 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
 LLAMA = {"model_type": "llama", "max_position_embeddings": 256, "tie_word_embeddings": True}
 MODELS = {  # name -> architecture (GPT-2's tokenizer: vocabulary 50 257)
-    "160M": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "135M": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
              "num_attention_heads": 9, "num_key_value_heads": 3},
     "floor": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
               "num_attention_heads": 1, "num_key_value_heads": 1},
 }
 STAGES, RANKS = (0, 1, 2, 3), (1, 2, 4)
 # DeepSpeed's default communication buckets (5e8 elements) and ZeRO-3's cache of gathered
-# parameters (up to 1e9 kept live) are sized for models of billions: for this 160M one they
+# parameters (up to 1e9 kept live) are sized for models of billions: for this 135M one they
 # would hold the whole model on every rank. Sized here as they are for an 8B model, ~1/16 of it.
 BUCKETS = {"reduce_bucket_size": 10_000_000, "allgather_bucket_size": 10_000_000,
            "stage3_prefetch_bucket_size": 10_000_000, "stage3_max_live_parameters": 10_000_000,
@@ -103,16 +104,19 @@ def peak_per_rank(out: Path, *, model: str, stage: int, ranks: int) -> int:
 
 def run(out: Path, *, quick: bool) -> None:
     stages, ranks = ((0, 3), (1, 2)) if quick else (STAGES, RANKS)
-    rows, reference = [], None
+    rows, zero0, one_rank = [], None, {}
     for stage in stages:
         for count in ranks:
-            full = peak_per_rank(out, model="160M", stage=stage, ranks=count)
+            full = peak_per_rank(out, model="135M", stage=stage, ranks=count)
             floor = peak_per_rank(out, model="floor", stage=stage, ranks=count)
             states = full - floor
-            reference = reference or states  # ZeRO-0 on one rank comes first
+            zero0 = zero0 or states  # ZeRO-0 on one rank comes first
+            one_rank.setdefault(stage, states)  # each stage starts with one rank
             rows.append([f"ZeRO-{stage}", str(count), f"{full / 2**30:.2f}",
                          f"{floor / 2**30:.2f}", f"{states / 2**30:.2f}",
-                         f"{states / reference:.2f}", f"{1 / count:.2f}"])
+                         f"{states / zero0:.2f}", f"{states / one_rank[stage]:.2f}",
+                         f"{1 / count:.2f}"])
             print(rows[-1], flush=True)
-    print(markdown(["stage", "ranks", "peak per rank GiB (160M)", "same, 0.4M model GiB",
-                    "model states per rank GiB", "÷ ZeRO-0, 1 rank", "1/N"], rows))
+    print(markdown(["stage", "ranks", "peak per rank GiB (135M)", "same, 0.4M model GiB",
+                    "model states per rank GiB", "÷ ZeRO-0, 1 rank", "÷ same stage, 1 rank",
+                    "1/N"], rows))
