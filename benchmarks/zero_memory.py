@@ -1,7 +1,7 @@
 """Peak memory per rank of a Tributary site at ZeRO-0, 1, 2 and 3 with 1, 2 and 4 ranks, on the
 same model, measured on real runs.
 
-    python benchmarks/memory.py --zero           # 24 runs, ~15 min on 2 cores, up to ~12 GB
+    python benchmarks/memory.py --zero           # 24 runs, ~24 min on 2 cores
     python benchmarks/memory.py --zero --quick   # ZeRO-0 and ZeRO-3, 1 and 2 ranks
 
 Each run: one site of N ranks (one DeepSpeed group, fp32, torch AdamW) on the demo speeches,

@@ -10,7 +10,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import tiny_config, zero_config
+from tests.helpers import assert_tiny_rows_exactly_once, tiny_config, zero_config
 from trainer.checkpoint import all_manifests
 from trainer.coordinator import run_training
 from trainer.metrics import read_metrics
@@ -105,3 +105,31 @@ def test_lora_at_zero3_on_two_ranks_matches_one_rank_at_zero0(ray_cluster, demo_
     assert any(not torch.equal(start[k], expected[k]) for k in start), "the adapters never moved"
     worst = max(float((expected[k] - grouped[k]).abs().max()) for k in expected)
     assert worst < TOLERANCE, f"LoRA at ZeRO-3 and one rank differ by up to {worst:.3g}"
+
+
+def test_a_zero3_site_merges_asynchronously_with_a_compressed_downlink(ray_cluster, demo_root,
+                                                                       notes_site, tmp_path):
+    """merge.mode async and an int8 downlink with a 2-rank ZeRO-3 site: each task's update is
+    put together from both ranks' slices as it lands, each rank keeps the global weights it
+    received and applies the int8 changes sent, and every row is trained once."""
+    run_dir = tmp_path / "async"
+    run_training(tiny_config(demo_root, notes_site, run_dir, rounds=6, **{
+        "merge.mode": "async", "merge.buffer": 1, "merge.downlink": "int8",
+        "sites.speeches.num_workers": 2, "worker.num_cpus": 0.5, "worker.prox_mu": 0,
+        "worker.deepspeed": json.dumps(zero_config(3))}))
+
+    manifests = all_manifests(run_dir)
+    assert manifests[-1]["version"] == 6
+    entries = [e for m in manifests for e in m["lineage"]]
+    assert {e["site"] for e in entries} == {"speeches", "notes"}
+    assert_tiny_rows_exactly_once(run_dir)
+    records = read_metrics(run_dir)[1:]
+    # The two ranks' slices (fp32 uplink) cover every weight exactly once, without ZeRO's
+    # padding; after the first full copy the downlink brings int8 changes (one per version
+    # published since the site's last task, each about a quarter of a full copy).
+    weights = load_file(str(run_dir / "versions" / "v0000" / "model.safetensors"))
+    fp32 = 4 * sum(t.numel() for t in weights.values())
+    tasks = [r for r in records if "speeches" in r["bytes_sent"]]
+    assert tasks and all(r["bytes_sent"]["speeches"] == fp32 for r in tasks)
+    assert tasks[0]["bytes_received"]["speeches"] == fp32
+    assert all(r["bytes_received"]["speeches"] < fp32 for r in tasks[1:])  # no full copy again
