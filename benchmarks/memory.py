@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/sampling.py
-from sampling import Periodic, store_bytes_used
+from sampling import Periodic, store_bytes_used, uss, worker_processes
 
 from trainer.config import config_from_dict, resolve_paths
 from trainer.coordinator import RunError, run_training
@@ -73,19 +73,10 @@ class Sampler(Periodic):
         self.me = psutil.Process()
 
     def sample(self) -> None:
-        self.coordinator = max(self.coordinator, _uss(self.me))
-        for process in psutil.process_iter(["name", "cmdline"]):
-            title = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
-            if title.startswith("ray::Worker"):
-                self.worker = max(self.worker, _uss(process))
+        self.coordinator = max(self.coordinator, uss(self.me))
+        for process in worker_processes():
+            self.worker = max(self.worker, uss(process))
         self.store = max(self.store, store_bytes_used() or 0)  # None: Ray not up
-
-
-def _uss(process: psutil.Process) -> int:
-    try:
-        return process.memory_full_info().uss
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0
 
 
 def config(run_dir: Path, *, size: str, setup: str):

@@ -1,11 +1,12 @@
-"""Measuring helpers of benchmarks/scale.py and benchmarks/memory.py: a block's peaks, sampled
-on a thread, and the object store's bytes in use."""
+"""Measuring helpers of benchmarks/scale.py, memory.py and zero_memory.py: a block's peaks,
+sampled on a thread, the object store's bytes in use, and the workers' memory."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import psutil
 import ray
 
 
@@ -48,3 +49,21 @@ def store_bytes_used() -> int | None:
         return int(reply.store_stats.object_store_bytes_used)
     except Exception:  # noqa: BLE001 - a private API: report "n/a" rather than fail
         return None
+
+
+def uss(process: psutil.Process) -> int:
+    """Memory only `process` holds (0 if it is gone or not ours to read)."""
+    try:
+        return process.memory_full_info().uss
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0
+
+
+def worker_processes() -> list[psutil.Process]:
+    """This machine's Tributary worker actors (`ray::Worker...`, one per rank)."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        title = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
+        if title.startswith("ray::Worker"):
+            found.append(process)
+    return found

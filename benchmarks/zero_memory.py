@@ -24,10 +24,9 @@ import shutil
 import sys
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/sampling.py
-from sampling import Periodic
+from memory import LLAMA, SIZES
+from sampling import Periodic, uss, worker_processes
 
 from trainer.config import config_from_dict, resolve_paths
 from trainer.coordinator import run_training
@@ -35,13 +34,9 @@ from trainer.table import markdown
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
-LLAMA = {"model_type": "llama", "max_position_embeddings": 256, "tie_word_embeddings": True}
-MODELS = {  # name -> architecture (GPT-2's tokenizer: vocabulary 50 257)
-    "135M": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-             "num_attention_heads": 9, "num_key_value_heads": 3},
-    "floor": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-              "num_attention_heads": 1, "num_key_value_heads": 1},
-}
+MODELS = {"135M": SIZES["135M"],  # and one whose model states are negligible
+          "floor": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                    "num_attention_heads": 1, "num_key_value_heads": 1}}
 STAGES, RANKS = (0, 1, 2, 3), (1, 2, 4)
 # DeepSpeed's default communication buckets (5e8 elements) and ZeRO-3's cache of gathered
 # parameters (up to 1e9 kept live) are sized for models of billions: for this 135M one they
@@ -60,14 +55,8 @@ class RankPeaks(Periodic):
         self.peaks: dict[int, int] = {}
 
     def sample(self) -> None:
-        for process in psutil.process_iter(["name", "cmdline"]):
-            title = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
-            if title.startswith("ray::Worker"):
-                try:
-                    uss = process.memory_full_info().uss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), uss)
+        for process in worker_processes():
+            self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), uss(process))
 
 
 def config(run_dir: Path, *, model: str, stage: int, ranks: int):

@@ -49,7 +49,7 @@ class Flight:
     followers: list  # the other ranks' answers (a multi-worker site)
     deadline: float
     started: float
-    waiting: list = field(default_factory=list)  # the ranks' answers not yet in
+    waiting: list = field(init=False)  # the ranks' answers not yet in
 
     def __post_init__(self) -> None:
         self.waiting = [self.ref, *self.followers]

@@ -1,7 +1,7 @@
 """`tributary export RUN_DIR --merged OUT`: a version as one plain Hugging Face model folder
-(safetensors, sharded over run.max_shard_size, + tokenizer), the LoRA adapter folded into the base weights when the run
-federated adapters, so `AutoModelForCausalLM.from_pretrained(OUT)` needs neither PEFT nor
-Tributary."""
+(safetensors, sharded over run.max_shard_size, + tokenizer), the LoRA adapter folded into the
+base weights when the run federated adapters, so `AutoModelForCausalLM.from_pretrained(OUT)`
+needs neither PEFT nor Tributary."""
 
 from __future__ import annotations
 
