@@ -105,9 +105,19 @@ def evaluate(model: torch.nn.Module, data: EvalSet, *, batch_size: int = 8) -> E
         doc_nll += np.bincount(docs, weights=nll[predicted], minlength=count)
         doc_tokens += np.bincount(docs, minlength=count)
     mean = doc_nll.sum() / max(doc_tokens.sum(), 1)
-    stderr = math.exp(mean) * log_stderr(doc_nll, doc_tokens)  # delta method
-    return EvalResult(perplexity=math.exp(mean), stderr=stderr, doc_nll=doc_nll,
+    perplexity = _exp(mean)
+    stderr = perplexity * log_stderr(doc_nll, doc_tokens)  # delta method
+    return EvalResult(perplexity=perplexity, stderr=stderr, doc_nll=doc_nll,
                       doc_tokens=doc_tokens)
+
+
+def _exp(x: float) -> float:
+    """exp(x), infinite past float range: a diverged candidate (mean loss over ~709 nats)
+    gets an infinite perplexity for the gate to reject, not an OverflowError."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def log_stderr(doc_nll: np.ndarray, doc_tokens: np.ndarray) -> float:
@@ -142,4 +152,4 @@ def change_bounds(current: EvalResult, baseline: EvalResult, *, z: float
             - _resampled(baseline.doc_nll, baseline.doc_tokens))
     spread = float(np.std(diff))
     log_rise = math.log1p(rise)
-    return rise, math.expm1(log_rise - z * spread), math.expm1(log_rise + z * spread)
+    return rise, _exp(log_rise - z * spread) - 1.0, _exp(log_rise + z * spread) - 1.0

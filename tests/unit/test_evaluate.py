@@ -43,3 +43,42 @@ def test_a_paired_comparison_sees_a_small_shift_that_the_spread_would_hide():
     assert rise == pytest.approx(math.exp(0.03) - 1)
     assert 0 < low <= rise <= high  # sure of a rise, however much the documents differ
     assert log_stderr(difficulty, tokens) > 0.1  # unpaired, the spread is far larger
+
+
+def test_a_diverged_model_gets_an_infinite_perplexity_and_the_gate_rejects_it():
+    """A mean loss over ~709 nats overflows exp(): the candidate must be judged, not crash."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.evaluate import EvalSet, evaluate
+    from trainer.quality import gate_problems
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+    ids = np.random.default_rng(0).integers(1, 64, (4, 16))
+    ids[:, 7] = 0  # EOS: two documents a row
+    lengths = np.full(4, 16)
+    data = EvalSet(name="held", ids=ids, lengths=lengths,
+                   docs=_documents(ids, lengths, eos_id=0))
+    healthy = evaluate(model, data)
+    assert math.isfinite(healthy.perplexity)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e5)  # what a diverged update looks like: enormous logits
+    diverged = evaluate(model, data)
+    assert diverged.perplexity == math.inf
+    assert diverged.doc_nll.sum() / diverged.doc_tokens.sum() > 709
+    (problem,) = gate_problems({"held": diverged}, [{"held": healthy}],
+                               protected={"held": "best"}, max_regression=0.05, z=1.96)
+    assert problem.startswith("held: perplexity inf is +inf%")
+
+
+def test_a_rise_near_float_range_has_bounds_not_an_overflow():
+    tokens = np.full(8, 10.0)
+    base = EvalResult(math.exp(3.0), doc_nll=np.full(8, 30.0), doc_tokens=tokens)
+    spread_out = np.array([6800.0, 7300.0, 6850.0, 7250.0, 6900.0, 7200.0, 6950.0, 7060.0])
+    huge = EvalResult(math.exp(spread_out.sum() / tokens.sum()), doc_nll=spread_out,
+                      doc_tokens=tokens)
+    rise, low, high = change_bounds(huge, base, z=1.96)
+    assert 0 < low <= rise <= high == math.inf
