@@ -76,6 +76,8 @@ def test_pick_is_argmax_at_temperature_zero_and_stays_in_the_nucleus():
     nucleus = Sampling(max_tokens=1, temperature=1.0, top_p=0.7)  # 0.5 + 0.3 reach it
     drawn = {pick(logits, nucleus, generator=generator) for _ in range(200)}
     assert drawn == {0, 1}
+    tiniest = Sampling(max_tokens=1, temperature=1.0, top_p=5e-324)  # 0 in float32
+    assert {pick(logits, tiniest, generator=generator) for _ in range(20)} == {0}
     everything = Sampling(max_tokens=1, temperature=1.0, top_p=1.0)
     assert {pick(logits, everything, generator=generator) for _ in range(400)} == {0, 1, 2, 3}
 

@@ -26,7 +26,9 @@ from trainer.serve.openai_api import (
     Job,
     Limits,
     Reply,
+    body_too_large,
     job,
+    openapi_schemas,
     parse,
     sse,
 )
@@ -63,7 +65,43 @@ class ThreadEvents:
         return item
 
 
-api = FastAPI(title="Tributary", docs_url=None, redoc_url=None, openapi_url=None)
+api = FastAPI(title="Tributary", docs_url=None, redoc_url=None)
+
+
+def _body_schema(name: str) -> dict:
+    """The route's request body in /openapi.json (the handlers read the raw body, so that
+    every refusal is an OpenAI-shaped 4xx, and FastAPI cannot see it by itself)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
+def _openapi() -> dict:
+    if api.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_schemas())
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused past MAX_BODY_BYTES before more of it is read."""
+    from trainer.serve.openai_api import MAX_BODY_BYTES
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise body_too_large()
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise body_too_large()
+        parts.append(part)
+    return b"".join(parts)
 
 
 @serve.deployment(name="tributary-model", max_ongoing_requests=32, health_check_period_s=5)
@@ -131,11 +169,11 @@ class ModelServer:
                  "version": version} for model in (self.name, f"{self.name}:{version}")]
         return JSONResponse({"object": "list", "data": data}, headers={VERSION_HEADER: version})
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=_body_schema("CompletionRequest"))
     async def completions(self, request: Request):
         return await self._answer(request, CompletionRequest, route="completions")
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=_body_schema("ChatRequest"))
     async def chat(self, request: Request):
         return await self._answer(request, ChatRequest, route="chat")
 
@@ -143,8 +181,11 @@ class ModelServer:
         started = time.perf_counter()
         try:
             self._authorize(request)
-            work = job(self._check_model(parse(await request.body(), kind)),
-                       tokenizer=self.backend.tokenizer, limits=self.limits)
+            checked = self._check_model(parse(await read_body(request), kind))
+            # Tokenizing a long prompt takes a while: off the event loop, so that other
+            # requests' streams keep flowing meanwhile.
+            work = await asyncio.to_thread(job, checked, tokenizer=self.backend.tokenizer,
+                                           limits=self.limits)
         except ApiError as exc:
             self.metrics.request(route=route, code=exc.status,
                                  seconds=time.perf_counter() - started)
@@ -152,14 +193,34 @@ class ModelServer:
         cancelled = threading.Event()
         events = ThreadEvents(answer(self.backend, work.prompt, work.sampling, stop=work.stop,
                                      cancelled=cancelled))
+        if work.stream:
+            return await self._stream(events, work, route=route, started=started,
+                                      cancelled=cancelled)
+        try:  # a client that leaves cancels this coroutine: its generation stops too
+            return await self._whole(events, work, route=route, started=started)
+        finally:
+            cancelled.set()
+
+    async def _stream(self, events: ThreadEvents, work: Job, *, route: str, started: float,
+                      cancelled: threading.Event) -> StreamingResponse:
+        try:
+            version = (await events.next()).version
+        except BaseException:
+            cancelled.set()
+            raise
+        reply = Reply(chat=work.chat, model=f"{self.name}:{version}",
+                      prompt_tokens=len(work.prompt))
+        chunks = self._chunks(events, reply, work, route=route, started=started,
+                              cancelled=cancelled)
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={VERSION_HEADER: version})
+
+    async def _whole(self, events: ThreadEvents, work: Job, *, route: str,
+                     started: float) -> JSONResponse:
         version = (await events.next()).version
         reply = Reply(chat=work.chat, model=f"{self.name}:{version}",
                       prompt_tokens=len(work.prompt))
         headers = {VERSION_HEADER: version}
-        if work.stream:
-            chunks = self._chunks(events, reply, work, route=route, started=started,
-                                  cancelled=cancelled)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
         pieces, finished = [], None
         while finished is None:
             event = await events.next()

@@ -186,11 +186,13 @@ class Session:
         past = None
         with torch.inference_mode():
             for _ in range(sampling.max_tokens):
+                if cancelled.is_set():  # also before the first step: a request given up on
+                    return  # while it waited for the replica costs no forward pass
                 out = self.model(input_ids=ids, use_cache=True, **{self.cache_arg: past})
                 past = out[self.cache_arg]
                 token = pick(out.logits[0, -1].float(), sampling, generator=generator)
                 yield token
-                if token in self.eos or cancelled.is_set():
+                if token in self.eos:
                     return
                 ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
 
@@ -205,7 +207,9 @@ def pick(logits: torch.Tensor, sampling: Sampling, *,
     if sampling.top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass above each token
-        sorted_probs[before >= sampling.top_p] = 0  # the top token always stays
+        cut = before >= sampling.top_p  # (top_p is compared in float32: 5e-324 is 0)
+        cut[0] = False  # the top token always stays
+        sorted_probs[cut] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -19,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from trainer.serve.backend import Sampling
 
 MAX_STOPS = 4  # as OpenAI's API
+# Temperatures below this are greedy: a draw at 1e-5 is the argmax unless the two best logits
+# are within ~1e-4 nats, and far smaller ones overflow logits / temperature to inf (NaN draws).
+GREEDY_BELOW = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_BODY_BYTES = 4 * 2**20  # read no more of a request: checked before anything is parsed
 
 
 class ApiError(Exception):
@@ -42,7 +47,7 @@ class _Common(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: dict[str, bool] | None = None  # {"include_usage": true}
     n: int = Field(default=1, ge=1, le=1)  # one answer per request
@@ -95,10 +100,21 @@ class Job:
     include_usage: bool
 
 
+def openapi_schemas() -> dict:
+    """JSON schemas of the request bodies, as OpenAPI components (for /openapi.json)."""
+    from pydantic.json_schema import models_json_schema
+
+    _, schemas = models_json_schema([(CompletionRequest, "validation"), (ChatRequest, "validation")],
+                                    ref_template="#/components/schemas/{model}")
+    return schemas["$defs"]
+
+
 def parse(raw: bytes, kind: type[_Common]) -> _Common:
+    if len(raw) > MAX_BODY_BYTES:
+        raise body_too_large()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also an integer of over 4300 digits
         raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object "
                        "with Content-Type: application/json") from None
     if not isinstance(data, dict):
@@ -114,6 +130,11 @@ def parse(raw: bytes, kind: type[_Common]) -> _Common:
                            param=field, code="unknown_field") from None
         raise ApiError(400, f"{field}: {first['msg']}", param=field,
                        code="invalid_value") from None
+
+
+def body_too_large() -> ApiError:
+    return ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes; send a shorter "
+                    "prompt (the model's context holds far less)", code="body_too_large")
 
 
 def job(request: _Common, *, tokenizer, limits: Limits) -> Job:
@@ -136,10 +157,11 @@ def job(request: _Common, *, tokenizer, limits: Limits) -> Job:
                        "shorten the prompt or lower max_tokens", param="max_tokens",
                        code="context_length_exceeded")
     stops = _stops(request.stop)
+    temperature = 0.0 if request.temperature < GREEDY_BELOW else request.temperature
     include_usage = bool((request.stream_options or {}).get("include_usage"))
     return Job(chat=chat, prompt=prompt, stop=stops, stream=request.stream,
                include_usage=include_usage,
-               sampling=Sampling(max_tokens=asked, temperature=request.temperature,
+               sampling=Sampling(max_tokens=asked, temperature=temperature,
                                  top_p=request.top_p, seed=request.seed))
 
 
