@@ -3,6 +3,8 @@ same model, DeepSpeed config and batch shape, measured in one run.
 
     python benchmarks/zero3_throughput.py            # 3 pairs, ~6 min on 2 cores
     python benchmarks/zero3_throughput.py --pairs 1  # ~2 min
+    python benchmarks/zero3_throughput.py --against glibc  # the malloc threshold's cost
+
 
 Tributary: a run of one site, `num_workers: 2`, configs/deepspeed/cpu.json at ZeRO-3 (every
 parameter partitioned), `--rounds` rounds of `--steps` steps of 4 × 128 tokens (2 per rank),
@@ -14,6 +16,10 @@ rounds after the first. Bare: two Ray actors, each a DeepSpeed engine built unde
 shape (random token ids) in a plain forward/backward/step loop, timed over the same count of
 steps, median over as many blocks after a first. Each pair runs one then the other (the order
 alternating), never both at once; the ratio printed is Tributary / bare, median of the pairs.
+
+`--against glibc` pairs the same Tributary run against itself with `worker.malloc_mmap_threshold:
+null` (glibc's dynamic threshold) instead of bare DeepSpeed: the speed the fixed threshold,
+which lets ZeRO-3's host memory per rank divide by the ranks, costs.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ def ds_config() -> dict:
     return config
 
 
-def tributary(out: Path, *, rounds: int, steps: int) -> float:
+def tributary(out: Path, *, rounds: int, steps: int, threshold: int | None = 65536) -> float:
     """Median positions/s of the site's training time over rounds 2.. of one run."""
     from trainer.config import config_from_dict, resolve_paths
     from trainer.coordinator import run_training
@@ -58,7 +64,7 @@ def tributary(out: Path, *, rounds: int, steps: int) -> float:
                       "num_workers": RANKS}],
            "worker": {"local_steps": steps, "batch_size": BATCH, "seq_len": SEQ_LEN,
                       "lr": 1e-4, "prox_mu": 0, "num_cpus": 2 / RANKS,
-                      "deepspeed": ds_config()},
+                      "malloc_mmap_threshold": threshold, "deepspeed": ds_config()},
            "replay": {"ratio": 0.0, "capacity_tokens": 4096},
            "merge": {"min_workers": 1}}
     run_training(resolve_paths(config_from_dict(raw)))
@@ -133,22 +139,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-zero3"))
+    parser.add_argument("--against", choices=("bare", "glibc"), default="bare",
+                        help="the baseline: bare DeepSpeed, or Tributary with glibc's own "
+                             "malloc threshold")
     args = parser.parse_args()
     prepare_demo(DEMO)
     ray.init(num_cpus=2, include_dashboard=False)  # the runs join this cluster
+    out, rounds, steps = Path(args.out), args.rounds, args.steps
+    baseline = {"bare": lambda: bare(blocks=rounds - 1, steps=steps),
+                "glibc": lambda: tributary(out, rounds=rounds, steps=steps, threshold=None)
+                }[args.against]
+    label = {"bare": "bare DeepSpeed", "glibc": "Tributary, glibc's own malloc threshold"}
     ratios = []
     for pair in range(args.pairs):
-        order = ["tributary", "bare"] if pair % 2 == 0 else ["bare", "tributary"]
+        order = ["tributary", "baseline"] if pair % 2 == 0 else ["baseline", "tributary"]
         speed = {}
         for which in order:
-            speed[which] = (tributary(Path(args.out), rounds=args.rounds, steps=args.steps)
-                            if which == "tributary"
-                            else bare(blocks=args.rounds - 1, steps=args.steps))
-        ratios.append(speed["tributary"] / speed["bare"])
-        print(f"pair {pair + 1}: Tributary {speed['tributary']:.0f} positions/s, bare DeepSpeed "
-              f"{speed['bare']:.0f}, ratio {ratios[-1]:.3f}", flush=True)
-    print(f"ratio Tributary / bare DeepSpeed ZeRO-3, 2 ranks (median of {len(ratios)} pairs): "
-          f"{statistics.median(ratios):.3f} (pairs: {', '.join(f'{r:.3f}' for r in ratios)})")
+            speed[which] = (tributary(out, rounds=rounds, steps=steps)
+                            if which == "tributary" else baseline())
+        ratios.append(speed["tributary"] / speed["baseline"])
+        print(f"pair {pair + 1}: Tributary {speed['tributary']:.0f} positions/s, "
+              f"{label[args.against]} {speed['baseline']:.0f}, ratio {ratios[-1]:.3f}",
+              flush=True)
+    print(f"ratio Tributary / {label[args.against]}, ZeRO-3, 2 ranks (median of "
+          f"{len(ratios)} pairs): {statistics.median(ratios):.3f} "
+          f"(pairs: {', '.join(f'{r:.3f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,16 @@ def worker_name(site: str, *, rank: int = 0) -> str:
 
 
 def worker_options(*, site: str, num_cpus: float, num_gpus: float,
-                   resources: dict[str, float] | None = None, rank: int = 0) -> dict:
+                   resources: dict[str, float] | None = None, rank: int = 0,
+                   malloc_mmap_threshold: int | None = None) -> dict:
     """Options for `ray.remote(Worker).options(...)`: one named actor per site, spread
     across nodes (or pinned by a custom resource only its node has); CPU-only workers run
     DeepSpeed's CPU accelerator."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
+    if malloc_mmap_threshold is not None:  # glibc reads it once, when the process starts
+        env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
     return {
         "name": worker_name(site, rank=rank),
         "namespace": NAMESPACE,

@@ -114,3 +114,16 @@ def assert_rows_exactly_once(run_dir: Path, site: str, *, text_column: str,
         assert position == done, f"{file}: trained up to {position}, expected {done}"
     assert not by_name, f"ranges of files the site does not hold: {sorted(by_name)}"
     return ranges
+
+
+class EnvironProbe:
+    """Stands in for a Worker: reports the environment its process was started with."""
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def start_environ(self) -> dict[str, str]:
+        # /proc/self/environ is the environment at exec: what glibc read when it started.
+        raw = Path("/proc/self/environ").read_bytes().split(b"\0")
+        return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+

@@ -152,7 +152,8 @@ class SiteFleet:
         self.actors[site_name] = start_site(
             worker_cls=setup.worker_cls, site=site.name, size=site.num_workers,
             num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=site.resources,
-            make_kwargs=kwargs, ready_timeout_s=setup.placement_timeout_s)
+            make_kwargs=kwargs, ready_timeout_s=setup.placement_timeout_s,
+            malloc_mmap_threshold=w.malloc_mmap_threshold)
         return self.actors[site_name]
 
     def _restarted(self, site: str, *, round_index: int) -> SiteWorkers:

@@ -60,13 +60,14 @@ class SiteWorkers:
 
 def start_site(*, worker_cls: type, site: str, size: int, num_cpus: float, num_gpus: float,
                resources: dict[str, float], make_kwargs: Callable[[GroupSpec | None], dict],
-               ready_timeout_s: float = 600.0) -> SiteWorkers:
+               ready_timeout_s: float = 600.0,
+               malloc_mmap_threshold: int | None = None) -> SiteWorkers:
     """Create the site's actor(s). `make_kwargs(group)` gives a Worker's constructor
     arguments for its place in the group (None for a single worker)."""
     remote = ray.remote(**ACTOR_OPTIONS)(worker_cls)
     if size == 1:
         options = worker_options(site=site, num_cpus=num_cpus, num_gpus=num_gpus,
-                                 resources=resources)
+                                 resources=resources, malloc_mmap_threshold=malloc_mmap_threshold)
         wait_for_name(options["name"])
         return SiteWorkers(site, [remote.options(**options).remote(**make_kwargs(None))])
     bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **resources}
@@ -90,7 +91,8 @@ def start_site(*, worker_cls: type, site: str, size: int, num_cpus: float, num_g
     actors = []
     for rank in range(size):
         options = worker_options(site=site, num_cpus=num_cpus, num_gpus=num_gpus,
-                                 resources=resources, rank=rank)
+                                 resources=resources, rank=rank,
+                                 malloc_mmap_threshold=malloc_mmap_threshold)
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             group, placement_group_bundle_index=rank)
         wait_for_name(options["name"])

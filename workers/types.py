@@ -142,6 +142,10 @@ class WorkerConfig:
     weight_decay: float = 0.0
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # glibc's MALLOC_MMAP_THRESHOLD_ for the worker processes (None: glibc's own, which rises
+    # as large blocks are freed and then keeps ZeRO-3's gathered-and-released parameters in
+    # the heap, so host memory per rank stops dividing by the ranks).
+    malloc_mmap_threshold: int | None = 65536
     # A path to a DeepSpeed JSON config, the config inline, or None for the default.
     deepspeed: str | dict | None = None
     # Consecutive failed rounds after which a site is reported and left out.

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import tiny_config
+from tests.helpers import EnvironProbe, tiny_config
 from trainer.checkpoint import all_manifests
 from trainer.coordinator import RunError, run_training
 
@@ -56,3 +56,23 @@ def test_too_few_placeable_sites_for_the_quorum_stop_the_run(ray_cluster, demo_r
     with pytest.raises(RunError, match=r"only 1 site\(s\) can run, merge.min_workers=2"):
         run_training(config)
     assert time.monotonic() - started < 120
+
+
+@pytest.mark.parametrize("threshold", [65536, None])
+def test_worker_processes_start_with_the_configured_malloc_threshold(ray_cluster, threshold):
+    from trainer.sites import start_site
+
+    workers = start_site(worker_cls=EnvironProbe, site=f"probe{threshold}", size=2,
+                         num_cpus=0.5, num_gpus=0, resources={}, make_kwargs=lambda _: {},
+                         malloc_mmap_threshold=threshold)
+    try:
+        import ray
+
+        environs = ray.get([actor.start_environ.remote() for actor in workers.actors])
+    finally:
+        workers.kill()
+    assert len(environs) == 2
+    for environ in environs:
+        assert environ.get("MALLOC_MMAP_THRESHOLD_") == (
+            None if threshold is None else str(threshold))
+        assert environ["DS_ACCELERATOR"] == "cpu"

@@ -345,3 +345,13 @@ def test_the_shard_size_of_versions_is_a_size(tmp_path):
     raw["run"]["max_shard_size"] = "big"
     assert problems_of(raw) == [
         "run.max_shard_size: must be a size such as 5GB or 500MB, found 'big'"]
+
+
+def test_the_workers_malloc_threshold_is_a_byte_count_or_null(tmp_path):
+    raw = minimal(tmp_path)
+    assert config_from_dict(raw).worker.malloc_mmap_threshold == 65536
+    raw["worker"]["malloc_mmap_threshold"] = None
+    assert config_from_dict(raw).worker.malloc_mmap_threshold is None
+    raw["worker"]["malloc_mmap_threshold"] = -1
+    assert problems_of(raw) == [("worker.malloc_mmap_threshold: must be null (glibc's "
+                                 "default) or a byte count between 0 and 33554432")]
