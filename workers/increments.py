@@ -14,12 +14,14 @@ EIO) is retried, and raises `StorageUnavailable` if it persists (try again later
 from __future__ import annotations
 
 import codecs
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
@@ -105,11 +107,34 @@ def read_rows(path: str | Path | DataFile, *, text_column: str = "text",
                 time.sleep(READ_BACKOFF_S * 2 ** (failures - 1))
                 continue
             if _bytes_readable(path):  # the storage answers again: parse once more, and
-                if failures == READ_ATTEMPTS:  # only if that fails too is it the content
+                if failures == READ_ATTEMPTS:  # only if that fails too, look closer
                     continue
-                raise IncrementError(_describe(path, exc)) from exc
+                if _copy_damaged(path, text_column, max_row_chars):
+                    raise IncrementError(_describe(path, exc)) from exc
             raise StorageUnavailable(f"{path}: {_describe(path, exc)} (still failing after "
                                      f"{READ_ATTEMPTS} attempts)") from exc
+
+
+def _copy_damaged(path: DataFile, text_column: str, max_row_chars: int) -> bool:
+    """Whether a local copy of the file fails to parse: the bytes read in full while parsing
+    them from the storage kept failing (throttled ranged reads do that), and only a copy,
+    read from local disk, tells the content's fault from the storage's. The copy goes to a
+    temporary file (never to memory), and the site's file is only read."""
+    with tempfile.TemporaryDirectory(prefix="tributary-check-") as folder:
+        local = Path(folder) / path.name
+        try:
+            with path.open() as stream, local.open("wb") as out:
+                while chunk := stream.read(1 << 20):
+                    out.write(chunk)
+        except OSError:
+            return False  # the storage failed again: not the content's fault
+        copy = DataFile(pafs.LocalFileSystem(), str(local), str(path))
+        try:
+            for _ in _stream(copy, text_column, max_row_chars, start=0):
+                pass
+        except (*DAMAGE, OSError):
+            return True
+        return False
 
 
 def _bytes_readable(path: DataFile) -> bool:

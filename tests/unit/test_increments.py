@@ -3,6 +3,7 @@ damaged files named and left untouched."""
 
 import errno
 import hashlib
+import io
 import json
 import random
 import re
@@ -301,3 +302,39 @@ def test_a_truncated_parquet_file_is_damaged_not_transient(tmp_path):
     (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])  # an interrupted upload
     with pytest.raises(IncrementError, match="cut.parquet"):
         read_texts(tmp_path / "cut.parquet")
+
+
+class ThrottledRanges(FlakyHandler):
+    """A fault injector: whole-file streams read fine, but random-access reads (Parquet's
+    ranged reads) are throttled with EIO `failures` times, as a busy object store does."""
+
+    def open_input_stream(self, path):
+        return self.local.open_input_stream(path)
+
+    def open_input_file(self, path):
+        handler = self
+
+        class Reads(io.FileIO):
+            def read(self, size=-1):
+                handler._maybe_fail()
+                return super().read(size)
+
+        return pa.PythonFile(Reads(path, "r"), mode="r")
+
+
+@pytest.mark.parametrize("failures", [5, 1000])
+def test_throttled_ranged_reads_never_count_as_damage(tmp_path, monkeypatch, failures):
+    from workers import increments
+    from workers.retry import StorageUnavailable
+
+    monkeypatch.setattr(increments, "READ_BACKOFF_S", 0.001)
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(50)]}), tmp_path / "a.parquet")
+    handler = ThrottledRanges(failures)
+    file = DataFile(pafs.PyFileSystem(handler), str(tmp_path / "a.parquet"), "flaky://a.parquet")
+    bad = []
+    with pytest.raises(StorageUnavailable, match="a.parquet"):
+        list(iter_rows([file], Cursor(), text_column="text",
+                       on_bad_file=lambda path, reason: bad.append(reason)))
+    assert bad == []  # the storage's fault: read again in a later round, never quarantined
+    handler.failures = 0  # the storage recovers: every row is there
+    assert len(list(read_rows(file))) == 50
