@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--install", action="store_true",
                         help="install pyproject.toml's pinned requirements into the job's "
                         "runtime environment (for clusters that run a stock Ray image)")
+    submit.add_argument("--allow-plain-http", action="store_true",
+                        help="send Ray's token over plain HTTP to an address beyond this "
+                        "machine (refused otherwise: use https:// or a tunnel)")
     export = commands.add_parser(
         "export", help="write a version as a plain Hugging Face model (LoRA merged in)")
     export.add_argument("run_dir")
@@ -285,7 +288,7 @@ def _submit(args: argparse.Namespace) -> int:
     from trainer.submit import submit, wait
 
     submitted = submit(args.config, address=args.address, overrides=args.set,
-                       install=args.install)
+                       install=args.install, allow_plain_http=args.allow_plain_http)
     print(submitted.instructions())
     if not args.wait:
         return 0

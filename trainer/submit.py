@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cluster.auth import auth_headers, require_token_auth
 from trainer.config import Config, config_text, credential_keys, load_config
-from workers.storage import is_uri
+from workers.storage import is_uri, redact
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_ENV = "TRIBUTARY_CONFIG"
@@ -43,6 +43,11 @@ KEY_SUFFIXES = (".pem", ".key", ".p12", ".pfx", ".jks", ".keystore")
 KEY_NAMES = ("id_rsa", "id_dsa", "id_ecdsa", "id_ed25519")  # ssh's default private keys
 # PEM and OpenSSH private keys, also inside a cloud service account's JSON.
 KEY_BLOCK = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+# Keys of a shipped YAML/JSON file whose value is a credential.
+SECRET_KEY = re.compile(r"(secret|passw(or)?d|api[_-]?key|access[_-]?key|auth[_-]?token|"
+                        r"session[_-]?token|credential)", re.IGNORECASE)
+# Such a value naming a file or an environment variable is where a secret is, not one.
+REFERENCE = ("/", "~", ".", "$")
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,33 @@ def _refusal(path: Path) -> str | None:
         head = handle.read(1 << 20)  # keys are small; a big file is read in part
     if KEY_BLOCK.search(head):
         return "holds a private key"
+    if path.suffix in (".yaml", ".yml", ".json"):
+        return _config_secrets(path, head)
     return None
+
+
+def _config_secrets(path: Path, head: bytes) -> str | None:
+    """Why a shipped YAML or JSON file holds credentials: a URI with credentials in it (as a
+    submitted config is checked), or a key named like a secret holding a value."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(head)  # JSON is YAML too
+    except yaml.YAMLError:
+        return None  # not data: the job fails on it as it would here
+    found = [key for key, value in _leaves(data, "")
+             if isinstance(value, str) and value and (
+                 redact(value) != value or (SECRET_KEY.search(key.rsplit(".", 1)[-1])
+                                            and not value.startswith(REFERENCE)))]
+    return f"holds credentials ({', '.join(found)})" if found else None
+
+
+def _leaves(node, prefix: str) -> list[tuple[str, object]]:
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _leaves(v, f"{prefix}.{k}".lstrip("."))]
+    if isinstance(node, list):
+        return [kv for i, v in enumerate(node) for kv in _leaves(v, f"{prefix}[{i}]")]
+    return [(prefix, node)]
 
 
 def stage_upload(repo: Path, into: Path) -> list[Shipped]:
@@ -194,12 +225,32 @@ def job_runtime_env(config: Config, *, working_dir: Path, install: bool,
     return env
 
 
+def plain_http_problem(address: str) -> str | None:
+    """Why sending Ray's token to `address` would expose it: plain HTTP beyond this machine."""
+    from urllib.parse import urlsplit
+
+    from cluster.connect import is_loopback
+
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    if parts.scheme not in ("http", "ray") or is_loopback(parts.hostname or ""):
+        return None
+    return (f"--address {address}: Ray's token would travel in plain HTTP to "
+            f"{parts.hostname}, where anyone on the way can read it and run code on the "
+            "cluster. Use https:// (TLS in front of the dashboard) or a tunnel (`ray dashboard "
+            "CLUSTER.yaml`, then --address http://127.0.0.1:8265); on a network that is yours "
+            "alone, pass --allow-plain-http")
+
+
 def submit(config_path: str | Path, *, address: str, overrides: list[str] = (),
-           install: bool = False, client=None, repo: Path = REPO) -> Submitted:
+           install: bool = False, client=None, repo: Path = REPO,
+           allow_plain_http: bool = False) -> Submitted:
     """Submit a run; returns its job id, what was sent and where to watch it."""
     from ray.job_submission import JobSubmissionClient
 
     require_token_auth(who="tributary submit")
+    problem = None if allow_plain_http else plain_http_problem(address)
+    if problem:
+        raise ValueError(problem)
     config = cluster_config(config_path, overrides=list(overrides))
     client = client or JobSubmissionClient(address, headers=auth_headers())
     name = Path(config.run.dir).name

@@ -18,6 +18,7 @@ from trainer.submit import (
     UPLOAD,
     cluster_config,
     job_runtime_env,
+    plain_http_problem,
     stage_upload,
     upload_files,
 )
@@ -70,6 +71,10 @@ def test_every_tracked_file_of_the_allow_list_is_sent():
      "holds a private key"),
     ("cluster/templates/deploy.pem", "not even a key", "named like a key file"),
     ("trainer/id_ed25519", "x", "named like a key file"),
+    ("configs/prod.yaml", "sites:\n- {name: a, path: 's3://AKIAX:SECRET@bucket/a'}\n",
+     "holds credentials (sites[0].path)"),
+    ("configs/deepspeed/wandb.json", '{"wandb": {"api_key": "0123abcd"}}',
+     "holds credentials (wandb.api_key)"),
 ])
 def test_a_key_file_inside_the_allow_list_stops_the_upload(repo_copy, relative, text, why):
     (repo_copy / relative).write_text(text)
@@ -136,3 +141,14 @@ def test_submit_refuses_token_auth_turned_off(tmp_path, capsys, monkeypatch):
     assert code == 2
     assert "RAY_AUTH_MODE='disabled' in the environment turns Ray's token" in (
         capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("address", ["http://10.0.0.5:8265", "10.0.0.5:8265",
+                                     "http://head.example:8265"])
+def test_the_token_is_not_sent_in_plain_http_beyond_this_machine(tmp_path, capsys, address):
+    code = main(["submit", str(write_config(tmp_path)), "--address", address])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Ray's token would travel in plain HTTP" in err and "--allow-plain-http" in err
+    assert plain_http_problem("http://127.0.0.1:8265") is None
+    assert plain_http_problem("https://head.example:8265") is None
