@@ -155,8 +155,10 @@ class ModelServer:
     @api.get("/health")
     def health(self) -> dict:
         """Open without the API key (for load balancers): the version and the swaps so far."""
+        unable = self.follower.unable_s if self.follower is not None else 0.0
         return {"status": "ok", "version": self.backend.version, "replica": self.metrics.replica,
-                "pinned": self.options.version is not None, "swaps": self.swaps[-20:]}
+                "pinned": self.options.version is not None, "swaps": self.swaps[-20:],
+                "unable_to_look_s": round(unable, 1)}
 
     @api.get("/v1/models")
     def models(self, request: Request):

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from trainer import checkpoint
@@ -57,27 +58,60 @@ class VersionSource:
         except (FileNotFoundError, OSError):
             return None
 
+    def identity(self, name: str) -> str | None:
+        """What version `name` holds: its manifest's weight digests. A retraction makes the
+        same name again with other weights; None where the manifest cannot be read."""
+        text = (read_text(join(self.location, checkpoint.VERSIONS, name, "manifest.json"))
+                if self.remote else
+                _read(Path(self.location) / checkpoint.VERSIONS / name / "manifest.json"))
+        return _weights_digest(text)
+
     def folder(self, name: str) -> Path:
         """A local folder holding version `name`'s weights and tokenizer, checked to be an
-        accepted version with weights (downloaded first from a run URI)."""
+        accepted version with weights (downloaded first from a run URI, again when the
+        cached copy is not what the run now publishes under that name)."""
         if not VERSION_NAME.fullmatch(name):
             raise VersionError(f"{name!r} is not a version name (expected e.g. v0003)")
         if self.remote:
             local = self.cache / uri_key(self.location) / name
-            if not (local / "manifest.json").is_file():
+            cached = _weights_digest(_read(local / "manifest.json"))
+            if cached is None or cached != self.identity(name):
                 self._download(name, local)
         else:
             local = Path(self.location) / checkpoint.VERSIONS / name
         self._check(name, local)
         return local
 
+    def keep_cached(self, names: set[str]) -> None:
+        """Drop cached versions of this run other than `names` (the current and previous):
+        the cache holds a few versions, not the run's history."""
+        if not self.remote:
+            return
+        folder = self.cache / uri_key(self.location)
+        for path in folder.glob("v*"):
+            if VERSION_NAME.fullmatch(path.name) and path.name not in names:
+                shutil.rmtree(path, ignore_errors=True)
+
     def _download(self, name: str, local: Path) -> None:
-        tmp = local.with_name(f".tmp-{name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not fetch_published(join(self.location, checkpoint.VERSIONS, name), tmp):
-            raise VersionError(f"{self.shown}: version {name} is not an accepted, published "
-                               "version (see versions/ and versions/rejected/)")
-        os.replace(tmp, local)  # whole or absent: a later call never sees a partial copy
+        """Into a folder of this call's own (replicas on one node share the cache), then
+        moved into place whole: a reader never sees a partial copy."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=local.parent))
+        try:
+            if not fetch_published(join(self.location, checkpoint.VERSIONS, name), tmp):
+                raise VersionError(f"{self.shown}: version {name} is not an accepted, "
+                                   "published version (see versions/ and versions/rejected/)")
+            if local.exists():  # a stale copy (a retraction remade the name): set it aside
+                stale = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=local.parent))
+                os.replace(local, stale / name)
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                os.replace(tmp, local)
+            except OSError:  # another replica put its copy there first: it is the same
+                if _weights_digest(_read(local / "manifest.json")) is None:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _check(self, name: str, folder: Path) -> None:
         manifest = _read(folder / "manifest.json")
@@ -96,6 +130,13 @@ class VersionSource:
     @property
     def shown(self) -> str:
         return redact(self.location)
+
+
+def _weights_digest(manifest: str | None) -> str | None:
+    if manifest is None:
+        return None
+    weights = json.loads(manifest).get("weights_sha256")
+    return json.dumps(weights, sort_keys=True) if weights else None
 
 
 def _read(path: Path) -> str | None:
