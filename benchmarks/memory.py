@@ -4,6 +4,7 @@ Llama models, and a linear fit per role and setup that predicts what larger mode
     python benchmarks/memory.py            # 10 runs, ~9 min on 2 cores, up to ~23 GB of memory
     python benchmarks/memory.py --quick    # the two smallest runs
     python benchmarks/memory.py --zero     # per rank at ZeRO-0/1/2/3 x 1/2/4 ranks (zero_memory.py)
+    python benchmarks/memory.py --zero --stages 0,3  # those stages only
 
 Each run: 2 sites on the demo data, 1 round of 2 steps of 2 × 64 tokens, on this machine's
 local Ray cluster. While it runs, a sampler reads every 0.2 s the USS (memory only that
@@ -128,12 +129,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-memory"))
     parser.add_argument("--zero", action="store_true",
                         help="peak memory per rank of a site at each ZeRO stage instead")
+    parser.add_argument("--stages", default="0,1,2,3",
+                        help="with --zero: the stages, comma-separated, 0 first")
     args = parser.parse_args()
     prepare_demo(DEMO)
     if args.zero:
         import zero_memory
 
-        zero_memory.run(Path(args.out), quick=args.quick)
+        zero_memory.run(Path(args.out), quick=args.quick,
+                        stages=tuple(int(x) for x in args.stages.split(",")))
         return
     runs = [("38M", "full fp32"), ("135M", "LoRA r16")] if args.quick else RUNS
     rows, measured = [], {}

@@ -3,6 +3,7 @@ same model, measured on real runs.
 
     python benchmarks/memory.py --zero           # 24 runs, ~24 min on 2 cores
     python benchmarks/memory.py --zero --quick   # ZeRO-0 and ZeRO-3, 1 and 2 ranks
+    python benchmarks/memory.py --zero --stages 0,3  # those stages only, 1, 2 and 4 ranks
 
 Each run: one site of N ranks (one DeepSpeed group, fp32, torch AdamW) on the demo speeches,
 1 round of 2 steps of 4 × 64 tokens, on this machine's local Ray cluster. A sampler reads the
@@ -91,8 +92,9 @@ def peak_per_rank(out: Path, *, model: str, stage: int, ranks: int) -> int:
     return max(sampler.peaks.values())
 
 
-def run(out: Path, *, quick: bool) -> None:
-    stages, ranks = ((0, 3), (1, 2)) if quick else (STAGES, RANKS)
+def run(out: Path, *, quick: bool, stages: tuple[int, ...] = STAGES) -> None:
+    """`stages` must start with 0 (the first column's reference)."""
+    stages, ranks = ((0, 3), (1, 2)) if quick else (stages, RANKS)
     rows, zero0, one_rank = [], None, {}
     for stage in stages:
         for count in ranks:

@@ -129,6 +129,7 @@ class AsyncLoop:
         c = self.c
         while not stop.requested and not c._done():
             self._launch()
+            kill_point("launched", c.state.round)
             if self.flights:
                 self._receive(timeout_s=1.0)
                 if len(self.buffer) >= c.config.merge.buffer:
@@ -185,20 +186,26 @@ class AsyncLoop:
         """Take the next answer, and fail the tasks past their deadline. A group's task
         answers once all its ranks have; one rank that fails fails the task at once."""
         refs = {ref: site for site, flight in self.flights.items() for ref in flight.waiting}
-        ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
+        ray.wait(list(refs), num_returns=1, timeout=timeout_s)
+        # Every answer that is in, before any deadline is applied: after a long merge or
+        # evaluation several may be, and each was on time however late it is looked at.
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
         now = time.monotonic()
         for site, flight in list(self.flights.items()):
             if not set(ready) & set(flight.waiting) and flight.deadline < now:
                 self._land(site)
                 self._failed(site, "no update within merge.round_timeout_s="
                                    f"{self.c.config.merge.round_timeout_s}")
-        if not ready or refs[ready[0]] not in self.flights:
-            return
-        site = refs[ready[0]]
+        for ref in ready:
+            if refs[ref] in self.flights:
+                self._take(refs[ref], ref)
+
+    def _take(self, site: str, ref: ray.ObjectRef) -> None:
+        """One rank's answer in: the site's update once all of its ranks have answered."""
         flight = self.flights[site]
-        flight.waiting.remove(ready[0])
+        flight.waiting.remove(ref)
         try:
-            ray.get(ready[0])
+            ray.get(ref)
             if flight.waiting:
                 return  # the site's other ranks are still training
             self._land(site)

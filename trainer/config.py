@@ -446,9 +446,11 @@ def _check_worker(w: WorkerConfig, problems: list[str], *, check_files: bool,
     need(w.num_gpus >= 0, f"{prefix}.num_gpus", "must not be negative")
     need(w.max_missed_rounds >= 0, f"{prefix}.max_missed_rounds", "must not be negative")
     need(w.max_row_chars >= 1, f"{prefix}.max_row_chars", "must be at least 1")
-    need(w.malloc_mmap_threshold is None or 0 <= w.malloc_mmap_threshold <= 32 * 2**20,
+    threshold = w.malloc_mmap_threshold
+    need(threshold in ("auto", "glibc") or (
+        isinstance(threshold, int) and 0 <= threshold <= 32 * 2**20),
          f"{prefix}.malloc_mmap_threshold",
-         "must be null (glibc's default) or a byte count between 0 and 33554432")
+         f"must be auto, glibc or a byte count between 0 and 33554432, found {threshold!r}")
     if isinstance(w.deepspeed, str):
         need(not check_files or Path(w.deepspeed).is_file(), f"{prefix}.deepspeed",
              f"{w.deepspeed} does not exist")

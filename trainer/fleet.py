@@ -22,6 +22,7 @@ from trainer.placement import infeasible, wait_until_placed, waiting_reason, wor
 from trainer.sites import SiteWorkers, all_names, start_site, wait_for_name
 from trainer.state import RunState
 from workers.compression import unpack_delta
+from workers.engine import zero_stage
 from workers.partitions import assemble
 from workers.storage import join
 from workers.types import GroupSpec, NoData, RoundTask, SiteConfig, TrainSpec, WorkerUpdate
@@ -153,7 +154,8 @@ class SiteFleet:
             worker_cls=setup.worker_cls, site=site.name, size=site.num_workers,
             num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=site.resources,
             make_kwargs=kwargs, ready_timeout_s=setup.placement_timeout_s,
-            malloc_mmap_threshold=w.malloc_mmap_threshold)
+            malloc_mmap_threshold=w.mmap_threshold(zero_stage=zero_stage(
+                setup.trains[site_name].deepspeed)))
         return self.actors[site_name]
 
     def _restarted(self, site: str, *, round_index: int) -> SiteWorkers:

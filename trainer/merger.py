@@ -81,7 +81,8 @@ class LocalMerger:
         self.load_state_dict(outer)
         if self.downlink is not None:
             self.downlink.rewind(mark)
-        self.previous = None
+        # The snapshot stays: the model is that point again, and the next rejection (with
+        # no accepted version between) goes back to it too.
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The outer state: the strategy's, and the downlink's error feedback."""

@@ -130,6 +130,9 @@ class GroupSpec:
     master_port: int
 
 
+AUTO_MMAP_THRESHOLD = 65536  # bytes: blocks above it are mmapped, and unmapped when freed
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """The config's `worker:` section: how each site trains a round, and what its actors
@@ -142,10 +145,19 @@ class WorkerConfig:
     weight_decay: float = 0.0
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    # glibc's MALLOC_MMAP_THRESHOLD_ for the worker processes (None: glibc's own, which rises
-    # as large blocks are freed and then keeps ZeRO-3's gathered-and-released parameters in
-    # the heap, so host memory per rank stops dividing by the ranks).
-    malloc_mmap_threshold: int | None = 65536
+    # glibc's MALLOC_MMAP_THRESHOLD_ for the worker processes: a byte count, "glibc" (its own,
+    # which rises as large blocks are freed and then keeps ZeRO-3's gathered-and-released
+    # parameters in the heap, so host memory per rank stops dividing by the ranks), or "auto"
+    # (65536 for ZeRO-3 sites on CPU, whose parameters live in host memory; glibc's
+    # elsewhere, as the fixed threshold costs speed: benchmarks/zero3_throughput.py).
+    malloc_mmap_threshold: int | str = "auto"
+
+    def mmap_threshold(self, *, zero_stage: int) -> int | None:
+        """The threshold this worker's processes start with (None: glibc's own)."""
+        if self.malloc_mmap_threshold == "auto":
+            return AUTO_MMAP_THRESHOLD if zero_stage == 3 and not self.num_gpus else None
+        return None if self.malloc_mmap_threshold == "glibc" else int(
+            self.malloc_mmap_threshold)
     # A path to a DeepSpeed JSON config, the config inline, or None for the default.
     deepspeed: str | dict | None = None
     # Consecutive failed rounds after which a site is reported and left out.

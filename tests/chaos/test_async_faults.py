@@ -102,3 +102,18 @@ def test_coordinator_sigkill_then_resume_trains_every_row_once(
     assert (versions / "latest").resolve().name == "v0008"
     assert [m["version"] for m in all_manifests(run_dir)] == list(range(9))
     assert_tiny_rows_exactly_once(run_dir)
+
+
+def test_every_update_that_finished_during_a_long_merge_is_taken(
+        ray_cluster, demo_root, notes_site, tmp_path, monkeypatch):
+    """The coordinator is busy (paused) well past merge.round_timeout_s just after giving
+    both sites a task; both finish meanwhile. Both are merged: neither is failed for a
+    deadline that passed while nobody was looking."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("TRIBUTARY_PAUSE_AT", "launched:0:75")
+    config = tiny_config(demo_root, notes_site, run_dir, rounds=1,
+                         **{**ASYNC, "merge.round_timeout_s": 40})
+    run_training(config)
+    first = all_manifests(run_dir)[1]
+    assert first["failures"] == {}, first["failures"]
+    assert sorted(first["increments"]) == ["notes", "speeches"]

@@ -61,11 +61,13 @@ def test_regressing_candidate_is_rejected_and_the_run_continues(
     assert_rows_exactly_once(run_dir, "notes", text_column="body")  # retried rows count once
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_gate_that_keeps_rejecting_stops_the_run_with_a_resume_hint(
-        ray_cluster, demo_root, notes_site, tmp_path):
+        ray_cluster, demo_root, notes_site, tmp_path, mode):
     run_dir = tmp_path / "run"
     config = tiny_config(demo_root, notes_site, run_dir, rounds=6,
-                         **{"quality.max_rejections": 2})
+                         **{"quality.max_rejections": 2, "merge.mode": mode,
+                            "merge.buffer": 2})
     protected = [dataclasses.replace(e, protected=e.name == "shakespeare") for e in config.eval]
     config = dataclasses.replace(config, eval=protected)
     worker = misbehaving.noisy_worker(round_index=None, scale=0.5)  # every round is harmful

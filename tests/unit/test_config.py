@@ -1,5 +1,6 @@
 """Config validation: every error names its dotted key; every shipped config loads."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -347,11 +348,18 @@ def test_the_shard_size_of_versions_is_a_size(tmp_path):
         "run.max_shard_size: must be a size such as 5GB or 500MB, found 'big'"]
 
 
-def test_the_workers_malloc_threshold_is_a_byte_count_or_null(tmp_path):
+def test_the_workers_malloc_threshold_is_auto_glibc_or_a_byte_count(tmp_path):
     raw = minimal(tmp_path)
-    assert config_from_dict(raw).worker.malloc_mmap_threshold == 65536
-    raw["worker"]["malloc_mmap_threshold"] = None
-    assert config_from_dict(raw).worker.malloc_mmap_threshold is None
+    worker = config_from_dict(raw).worker
+    assert worker.malloc_mmap_threshold == "auto"
+    assert worker.mmap_threshold(zero_stage=3) == 65536  # ZeRO-3 on CPU: host memory
+    assert worker.mmap_threshold(zero_stage=2) is None  # glibc's own: faster
+    gpu = dataclasses.replace(worker, num_gpus=1)
+    assert gpu.mmap_threshold(zero_stage=3) is None  # the states live in GPU memory
+    raw["worker"]["malloc_mmap_threshold"] = "glibc"
+    assert config_from_dict(raw).worker.mmap_threshold(zero_stage=3) is None
+    raw["worker"]["malloc_mmap_threshold"] = 131072
+    assert config_from_dict(raw).worker.mmap_threshold(zero_stage=0) == 131072
     raw["worker"]["malloc_mmap_threshold"] = -1
-    assert problems_of(raw) == [("worker.malloc_mmap_threshold: must be null (glibc's "
-                                 "default) or a byte count between 0 and 33554432")]
+    assert problems_of(raw) == [("worker.malloc_mmap_threshold: must be auto, glibc or a byte "
+                                 "count between 0 and 33554432, found -1")]
