@@ -40,6 +40,7 @@ def connect(*, address: str | None = None, num_cpus: int | None = None,
         return True
     require_token_auth(who="the embedded Ray cluster")
     if include_dashboard:
+        dashboard_port = free_dashboard_port(dashboard_host, dashboard_port)
         warn_if_exposed(dashboard_host, port=dashboard_port)
     with loopback_only():
         # "local": a new cluster even where `ray start` left an address in
@@ -50,6 +51,27 @@ def connect(*, address: str | None = None, num_cpus: int | None = None,
     if include_dashboard and context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url)
     return True
+
+
+def free_dashboard_port(host: str, port: int) -> int:
+    """`port`, or a free one where another embedded cluster on this machine holds it (a
+    `tributary serve` of the run this process is about to train: both start a cluster of
+    their own, and Ray would fail to bind the dashboard's port)."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+            return port
+        except OSError:
+            pass
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        free = probe.getsockname()[1]
+    log.warning("port %d of %s is in use (another Ray cluster on this machine, e.g. `tributary "
+                "serve`?): this cluster's dashboard is at http://%s:%d instead", port, host,
+                host, free)
+    return free
 
 
 @contextmanager

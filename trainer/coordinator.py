@@ -32,6 +32,7 @@ from trainer.model_source import load_tokenizer, run_model
 from trainer.quality import gate_problems
 from trainer.quarantine import note_damaged
 from trainer.resume import ResumePoint, resume_point
+from trainer.runlock import RunLock
 from trainer.state import RoundResult, RunError, RunState
 from trainer.table import RoundTable
 from trainer.threads import StopSignal
@@ -444,6 +445,13 @@ def run_training(config: Config, *, resume: bool = False, worker_cls: type = Wor
         raise RunError(f"{run_dir} already holds a run; use `tributary resume {run_dir}` "
                        "or choose another run.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir, role="resume" if resume else "run"):  # one writer per run
+        return _train(config, mirror, resume=resume, worker_cls=worker_cls, exclude=exclude)
+
+
+def _train(config: Config, mirror, *, resume: bool, worker_cls: type,
+           exclude: Mapping[str, set[str]] | None) -> Path:
+    run_dir = Path(config.run.dir)
     for key in credential_keys(config):
         log.warning("%s holds credentials: this run uses them, but they are not written to "
                     "config.yaml, manifests or logs; for `tributary resume`, give them through "

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,10 +30,10 @@ from typing import Self
 from trainer import checkpoint
 from trainer.config import Config, dump_config, load_config
 from trainer.lineage import Query, lineage
+from trainer.runlock import RunLock, holder
 
 log = logging.getLogger(__name__)
 RETRACTIONS = "retractions"
-RUNNING = "coordinator.json"  # RUN_DIR/coordinator.json: the process training the run now
 RETRACTED = "retracted"  # versions/retracted/rNNNN/: the replaced versions' manifests
 
 
@@ -132,8 +131,14 @@ def staging(run_dir: Path, record: Record) -> Path:
 
 
 def carry_out(run_dir: Path, record: Record, *, run) -> Path:
-    """Build (or continue) the new line in staging, then swap it in. `run(config, resume,
-    exclude)` trains: run_training, passed in so tests and the CLI share this path."""
+    """Build (or continue) the new line in staging, then swap it in, as the run's only
+    writer. `run(config, resume, exclude)` trains: run_training, passed in so tests and the
+    CLI share this path."""
+    with RunLock(run_dir, role="retract"):
+        return _carry_out(run_dir, record, run=run)
+
+
+def _carry_out(run_dir: Path, record: Record, *, run) -> Path:
     if record.status == "requested":  # the run went on until it paused: count all of it
         last = checkpoint.version_number(Path(record.restart_from))
         manifests = checkpoint.all_manifests(run_dir, include_rejected=True)
@@ -274,9 +279,9 @@ def estimate(plan: Plan) -> str:
 
 
 class Pausing:
-    """While a coordinator runs: RUN_DIR/coordinator.json says so, and a retraction requested
-    meanwhile (`request`) makes the run stop after the round in progress; `train` then
-    retracts and continues."""
+    """While a coordinator runs (it holds the run's lock, trainer/runlock.py), a retraction
+    requested meanwhile (`request`) makes the run stop after the round in progress; `train`
+    then retracts and continues."""
 
     def __init__(self, run_dir: Path, stop, *, poll_s: float = 1.0) -> None:
         self.run_dir, self.stop, self.poll_s = run_dir, stop, poll_s
@@ -284,15 +289,12 @@ class Pausing:
         self.thread = threading.Thread(target=self._watch, name="retractions", daemon=True)
 
     def __enter__(self) -> Self:
-        checkpoint.write_json(self.run_dir / RUNNING, {"pid": os.getpid(),
-                                                       "host": socket.gethostname()})
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.done.set()
         self.thread.join()
-        (self.run_dir / RUNNING).unlink(missing_ok=True)
 
     def _watch(self) -> None:
         while not self.done.wait(self.poll_s):
@@ -303,18 +305,9 @@ class Pausing:
 
 
 def is_running(run_dir: Path) -> bool:
-    """Is a coordinator training this run now (on this machine: its process is alive)?"""
-    path = run_dir / RUNNING
-    if not path.is_file():
-        return False
-    running = json.loads(path.read_text())
-    if running.get("host") != socket.gethostname():
-        return True  # another machine's process: it removes the file when it ends
-    try:
-        os.kill(running["pid"], 0)
-    except ProcessLookupError:
-        return False  # it died without removing the file (SIGKILL)
-    return True
+    """Is a run or resume training this run now (it holds the run's lock and is alive)?"""
+    current = holder(run_dir)
+    return current is not None and current.role in ("run", "resume") and current.alive()
 
 
 def request(run_dir: Path, record: Record) -> None:
@@ -324,23 +317,33 @@ def request(run_dir: Path, record: Record) -> None:
 
 
 def wait_done(run_dir: Path, record_id: str, *, poll_s: float = 2.0) -> Record:
+    """Until the running run has carried the retraction out; RuntimeError if the run ends
+    (or dies) first."""
     path = run_dir / RETRACTIONS / f"{record_id}.json"
     while True:
+        running = is_running(run_dir)  # looked at before the record: no race with its end
         record = Record(**json.loads(path.read_text()))
         if record.status == "done":
             return record
+        if not running:
+            raise RuntimeError(
+                f"the run writing {run_dir} ended before it carried out retraction "
+                f"{record_id} (status {record.status}); run `tributary retract {run_dir}` to "
+                "carry it out now")
         time.sleep(poll_s)
 
 
 def train(config: Config, *, resume: bool, run) -> Path:
     """`run(config, resume=…)` (run_training), and whenever it paused for a requested
     retraction: carry the retraction out, then go on with the run where it was going."""
-    latest = run(config, resume=resume)
     run_dir = Path(config.run.dir)
-    while (record := unfinished(run_dir)) is not None:
-        log.info("retraction %s: restarting from %s without %s", record.id,
-                 record.restart_from, record.file or f"site {record.site}")
-        carry_out(run_dir, record, run=run)
-        latest = run(_without_site(config, record), resume=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir, role="resume" if resume else "run"):  # held between the parts too
+        latest = run(config, resume=resume)
+        while (record := unfinished(run_dir)) is not None:
+            log.info("retraction %s: restarting from %s without %s", record.id,
+                     record.restart_from, record.file or f"site {record.site}")
+            carry_out(run_dir, record, run=run)
+            latest = run(_without_site(config, record), resume=True)
     return latest
 

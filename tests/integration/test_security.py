@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,11 +79,11 @@ def child_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def launch_cluster(tmp: Path, *, dashboard_host: str,
-                   extra_env: dict[str, str] | None = None) -> Cluster:
+                   extra_env: dict[str, str] | None = None, port: int | None = None) -> Cluster:
     """Start the child; Cluster.wait_ready waits for it (so two can start side by side)."""
     home = tmp / "home"
     home.mkdir()
-    port = free_port()
+    port = port or free_port()
     stdout, stderr = tmp / "stdout.txt", tmp / "stderr.txt"
     with open(stdout, "w") as out, open(stderr, "w") as err:
         process = subprocess.Popen(
@@ -232,3 +233,20 @@ def test_token_mode_reaches_a_process_that_read_rays_config_before(tmp_path):
                           check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "True"
+
+
+def test_a_second_embedded_cluster_takes_a_free_dashboard_port_and_says_which(clusters,
+                                                                             tmp_path):
+    """`tributary serve RUN_DIR`, then `tributary resume RUN_DIR` on the same machine: both
+    start a cluster of their own with the run's dashboard port. The second one starts."""
+    taken = int(clusters["loopback"].dashboard.rsplit(":", 1)[1])
+    second = launch_cluster(tmp_path, dashboard_host="127.0.0.1", port=taken)
+    try:
+        second.wait_ready()
+        log = second.stderr.read_text()
+        moved = re.search(rf"port {taken} of 127.0.0.1 is in use .* this cluster's dashboard "
+                          r"is at http://127.0.0.1:(\d+) instead", log)
+        assert moved, log[-3000:]
+        wait_for_dashboard(f"http://127.0.0.1:{moved.group(1)}")
+    finally:
+        stop_clusters(second.process)
