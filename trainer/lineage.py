@@ -75,6 +75,11 @@ def lineage(run_dir: Path, query: Query, *, replay_scope: str = "shared") -> lis
     return list(touched.values())
 
 
+def saw(manifest: dict, query: Query) -> bool:
+    """Whether this version trained on the data itself (not through replay or its base)."""
+    return bool(_direct_rows(manifest, query))
+
+
 def _direct_rows(manifest: dict, query: Query) -> list[dict]:
     found = []
     for key in ("increments", "retried"):

@@ -17,6 +17,7 @@ was interrupted is continued by running `tributary retract RUN_DIR` again.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,8 @@ from typing import Self
 
 from trainer import checkpoint
 from trainer.config import Config, dump_config, load_config
-from trainer.lineage import Query, lineage
+from trainer.faults import kill_point
+from trainer.lineage import Query, lineage, saw
 from trainer.runlock import RunLock, holder
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,9 @@ class Record:
     finished: str | None = None
     new_line: list[str] = field(default_factory=list)
     keep_weights: bool = False
+    # The old line's folders under versions/ ("v0003", "rejected/v0004", "superseded/v0002"),
+    # recorded before the swap's first move: only these are ever set aside.
+    old_line: list[str] | None = None
 
     def save(self, run_dir: Path) -> None:
         (run_dir / RETRACTIONS).mkdir(exist_ok=True)
@@ -206,53 +211,75 @@ def _build(run_dir: Path, record: Record, stage: Path) -> None:
 
 
 def _swap(run_dir: Path, record: Record, stage: Path) -> None:
-    """Replace the old line by the new one; every step can be done again after a crash."""
+    """Replace the old line by the new one. Every step can be done again after a crash, and
+    a swap continued after a crash at any step ends as an uninterrupted one."""
+    steps = itertools.count(1)
+    kill_point("swap", 0)
     last = checkpoint.version_number(Path(record.restart_from))
-    aside = run_dir / checkpoint.VERSIONS / RETRACTED / record.id
-    for parts, target in (([checkpoint.VERSIONS], aside),
-                          ([checkpoint.VERSIONS, checkpoint.REJECTED], aside / "rejected")):
-        for folder in _after(run_dir.joinpath(*parts), last):
-            # Set aside before the new line moves in: after a crash, a name already aside
-            # means the folder here is the new line's.
-            if not (target / folder.name).exists():
-                _set_aside(folder, target / folder.name, keep_weights=record.keep_weights)
+    versions, aside = run_dir / checkpoint.VERSIONS, run_dir / checkpoint.VERSIONS / RETRACTED
+    aside = aside / record.id
+    if record.old_line is None:  # before anything moves: what the old line is
+        record.old_line = _old_line(run_dir, record, last)
+        record.save(run_dir)
+        kill_point("swap", next(steps))
+    for relative in record.old_line:
+        # Set aside before the new line moves in; a name already aside means what is here now
+        # (if anything) is the new line's.
+        if not (aside / relative).exists() and (versions / relative).is_dir():
+            (aside / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(versions / relative, aside / relative)
+            kill_point("swap", next(steps))
+    if not record.keep_weights:  # on every pass: a crash after a move left them there
+        for relative in record.old_line:
+            if (aside / relative).is_dir() and checkpoint.drop_weights(aside / relative):
+                kill_point("swap", next(steps))
     for parts in ([checkpoint.VERSIONS], [checkpoint.VERSIONS, checkpoint.REJECTED]):
         for folder in _after(stage.joinpath(*parts), last):
             os.makedirs(run_dir.joinpath(*parts), exist_ok=True)
             os.replace(folder, run_dir.joinpath(*parts, folder.name))
+            kill_point("swap", next(steps))
     for name in ("replay", "sites"):
         if (stage / name).exists():
             shutil.rmtree(run_dir / name, ignore_errors=True)
             os.replace(stage / name, run_dir / name)
+            kill_point("swap", next(steps))
     if (stage / "metrics.jsonl").exists():
         os.replace(stage / "metrics.jsonl", run_dir / "metrics.jsonl")
+        kill_point("swap", next(steps))
     if (stage / "config.yaml").exists():  # the run's own config, a retracted site gone
         config = load_config(run_dir / "config.yaml", check_files=False)
         dump_config(_without_site(config, record), run_dir / "config.yaml")
         (stage / "config.yaml").unlink()
+        kill_point("swap", next(steps))
     newest = max(checkpoint.all_manifests(run_dir), key=lambda m: m["version"])
     checkpoint.point_latest(run_dir, newest["name"])
+    kill_point("swap", next(steps))
     record.new_line = [m["name"] for m in checkpoint.all_manifests(run_dir, include_rejected=True)
                        if m["version"] > last]
+    shutil.rmtree(run_dir / RETRACTIONS / record.id, ignore_errors=True)  # staging, emptied
+    kill_point("swap", next(steps))
     record.status, record.finished = "done", time.strftime("%Y-%m-%dT%H:%M:%S%z")
     record.save(run_dir)
-    shutil.rmtree(run_dir / RETRACTIONS / record.id, ignore_errors=True)
+
+
+def _old_line(run_dir: Path, record: Record, last: int) -> list[str]:
+    """The folders the new line replaces: every version after the restart point (accepted or
+    rejected), and every superseded one that came after it or read the data itself."""
+    versions = run_dir / checkpoint.VERSIONS
+    query = Query.of(file=record.file, site=None if record.file else record.site, rows=None)
+    old = [p.name for p in _after(versions, last)]
+    old += [f"{checkpoint.REJECTED}/{p.name}" for p in _after(versions / checkpoint.REJECTED,
+                                                             last)]
+    for folder in sorted((versions / checkpoint.SUPERSEDED).glob("v[0-9]*")):
+        if (checkpoint.version_number(folder) > last
+                or saw(checkpoint.read_manifest(folder), query)):
+            old.append(f"{checkpoint.SUPERSEDED}/{folder.name}")
+    return old
 
 
 def _after(folder: Path, last: int) -> list[Path]:
     return sorted((p for p in folder.glob("v[0-9]*") if p.is_dir() and not p.is_symlink()
                    and checkpoint.version_number(p) > last), key=checkpoint.version_number)
-
-
-def _set_aside(folder: Path, target: Path, *, keep_weights: bool) -> None:
-    """Move a replaced version aside; its weights go (the withdrawn data's influence must not
-    linger) unless kept on purpose, its manifest stays for the audit."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(folder, target)
-    if not keep_weights:
-        checkpoint.drop_weights(target)
 
 
 def _link_tree(source: Path, target: Path) -> None:

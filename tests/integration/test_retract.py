@@ -165,3 +165,66 @@ def test_a_running_run_pauses_retracts_and_continues(runs, demo_root, notes_site
     assert "Paused after round" in capsys.readouterr().out  # it did pause, mid-run
     assert_same_weights(run_dir, runs["fresh"])  # paused, retracted, continued to the end
     assert not retract_module.is_running(run_dir)
+
+
+def copy_run(source, target):
+    """A copy of a run folder (a retraction's staging copy in it too) that works where it is."""
+    shutil.copytree(source, target, symlinks=True)
+    for config in [target / "config.yaml", *target.glob("retractions/r*/*/config.yaml")]:
+        config.write_text(config.read_text().replace(str(source), str(target)))
+    return target
+
+
+def tree(run_dir) -> dict[str, str]:
+    """Every path of the run folder and what it holds (a retraction record without its times)."""
+    import hashlib
+
+    found = {}
+    for path in sorted(run_dir.rglob("*")):
+        relative = str(path.relative_to(run_dir))
+        if path.is_symlink():
+            found[relative] = f"-> {os.readlink(path)}"
+        elif path.is_dir():
+            found[relative] = "dir"
+        elif path.parent.name == "retractions" and path.suffix == ".json":
+            record = json.loads(path.read_text())
+            found[relative] = json.dumps({k: v for k, v in record.items()
+                                          if k not in ("started", "finished")}, sort_keys=True)
+        else:
+            text = path.read_text() if path.name == "config.yaml" else None
+            data = text.replace(str(run_dir), "RUN").encode() if text else path.read_bytes()
+            found[relative] = hashlib.sha256(data).hexdigest()
+    return found
+
+
+def test_a_swap_killed_at_each_of_its_steps_continues_to_the_same_folders(runs, notes_site):
+    """SIGKILL the retraction at every step of its swap in turn, continue it: each time the
+    run folder ends exactly as after an uninterrupted retraction."""
+    base = copy_of(runs, "swap-base")
+    part = str(notes_site / "part-1.jsonl")
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+
+    def retract_cli(run_dir, *args, kill_at=""):
+        return subprocess.run([sys.executable, "-m", "trainer", "retract", str(run_dir), *args],
+                              env=dict(env, TRIBUTARY_KILL_AT=kill_at), capture_output=True,
+                              text=True, timeout=600, check=False)
+
+    built = retract_cli(base, "--file", part, "--yes", kill_at="swap:0")  # before any move
+    assert built.returncode == -9, built.stderr[-3000:]
+    reference = copy_run(base, runs["root"] / "swap-reference" / "run")
+    assert retract_cli(reference).returncode == 0
+    expected = tree(reference)
+    assert_same_weights(reference, runs["fresh"])
+    step = 0
+    while True:
+        step += 1
+        run_dir = copy_run(base, runs["root"] / f"swap-{step}" / "run")
+        killed = retract_cli(run_dir, kill_at=f"swap:{step}")
+        if killed.returncode == 0:  # the swap has fewer steps: each one was tried
+            break
+        assert killed.returncode == -9, killed.stderr[-3000:]
+        continued = retract_cli(run_dir)
+        assert continued.returncode == 0, (step, continued.stderr[-3000:])
+        assert tree(run_dir) == expected, f"killed after step {step} of the swap"
+        shutil.rmtree(run_dir.parent)
+    assert step > 10, "the swap's steps were not all reached"
