@@ -13,8 +13,9 @@ no replay; its speed is the positions trained per second of the worker's trainin
 steps, Tributary's batch building and learning-rate schedule included), median over the
 rounds after the first. Bare: two Ray actors, each a DeepSpeed engine built under
 `zero.Init` from the same config and model, stepping the same number of batches of the same
-shape (random token ids) in a plain forward/backward/step loop, timed over the same count of
-steps, median over as many blocks after a first. Each pair runs one then the other (the order
+shape (random token ids) in a plain forward/backward/step loop, in processes started with the
+allocator setting Tributary's workers get (`worker.malloc_mmap_threshold: auto`), timed
+over the same count of steps, median over as many blocks after a first. Each pair runs one then the other (the order
 alternating), never both at once; the ratio printed is Tributary / bare, median of the pairs.
 
 `--against glibc` pairs the same Tributary run (whose `worker.malloc_mmap_threshold: auto` fixes
@@ -118,10 +119,15 @@ class BareRank:
 def bare(*, blocks: int, steps: int) -> float:
     """Median positions/s over `blocks` blocks of `steps` steps after a first."""
     from workers.engine import free_port
+    from workers.types import WorkerConfig
 
     port, config = free_port(), ds_config()
-    ranks = [BareRank.options(num_cpus=2 / RANKS).remote(rank=r, port=port, config=config)
-             for r in range(RANKS)]
+    # The same allocator setting as Tributary's workers get by default (auto: a fixed mmap
+    # threshold for ZeRO-3 on CPU): the comparison is of the training path, not of glibc.
+    threshold = WorkerConfig().mmap_threshold(zero_stage=3)
+    env = {} if threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(threshold)}
+    ranks = [BareRank.options(num_cpus=2 / RANKS, runtime_env={"env_vars": env}).remote(
+        rank=r, port=port, config=config) for r in range(RANKS)]
     ids = np.random.default_rng(0).integers(0, VOCAB, (steps, BATCH, SEQ_LEN))
     speeds = []
     for _ in range(blocks + 1):
