@@ -33,6 +33,7 @@ from trainer.config import Config, dump_config, load_config
 from trainer.faults import kill_point
 from trainer.lineage import Query, lineage, saw
 from trainer.runlock import RunLock, holder
+from workers.storage import is_uri
 
 log = logging.getLogger(__name__)
 RETRACTIONS = "retractions"
@@ -363,6 +364,8 @@ def wait_done(run_dir: Path, record_id: str, *, poll_s: float = 2.0) -> Record:
 def train(config: Config, *, resume: bool, run) -> Path:
     """`run(config, resume=…)` (run_training), and whenever it paused for a requested
     retraction: carry the retraction out, then go on with the run where it was going."""
+    if is_uri(config.run.dir):  # retraction works on local run folders only
+        return run(config, resume=resume)
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir, role="resume" if resume else "run"):  # held between the parts too
