@@ -121,9 +121,10 @@ class RunLock:
             log.warning("%s: its holder %s is gone; taking the lock over", self.path,
                         other.describe())
         self._write(me)
-        if not holder(self.path.parent).is_me():  # another taker came in between
+        taker = holder(self.path.parent)
+        if taker is None or not taker.is_me():  # another taker came in between
             raise RunLocked(f"{self.path.parent} was just taken over by "
-                            f"{holder(self.path.parent).describe()}")
+                            f"{taker.describe() if taker else 'another process'}")
 
     def _write(self, me: Holder) -> None:
         tmp = self.path.with_name(f".{LOCK}.{os.getpid()}")
