@@ -9,6 +9,10 @@ the versions published since the one it trained from. Each merge publishes a ver
 manifest lists every update in it (`lineage`); evaluation, the quality gate and the weights come
 every `run.eval_every` versions (and at the end), so a rejection takes the model back to the
 last evaluated version and moves the manifests of the merges since into versions/rejected/.
+The sites whose updates were in those merges go back too, to the optimizer, RNG and local
+replay state they had at that version (a task in flight from the later state is void): what
+the gate refused influences no later version through a site's own state, so the lineage of
+parents and bases is complete.
 
 Rows enter a manifest only when their update is merged: an update lost in a crash, or refused,
 leaves its rows to be trained again — every row exactly once, though a resume does not replay
@@ -27,7 +31,7 @@ import ray
 
 from trainer import checkpoint
 from trainer.faults import kill_point
-from trainer.fleet import combine_ranks, reason
+from trainer.fleet import combine_ranks, reason, restore_ranks
 from trainer.manifest import Timing
 from trainer.quality import gate_problems
 from trainer.quarantine import note_damaged
@@ -50,6 +54,7 @@ class Flight:
     deadline: float
     started: float
     waiting: list = field(init=False)  # the ranks' answers not yet in
+    void: bool = False  # trained from a state a rejection took back: its answer is dropped
 
     def __post_init__(self) -> None:
         self.waiting = [self.ref, *self.followers]
@@ -119,6 +124,7 @@ class AsyncLoop:
         # The last evaluated accepted version, which a rejection goes back to, and the
         # sequences merged since (they join the replay store once a version is accepted).
         self.evaluated = coordinator.state.accepted
+        self.evaluated_sequence = dict(coordinator.state.sequence)  # each site's tasks by then
         self.unevaluated = False  # merged since `evaluated`, not yet written whole
         self.sequences: list[tuple[str, object]] = []
         self.started = time.perf_counter()
@@ -170,8 +176,10 @@ class AsyncLoop:
                 deadline=now + c.config.merge.round_timeout_s, started=now)
 
     def _weights(self) -> tuple:
-        """The newest global weights in the object store, put once per version."""
-        version = self.c.state.version
+        """The global weights in the object store, put once per version. Their version is
+        the model's (state.accepted): after a rejection that is the one gone back to, not the
+        rejected number, so a task's base in the lineage is what it really trained from."""
+        version = self.c.state.accepted
         if self.weights is None or self.weights[0] != version:
             self.weights = (version, *self.c._broadcast())
         return self.weights
@@ -209,6 +217,9 @@ class AsyncLoop:
             if flight.waiting:
                 return  # the site's other ranks are still training
             self._land(site)
+            if flight.void:  # the site's state went back meanwhile: it goes back now
+                self._go_back(site)
+                return
             answer, followers = ray.get(flight.ref), ray.get(flight.followers)
         except Exception as exc:  # noqa: BLE001 - a dead actor or an error inside train_round
             if site in self.flights:
@@ -310,7 +321,7 @@ class AsyncLoop:
                       evaluated=evaluated, later=later)
         self.unevaluated = not evaluated
         if evaluated and not gate:
-            self.evaluated = c.state.version
+            self.evaluated, self.evaluated_sequence = c.state.version, dict(c.state.sequence)
         if gate and c.state.control.rejections >= q.max_rejections:
             raise RunError(c._rejections_message(gate))
 
@@ -332,11 +343,38 @@ class AsyncLoop:
             if c.mirror is not None:
                 c.mirror.moved(reverted, to=checkpoint.REJECTED)
             c.state.accepted = self.evaluated
+            self._roll_back()
             return
         for site, table in sequences:
             ray.get(c.replay.add.remote(site, table, round_index=c.state.round))
         if c.protected:
             c.merger.snapshot()
+
+    def _roll_back(self) -> None:
+        """Every site with tasks merged since the evaluated version goes back to its state of
+        then. Their rows stay consumed (by the rejected versions); a task in flight started
+        from the later state is void, and its rows are trained again."""
+        c = self.c
+        for site, merged in list(c.state.sequence.items()):
+            back = self.evaluated_sequence.get(site, 0)
+            if merged == back:
+                continue
+            c.state.sequence[site] = back
+            self.planned[site] = c.state.cursors[site]
+            if site in self.flights:
+                self.flights[site].void = True  # goes back once its answer is in
+            else:
+                self._go_back(site)
+
+    def _go_back(self, site: str) -> None:
+        c = self.c
+        workers = c.fleet.actors.get(site)
+        if workers is None:  # restarted from c.state.sequence with its next task
+            return
+        try:
+            restore_ranks(workers, round_index=c.state.sequence.get(site, 0))
+        except Exception as exc:  # noqa: BLE001 - a dead actor: restarted for its next task
+            self._failed(site, reason(exc))
 
     def _result(self, updates: list[WorkerUpdate]) -> RoundResult:
         events, self.events = self.events, Events()

@@ -218,7 +218,7 @@ def _retract(args: argparse.Namespace) -> int:
         print(estimate(planned))
         if planned.missing:
             print(f"tributary retract: cannot restart from {planned.record.restart_from}: "
-                  f"{'; '.join(planned.missing)} pruned (run.keep_versions); nothing changed",
+                  f"{'; '.join(planned.missing)}. Nothing changed",
                   file=sys.stderr)
             return 2
         if not (args.yes or _confirmed()):

@@ -9,6 +9,9 @@ A version saw the data
   A stratum keeps a share of the store for good, so the data stays drawable from then on;
 - through its parent: it was built on a version that saw it (or, in `merge.mode async`, it
   merged an update trained from one).
+A site's own state (optimizer, RNG, local replay) carries nothing of a rejected version: a
+rejected round is never committed, and an async rejection takes the sites back with the
+model (trainer/asynchronous.py), so these three ways are all there are.
 """
 
 from __future__ import annotations

@@ -86,10 +86,10 @@ def plan(run_dir: Path, config: Config, *, file: str | None, site: str | None,
     manifests = {m["version"]: m for m in checkpoint.all_manifests(run_dir,
                                                                    include_rejected=True)}
     first = min(int(t.version[1:]) for t in touches)
-    before = manifests[first - 1]
-    replaced = [m["name"] for n, m in sorted(manifests.items()) if n >= first]
-    tokens = sum(t.get("new", 0) + t.get("replay", 0) for n, m in manifests.items() if n >= first
-                 for t in m.get("tokens", {}).values())
+    before = _restart_point(manifests, first=first)
+    replaced = [m["name"] for n, m in sorted(manifests.items()) if n > before["version"]]
+    tokens = sum(t.get("new", 0) + t.get("replay", 0) for n, m in manifests.items()
+                 if n > before["version"] for t in m.get("tokens", {}).values())
     record = Record(id=_next_id(run_dir), file=query.file, site=site, reason=reason,
                     restart_from=before["name"], replaced=replaced,
                     rounds=max(m["round"] for m in manifests.values()),
@@ -97,26 +97,48 @@ def plan(run_dir: Path, config: Config, *, file: str | None, site: str | None,
     return Plan(record, tokens, _missing(run_dir, config, manifests, before))
 
 
+def _restart_point(manifests: dict[int, dict], *, first: int) -> dict:
+    """The newest version before `first` (the data's first touch) that was written whole: in
+    merge.mode async with run.eval_every > 1 most versions are a manifest only, and the run
+    cannot restart from a model it never wrote. Version 0 always was."""
+    return next(manifests[n] for n in range(first - 1, -1, -1)
+                if n in manifests and manifests[n].get("weights_sha256"))
+
+
 def _missing(run_dir: Path, config: Config, manifests: dict[int, dict],
              before: dict) -> list[str]:
-    """What a restart from `before` reads that run.keep_versions has pruned."""
+    """Why the run cannot restart from `before`: what it reads there that is gone (pruned
+    by run.keep_versions, or deleted), each with its reason."""
     accepted = [m for n, m in manifests.items() if n <= before["version"]
-                and m["status"] == "accepted"]
+                and m["status"] == "accepted" and m.get("weights_sha256")]
     base = max(accepted, key=lambda m: m["version"])
     missing = []
     if not any((run_dir / checkpoint.VERSIONS / base["name"]).glob("*.safetensors")):
-        missing.append(f"the weights of {base['name']}")
+        missing.append(f"the weights of {base['name']} are pruned (run.keep_versions)")
     if not before.get("replay") or not (run_dir / before["replay"]).is_dir():
-        missing.append(f"the replay snapshot of {before['name']}")
+        missing.append(f"the replay snapshot of {before['name']} is pruned "
+                       "(run.keep_versions)")
     for site in config.sites:
-        rounds = [m["round"] for m in accepted if site.name in m.get("increments", {})]
-        if rounds and not _states(run_dir, site.name, max(rounds)):
-            missing.append(f"site {site.name}'s state of round {max(rounds)}")
+        committed = _committed(config, site.name, manifests, before)
+        if committed and not _states(run_dir, site.name, committed):
+            kind = "task" if config.merge.mode == "async" else "round"
+            missing.append(f"site {site.name}'s state of {kind} {committed} is gone "
+                           f"(sites/{site.name}/state*/round-{committed:04d})")
     return missing
 
 
-def _states(run_dir: Path, site: str, round_index: int) -> list[Path]:
-    return list((run_dir / "sites" / site).glob(f"state*/round-{round_index:04d}"))
+def _committed(config: Config, site: str, manifests: dict[int, dict], before: dict) -> int:
+    """The state a site restores at `before`: in merge.mode async its own count of tasks
+    merged (`sequence`), else the last round it was accepted in."""
+    if config.merge.mode == "async":
+        return before.get("sequence", {}).get(site, 0)
+    return max((m["round"] for n, m in manifests.items() if n <= before["version"]
+                and m["status"] == "accepted" and site in m.get("increments", {})),
+               default=0)
+
+
+def _states(run_dir: Path, site: str, index: int) -> list[Path]:
+    return list((run_dir / "sites" / site).glob(f"state*/round-{index:04d}"))
 
 
 def _next_id(run_dir: Path) -> str:
@@ -156,7 +178,7 @@ def _carry_out(run_dir: Path, record: Record, *, run) -> Path:
     config = _staging_config(run_dir, record, stage)
     if record.status == "running":
         if not (stage / checkpoint.VERSIONS / checkpoint.LATEST).exists():
-            _build(run_dir, record, stage)
+            _build(run_dir, record, stage, asynchronous=config.merge.mode == "async")
         exclude = ({_site_of(run_dir, record): {Path(record.file).name}} if record.file
                    else None)
         run(config, resume=True, exclude=exclude)
@@ -189,9 +211,10 @@ def _site_of(run_dir: Path, record: Record) -> str:
     raise ValueError(f"{record.file}: no version names it any more")
 
 
-def _build(run_dir: Path, record: Record, stage: Path) -> None:
+def _build(run_dir: Path, record: Record, stage: Path, *, asynchronous: bool) -> None:
     """The run as it stood after `restart_from`: hard links of what it reads (nothing in
-    them is ever rewritten in place), copies of what a run appends to."""
+    them is ever rewritten in place), copies of what a run appends to. A site's states are
+    numbered by round, or in merge.mode async by its own tasks (`sequence`)."""
     shutil.rmtree(stage, ignore_errors=True)
     last = checkpoint.version_number(Path(record.restart_from))
     manifest = _manifest(run_dir, record.restart_from)
@@ -201,13 +224,16 @@ def _build(run_dir: Path, record: Record, stage: Path) -> None:
                 _link_tree(folder, stage.joinpath(*parts, folder.name))
     _link_tree(run_dir / manifest["replay"], stage / manifest["replay"])
     for state in (run_dir / "sites").glob("*/state*/round-*"):
-        if int(state.name.split("-")[1]) <= manifest["round"]:
+        site = state.parent.parent.name
+        upto = manifest["sequence"].get(site, 0) if asynchronous else manifest["round"]
+        if int(state.name.split("-")[1]) <= upto:
             _link_tree(state, stage / state.relative_to(run_dir))
     shutil.copy2(run_dir / "metrics.jsonl", stage / "metrics.jsonl")  # appended to: a copy
     if (run_dir / "quarantine").is_dir():
         shutil.copytree(run_dir / "quarantine", stage / "quarantine")
     # `latest` last: its presence says the staging copy is whole.
-    accepted = max(checkpoint.all_manifests(stage), key=lambda m: m["version"])
+    accepted = max((m for m in checkpoint.all_manifests(stage) if m.get("weights_sha256")),
+                   key=lambda m: m["version"])
     os.symlink(accepted["name"], stage / checkpoint.VERSIONS / checkpoint.LATEST)
 
 
